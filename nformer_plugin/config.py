@@ -1,0 +1,72 @@
+"""Config keys added by nformer_plugin (call :func:`add_nformer_config` before merge_from_file).
+
+Paper symbols refer to the NFormer paper (CVPR 2022, arXiv layout): eq. (3) affinity A,
+eq. (4) landmark affinity A~ with l landmarks, eqs. (6)-(8) Reciprocal Neighbor Softmax with k
+neighbours. FastReID rejects unknown YAML keys, so every key a config file may set is declared here.
+"""
+from __future__ import annotations
+
+from fastreid.config import CfgNode as CN
+
+
+def add_nformer_config(cfg: CN) -> CN:
+    """Add the plugin's keys (with the paper's defaults) to a FastReID config, in place."""
+    _C = cfg
+
+    _C.SEED = 0  # global random seed; -1 draws one (reproducible runs use a fixed seed)
+
+    # ---------------------------------------------------------------- embedded dataset
+    _C.DATASETS.EMBEDDED = CN()
+    _C.DATASETS.EMBEDDED.SEED = 0  # generator seed: same seed -> same images
+    _C.DATASETS.EMBEDDED.NUM_TRAIN_IDS = 48  # identities in bounding_box_train
+    _C.DATASETS.EMBEDDED.NUM_TEST_IDS = 48  # identities in query + bounding_box_test
+    _C.DATASETS.EMBEDDED.NUM_CAMERAS = 4  # cameras (Market-1501 has 6)
+    _C.DATASETS.EMBEDDED.IMAGES_PER_ID = 16  # images per identity (Table 3: NFormer needs >= ~10)
+    _C.DATASETS.EMBEDDED.QUERIES_PER_ID = 2  # query images per test identity (distinct cameras)
+    _C.DATASETS.EMBEDDED.HEIGHT = 64  # generated image height (width = height / 2)
+    _C.DATASETS.EMBEDDED.OUTLIER_RATIO = 0.08  # share of hard outlier images (heavy occlusion/blur)
+
+    # ---------------------------------------------------------------- head and losses
+    _C.MODEL.HEADS.NFORMER_FEAT_DIM = 256  # FC 2048 -> 256 after GAP (sec. 4.2); 0 keeps the width
+    _C.MODEL.LOSSES.CENTER = CN()
+    _C.MODEL.LOSSES.CENTER.SCALE = 0.0005  # centre-loss weight (sec. 4.2; official code)
+    _C.MODEL.LOSSES.CENTER.LR = 0.5  # SGD learning rate of the class centres (official code)
+
+    # ---------------------------------------------------------------- NFormer (sec. 3)
+    _C.MODEL.NFORMER = CN()
+    _C.MODEL.NFORMER.ENABLED = True  # False: plain re-id model (stage 1 only, "Res50" rows)
+    _C.MODEL.NFORMER.DIM = 256  # d, width of z, q, k, v (eq. 3)
+    _C.MODEL.NFORMER.NUM_LAYERS = 4  # stacked LAA blocks (sec. 4.2)
+    _C.MODEL.NFORMER.NUM_HEADS = 2  # attention heads (paper silent; official code uses 2)
+    _C.MODEL.NFORMER.FFN_DIM = 1024  # hidden width of each block's feed-forward (official: 4d)
+    _C.MODEL.NFORMER.DROPOUT = 0.1  # dropout on attention/feed-forward outputs while training
+    _C.MODEL.NFORMER.NUM_LANDMARKS = 5  # l, landmark agents in eq. (4)
+    _C.MODEL.NFORMER.TOPK = 20  # k, neighbours kept by M^k in eq. (6)
+    _C.MODEL.NFORMER.MASK = "reciprocal"  # reciprocal (eq. 7) | topk (RNS-M^k) | none (softmax)
+    _C.MODEL.NFORMER.NEIGHBORS = "affinity"  # affinity: M from each layer's A~ (paper) | input
+    _C.MODEL.NFORMER.EXACT_AFFINITY = False  # True: A of eq. (3) instead of A~ (Fig. 6b)
+    _C.MODEL.NFORMER.LANDMARK_SEED = 0  # seed of the landmark sampler at evaluation
+    _C.MODEL.NFORMER.QUERY_MODE = "isolated"  # isolated: no query-query interaction (sec 4.2) | joint
+    _C.MODEL.NFORMER.CHUNK_SIZE = 8192  # rows per chunk in the memory-bounded (sparse) inference
+    _C.MODEL.NFORMER.INFERENCE = "sparse"  # sparse: O(N(k+l)d) memory | dense: N x N (small N)
+    _C.MODEL.NFORMER.TEST_FEAT = "after_bn"  # feature ranked at test: after_bn (official) | before_bn
+
+    # stage 2: NFormer trained on sets of frozen stage-1 features (sec. 4.2)
+    _C.MODEL.NFORMER.STAGE2 = CN()
+    _C.MODEL.NFORMER.STAGE2.EPOCHS = 160  # epochs of NFormer training (sec. 4.2: 160)
+    _C.MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH = 0  # sets per epoch; 0 = N_train // SET_SIZE + 1
+    _C.MODEL.NFORMER.STAGE2.SET_SIZE = 2048  # S, features per training set ("batch 2048", sec 4.2)
+    _C.MODEL.NFORMER.STAGE2.SETS_PER_BATCH = 1  # sets stacked into one (B, S, d) batch
+    _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # optimiser learning rate (sec. 4.2)
+    _C.MODEL.NFORMER.STAGE2.WEIGHT_DECAY = 5e-4  # optimiser weight decay
+    _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD
+    _C.MODEL.NFORMER.STAGE2.CE_EPSILON = 0.1  # label smoothing of the NFormer identity loss
+    _C.MODEL.NFORMER.STAGE2.TRIPLET_SCALE = 0.0  # weight of a triplet loss on refined features
+    _C.MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD = 10  # epochs between stage-2 checkpoints
+    _C.MODEL.NFORMER.STAGE2.EVAL_PERIOD = 0  # epochs between stage-2 evaluations; 0 = at the end
+
+    # ---------------------------------------------------------------- evaluation
+    _C.TEST.EXPORT_FEATURES = ""  # directory: write query.npz / gallery.npz (baseline features)
+    _C.TEST.NFORMER_TABLE = True  # report baseline and refined features side by side
+    _C.TEST.RANKED_LIST_PNG = 0  # number of queries drawn as ranked lists (PNG) at evaluation
+    return cfg

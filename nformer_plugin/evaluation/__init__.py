@@ -1,0 +1,2 @@
+"""Evaluation: ranking metrics, k-reciprocal re-ranking and the FastReID evaluator."""
+from .metrics import cosine_distance, euclidean_distance, evaluate_ranking

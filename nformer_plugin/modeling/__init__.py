@@ -1,0 +1,1 @@
+"""Pure-torch model code (no FastReID import): NFormer, its losses and the backbones."""
