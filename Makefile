@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create/reuse .venv, install everything, train + evaluate on the embedded dataset
+#   make test   - create/reuse .venv, install everything, run the test suite
+# On a GPU machine: make test FAISS=faiss-gpu   (faiss-gpu instead of faiss-cpu)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch and torchvision must be a matched pair (torchvision 0.29 <-> torch 2.14)
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.2
+FASTREID ?= fastreid==1.4.0
+FAISS ?= faiss-cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PAIR)
+	$(PIP) install -q -e ".[dev]"
+	@if [ "$(FAISS)" != "faiss-cpu" ]; then $(PIP) uninstall -q -y faiss-cpu; $(PIP) install -q $(FAISS); fi
+	$(PIP) install -q --no-deps $(FASTREID)
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastreid-train --config-file configs/NFormer/demo.yml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_rerank.py
+	$(PY) benchmarks/bench_nformer_memory.py
+	$(PY) benchmarks/bench_backbones.py
+
+clean-venv:
+	rm -rf $(VENV)

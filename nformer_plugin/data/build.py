@@ -1,0 +1,122 @@
+"""FastReID glue: train / test / feature-extraction loaders that also work without a GPU.
+
+FastReID's builders wrap every loader in ``DataLoaderX``, which creates a CUDA stream, and read
+the dataset root once at import time. These builders read ``FASTREID_DATASETS`` at call time,
+seed the samplers from ``cfg.SEED``, pass ``cfg.DATASETS.EMBEDDED`` to datasets that take it,
+and return plain ``torch.utils.data.DataLoader`` s when CUDA is not in use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import compat
+
+compat.apply()
+
+from fastreid.data import samplers  # noqa: E402
+from fastreid.data.build import fast_batch_collator  # noqa: E402
+from fastreid.data.common import CommDataset  # noqa: E402
+from fastreid.data.data_utils import DataLoaderX  # noqa: E402
+from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
+from fastreid.data.transforms import build_transforms  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DATASETS_ENV = "FASTREID_DATASETS"
+
+
+def datasets_root() -> str:
+    """The dataset root, read from ``FASTREID_DATASETS`` now (default ``datasets``)."""
+    return os.environ.get(DATASETS_ENV, "datasets")
+
+
+def build_dataset(cfg, name: str):
+    """Instantiate a registered dataset; a missing folder names the path and the env var."""
+    dataset_cls = DATASET_REGISTRY.get(name)
+    kwargs = dataset_cls.kwargs_from_config(cfg) if hasattr(dataset_cls, "kwargs_from_config") else {}
+    root = datasets_root()
+    try:
+        return dataset_cls(root=root, **kwargs)
+    except RuntimeError as e:
+        if "not found" in str(e) or "is not found" in str(e):
+            raise FileNotFoundError(
+                f"dataset {name!r}: {e}. FastReID looks under ${DATASETS_ENV} "
+                f"(now {os.path.abspath(root)!r}); set {DATASETS_ENV} to the folder that holds "
+                f"the dataset (e.g. <root>/Market-1501-v15.09.15/bounding_box_train)."
+            ) from e
+        raise
+
+
+def _use_cuda(cfg) -> bool:
+    return str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
+
+
+def _make_loader(cfg, dataset, batch_sampler, num_workers: int) -> DataLoader:
+    common = dict(dataset=dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                  collate_fn=fast_batch_collator)
+    if _use_cuda(cfg):
+        return DataLoaderX(comm.get_local_rank(), pin_memory=True, **common)
+    return DataLoader(**common)
+
+
+def _seed(cfg) -> Optional[int]:
+    return cfg.SEED if cfg.SEED >= 0 else None
+
+
+def build_train_set(cfg, transforms=None) -> CommDataset:
+    items: List[tuple] = []
+    for name in cfg.DATASETS.NAMES:
+        data = build_dataset(cfg, name)
+        if comm.is_main_process():
+            data.show_train()
+        items.extend(data.train)
+    if transforms is None:
+        transforms = build_transforms(cfg, is_train=True)
+    return CommDataset(items, transforms, relabel=True)
+
+
+def build_train_loader(cfg) -> DataLoader:
+    """Identity-balanced training loader (``DATALOADER.SAMPLER_TRAIN``), seeded by ``SEED``."""
+    train_set = build_train_set(cfg)
+    mini_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+    name, seed = cfg.DATALOADER.SAMPLER_TRAIN, _seed(cfg)
+    if name == "TrainingSampler":
+        sampler = samplers.TrainingSampler(len(train_set), seed=seed)
+    elif name in ("NaiveIdentitySampler", "BalancedIdentitySampler"):
+        sampler = getattr(samplers, name)(train_set.img_items, mini_batch,
+                                          cfg.DATALOADER.NUM_INSTANCE, seed=seed)
+    else:
+        raise ValueError(f"unknown DATALOADER.SAMPLER_TRAIN {name!r}; expected TrainingSampler, "
+                         f"NaiveIdentitySampler or BalancedIdentitySampler")
+    batch_sampler = torch.utils.data.BatchSampler(sampler, mini_batch, drop_last=True)
+    return _make_loader(cfg, train_set, batch_sampler, cfg.DATALOADER.NUM_WORKERS)
+
+
+def build_inference_loader(cfg, dataset: CommDataset) -> DataLoader:
+    """Ordered loader over ``dataset`` (each rank gets its shard, as FastReID's)."""
+    mini_batch = max(1, cfg.TEST.IMS_PER_BATCH // comm.get_world_size())
+    batch_sampler = torch.utils.data.BatchSampler(samplers.InferenceSampler(len(dataset)),
+                                                  mini_batch, drop_last=False)
+    return _make_loader(cfg, dataset, batch_sampler, cfg.DATALOADER.NUM_WORKERS)
+
+
+def build_test_loader(cfg, dataset_name: str) -> Tuple[DataLoader, int]:
+    """Query + gallery loader (queries first) and the number of queries."""
+    data = build_dataset(cfg, dataset_name)
+    if comm.is_main_process():
+        data.show_test()
+    test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),
+                           relabel=False)
+    return build_inference_loader(cfg, test_set), len(data.query)
+
+
+def build_train_feature_loader(cfg) -> DataLoader:
+    """The training images with test-time transforms, for stage-2 feature extraction."""
+    train_set = build_train_set(cfg, transforms=build_transforms(cfg, is_train=False))
+    return build_inference_loader(cfg, train_set)

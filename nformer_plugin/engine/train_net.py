@@ -1,0 +1,76 @@
+"""``fastreid-train``: FastReID's train_net with the plugin's registrations and config keys.
+
+Same interface as FastReID's tools/train_net.py (``--config-file``, ``--eval-only``,
+``--resume``, ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing
+``KEY VALUE`` overrides). ``--num-gpus N`` starts N processes through FastReID's launcher:
+NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from .. import compat
+
+compat.apply()
+
+from fastreid.config import get_cfg  # noqa: E402
+from fastreid.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
+from fastreid.utils.env import seed_all_rng  # noqa: E402
+
+from ..config import add_nformer_config  # noqa: E402
+from .trainer import AtomicCheckpointer, Trainer  # noqa: E402
+
+
+def check_device(cfg) -> None:
+    """A CUDA device in the config on a machine without one is an error that says what to do."""
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but torch sees no GPU; add "
+            f"'MODEL.DEVICE cpu' to the command line (or the config) to run on the CPU")
+
+
+def setup(args):
+    """Build the config (plugin keys first, then the file, then overrides) and the logger."""
+    cfg = get_cfg()
+    add_nformer_config(cfg)
+    if args.config_file:
+        if not os.path.isfile(args.config_file):
+            raise FileNotFoundError(f"config file not found: {args.config_file}")
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    check_device(cfg)
+    default_setup(cfg, args)
+    if cfg.SEED >= 0:
+        seed_all_rng(cfg.SEED + comm.get_rank())
+        logging.getLogger("fastreid.nformer").info("Seed: %d", cfg.SEED + comm.get_rank())
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        if cfg.MODEL.WEIGHTS:
+            AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None) -> None:
+    """Entry point of the ``fastreid-train`` console script."""
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

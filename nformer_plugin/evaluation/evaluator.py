@@ -1,0 +1,135 @@
+"""FastReID glue: an evaluator that ranks baseline and NFormer-refined features side by side.
+
+It never compiles or exits (FastReID's ``ReidEvaluator`` does both), refines query + gallery
+with the model's NFormer once stage 2 has trained it (queries isolated from each other, sec.
+4.2), applies k-reciprocal re-ranking under FastReID's own ``TEST.RERANK.*`` keys, prints one
+table with every pipeline, and can export features and draw ranked lists.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .. import compat
+
+compat.apply()
+
+from fastreid.evaluation.evaluator import DatasetEvaluator  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
+
+from ..features import FeatureSet, save_feature_file  # noqa: E402
+from .pipeline import (RerankParams, compare_pipelines, format_table, headline,  # noqa: E402
+                       metrics_only)
+
+logger = logging.getLogger(__name__)
+
+
+class NFormerEvaluator(DatasetEvaluator):
+    """Collects per-image features and reports baseline, +KR, +NFormer, +NFormer+KR."""
+
+    def __init__(self, cfg, num_query: int, model=None, output_dir: str = None,
+                 dataset_name: str = ""):
+        self.cfg = cfg
+        self._num_query = num_query
+        self._model = model
+        self._output_dir = output_dir or cfg.OUTPUT_DIR
+        self._dataset_name = dataset_name
+        self._predictions = []
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        self._predictions.append({
+            "feats": outputs.detach().to("cpu", torch.float32),
+            "pids": inputs["targets"].to("cpu"),
+            "camids": inputs["camids"].to("cpu"),
+            "paths": list(inputs.get("img_paths", [])),
+        })
+
+    def _gather(self):
+        predictions = self._predictions
+        if comm.get_world_size() > 1:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(predictions, dst=0)))
+            if not comm.is_main_process():
+                return None
+        feats = torch.cat([p["feats"] for p in predictions]).numpy()
+        pids = torch.cat([p["pids"] for p in predictions]).numpy()
+        camids = torch.cat([p["camids"] for p in predictions]).numpy()
+        paths = list(itertools.chain(*[p["paths"] for p in predictions]))
+        return feats, pids, camids, paths
+
+    def _refine_fn(self):
+        model = self._model
+        model = getattr(model, "module", model)  # DDP
+        if model is None or getattr(model, "nformer_stage", None) is None:
+            return None
+        if not bool(model.nformer_trained):
+            return None
+
+        def refine(feats: np.ndarray, num_query: int) -> np.ndarray:
+            mode = self.cfg.MODEL.NFORMER.QUERY_MODE
+            logger.info("Refining %d features with NFormer (queries: %s)", len(feats), mode)
+            out = model.refine(torch.from_numpy(feats), num_query=num_query)
+            return out.detach().cpu().numpy()
+
+        return refine
+
+    def evaluate(self):
+        gathered = self._gather()
+        if gathered is None:
+            return {}
+        feats, pids, camids, paths = gathered
+        nq = self._num_query
+        query = FeatureSet(feats[:nq], pids[:nq], camids[:nq])
+        gallery = FeatureSet(feats[nq:], pids[nq:], camids[nq:])
+        rerank = None
+        if self.cfg.TEST.RERANK.ENABLED:
+            r = self.cfg.TEST.RERANK
+            rerank = RerankParams(k1=r.K1, k2=r.K2, lambda_value=r.LAMBDA)
+        draw = self.cfg.TEST.RANKED_LIST_PNG > 0 and len(paths) == len(feats)
+        rows = compare_pipelines(query, gallery, refine=self._refine_fn(), rerank=rerank,
+                                 metric=self.cfg.TEST.METRIC, keep_distances=draw)
+        title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
+        logger.info("\n" + format_table(rows, title))
+        self._export(query, gallery, rows)
+        if draw:
+            self._draw(rows, paths, query, gallery)
+
+        results = OrderedDict(metrics_only(rows[headline(rows)]))
+        results["metric"] = (results["mAP"] + results["Rank-1"]) / 2
+        for name, row in rows.items():
+            results[name] = metrics_only(row)
+        return copy.deepcopy(results)
+
+    def _export(self, query: FeatureSet, gallery: FeatureSet, rows) -> None:
+        out = self.cfg.TEST.EXPORT_FEATURES
+        if not out:
+            return
+        save_feature_file(os.path.join(out, "query.npz"), query.feats, query.pids, query.camids)
+        save_feature_file(os.path.join(out, "gallery.npz"), gallery.feats, gallery.pids,
+                          gallery.camids)
+        if "nformer" in rows:
+            refined, nq = rows["nformer"]["refined"], len(query)
+            save_feature_file(os.path.join(out, "query_refined.npz"), refined[:nq], query.pids,
+                              query.camids)
+            save_feature_file(os.path.join(out, "gallery_refined.npz"), refined[nq:],
+                              gallery.pids, gallery.camids)
+        logger.info("Features exported to %s", out)
+
+    def _draw(self, rows, paths, query: FeatureSet, gallery: FeatureSet) -> None:
+        from .visualize import save_ranked_lists
+
+        nq = len(query)
+        for name, row in rows.items():
+            path = os.path.join(self._output_dir, f"ranked_list_{self._dataset_name}_{name}.png")
+            save_ranked_lists(path, row["dist"], paths[:nq], paths[nq:], query.pids, gallery.pids,
+                              query.camids, gallery.camids, self.cfg.TEST.RANKED_LIST_PNG)
+            logger.info("Ranked lists written to %s", path)
