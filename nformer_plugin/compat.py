@@ -128,10 +128,14 @@ def apply() -> None:
     _fix_collections_aliases()
     _fix_torch_six()
 
-    import fastreid.data.common as data_common
-    import fastreid.engine.launch as launch
-    import fastreid.evaluation.rank_cylib as rank_cylib
-    import fastreid.evaluation.reid_evaluation as reid_evaluation
+    import importlib
+
+    data_common = importlib.import_module("fastreid.data.common")
+    # not `import fastreid.engine.launch as ...`: fastreid.engine re-exports the function
+    # `launch` under the submodule's name, so attribute lookup would return the function
+    launch = importlib.import_module("fastreid.engine.launch")
+    rank_cylib = importlib.import_module("fastreid.evaluation.rank_cylib")
+    reid_evaluation = importlib.import_module("fastreid.evaluation.reid_evaluation")
 
     rank_cylib.compile_helper = _no_compile_helper
     reid_evaluation.compile_helper = _no_compile_helper

@@ -26,7 +26,7 @@ from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
 from fastreid.data.transforms import build_transforms  # noqa: E402
 from fastreid.utils import comm  # noqa: E402
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastreid.nformer")
 
 DATASETS_ENV = "FASTREID_DATASETS"
 

@@ -80,7 +80,7 @@ class SetTrainer:
             self.optimizer.step()
             self.scheduler.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v.item()
         stats = {k: v / self.iters_per_epoch for k, v in sums.items()}
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats

@@ -52,9 +52,30 @@ def setup(args):
     return cfg
 
 
+def with_num_classes_from_weights(cfg):
+    """For --eval-only: take MODEL.HEADS.NUM_CLASSES (0 = from the training set, which is not
+    loaded) from the classifier in MODEL.WEIGHTS."""
+    if cfg.MODEL.HEADS.NUM_CLASSES > 0:
+        return cfg
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
+    if not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise FileNotFoundError(f"MODEL.WEIGHTS not found: {cfg.MODEL.WEIGHTS}")
+    state = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+    weight = state.get("model", state).get("heads.classifier.weight")
+    if weight is None:
+        raise ValueError(f"{cfg.MODEL.WEIGHTS}: no heads.classifier.weight; set MODEL.HEADS.NUM_CLASSES")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = int(weight.shape[0])
+    cfg.freeze()
+    return cfg
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        cfg = with_num_classes_from_weights(cfg)
         model = Trainer.build_model(cfg)
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)

@@ -27,7 +27,7 @@ from ..features import FeatureSet, save_feature_file  # noqa: E402
 from .pipeline import (RerankParams, compare_pipelines, format_table, headline,  # noqa: E402
                        metrics_only)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastreid.nformer")
 
 
 class NFormerEvaluator(DatasetEvaluator):
