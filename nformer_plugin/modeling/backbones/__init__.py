@@ -1,0 +1,23 @@
+"""Backbones in pure torch (no FastReID import); ``nformer_plugin.backbones`` registers them.
+
+* :class:`DilatedResNet` - the NFormer paper's ResNet-50 with a dilated last stage (stride 16);
+* :class:`ABDNet` - ABD-Net (shallow CAM, global + attentive branches, O.W./O.F. regularisers);
+* :class:`APNet` - APNet-C (channel attention pyramid after every stage).
+
+Each has ``depth`` (18/34/50/101/152 or FastReID's ``"50x"``), ``last_stride`` and
+``load_pretrained(path)`` for a local torchvision ImageNet state dict.
+"""
+from .abd import ABDNet
+from .apnet import APNet, AttentionPyramid, SEGate, SplitAttendMergeStack
+from .attention import AttentionHead, ChannelAttention, PositionAttention
+from .orthogonality import feature_orthogonality, spectral_extremes, weight_orthogonality
+from .pretrained import LoadReport, load_pretrained_weights, read_state_dict
+from .resnet_body import SUPPORTED_DEPTHS, build_resnet_body, parse_depth
+from .resnet_dilated import DilatedResNet, dilated_resnet
+
+__all__ = [
+    "ABDNet", "APNet", "AttentionHead", "AttentionPyramid", "ChannelAttention", "DilatedResNet",
+    "LoadReport", "PositionAttention", "SEGate", "SUPPORTED_DEPTHS", "SplitAttendMergeStack",
+    "build_resnet_body", "dilated_resnet", "feature_orthogonality", "load_pretrained_weights",
+    "parse_depth", "read_state_dict", "spectral_extremes", "weight_orthogonality",
+]
