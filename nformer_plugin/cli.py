@@ -25,20 +25,9 @@ logger = logging.getLogger("fastreid.nformer")
 
 
 def _config(config_file: Optional[str], opts: List[str]):
-    from fastreid.config import get_cfg
+    from .config import load_config
 
-    from .config import add_nformer_config
-
-    cfg = get_cfg()
-    add_nformer_config(cfg)
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        cfg.merge_from_file(config_file)
-    if len(opts) % 2:
-        raise ValueError(f"config overrides come in KEY VALUE pairs, got {opts}")
-    cfg.merge_from_list(opts)
-    return cfg
+    return load_config(config_file or "", opts)
 
 
 def _build_stage(cfg, dim: int, num_classes: int):

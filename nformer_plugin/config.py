@@ -95,3 +95,33 @@ def add_nformer_config(cfg: CN) -> CN:
     _C.TEST.NFORMER_TABLE = True  # report baseline and refined features side by side
     _C.TEST.RANKED_LIST_PNG = 0  # number of queries drawn as ranked lists (PNG) at evaluation
     return cfg
+
+
+def load_config(config_file: str = "", opts=()) -> CN:
+    """FastReID's config + the plugin's keys + ``config_file`` + ``KEY VALUE`` overrides.
+
+    Errors name the problem: a missing file, an odd number of overrides, or a key that neither
+    FastReID nor this plugin declares (yacs reports those as a bare AssertionError).
+    """
+    import os
+
+    from fastreid.config import get_cfg
+
+    cfg = add_nformer_config(get_cfg())
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"config overrides come in KEY VALUE pairs, got {opts}")
+    try:
+        if config_file:
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"config file not found: {config_file}")
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    except (AssertionError, KeyError) as e:
+        message = str(e).strip("'\"")
+        if "Non-existent" in message:
+            key = message.split(":", 1)[-1].strip()
+            raise KeyError(f"unknown config key {key} (declared neither by FastReID nor by "
+                           f"nformer_plugin/config.py)") from e
+        raise
+    return cfg

@@ -27,6 +27,7 @@ MODEL:
       SET_SIZE: 48
       ITERS_PER_EPOCH: 2
       CHECKPOINT_PERIOD: 1
+      OPT: Adam
 DATASETS:
   NAMES: ("EmbeddedReID",)
   TESTS: ("EmbeddedReID",)
@@ -90,3 +91,31 @@ def run_train(args, env, timeout=600):
     cmd = ([script] if os.path.exists(script)
            else [sys.executable, "-m", "nformer_plugin.engine.train_net"]) + list(args)
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def clustered_features(num_ids, per_id, dim=32, num_cams=3, noise=0.9, outlier_ratio=0.1,
+                       seed=0, pid_offset=0):
+    """Feature sets with identity clusters, camera shifts and hard outliers (numpy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_ids, dim))
+    cam_shift = rng.normal(scale=0.6, size=(num_cams, dim))
+    pids = np.repeat(np.arange(num_ids), per_id)
+    camids = rng.integers(0, num_cams, size=len(pids))
+    feats = centers[pids] + cam_shift[camids] + rng.normal(scale=noise, size=(len(pids), dim))
+    outliers = rng.random(len(pids)) < outlier_ratio
+    feats[outliers] = centers[pids[outliers]] * 0.3 + rng.normal(scale=2.0, size=(outliers.sum(), dim))
+    return feats.astype(np.float32), pids + pid_offset, camids
+
+
+def split_query_gallery(feats, pids, camids, queries_per_id=1):
+    """First image of each identity (per camera up to queries_per_id) -> query, rest -> gallery."""
+    import numpy as np
+
+    q_idx = []
+    for pid in np.unique(pids):
+        q_idx.extend(np.where(pids == pid)[0][:queries_per_id])
+    mask = np.zeros(len(pids), bool)
+    mask[q_idx] = True
+    return (feats[mask], pids[mask], camids[mask]), (feats[~mask], pids[~mask], camids[~mask])

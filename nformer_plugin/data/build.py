@@ -43,14 +43,14 @@ def build_dataset(cfg, name: str):
     root = datasets_root()
     try:
         return dataset_cls(root=root, **kwargs)
-    except RuntimeError as e:
-        if "not found" in str(e) or "is not found" in str(e):
-            raise FileNotFoundError(
-                f"dataset {name!r}: {e}. FastReID looks under ${DATASETS_ENV} "
-                f"(now {os.path.abspath(root)!r}); set {DATASETS_ENV} to the folder that holds "
-                f"the dataset (e.g. <root>/Market-1501-v15.09.15/bounding_box_train)."
-            ) from e
-        raise
+    except (RuntimeError, AssertionError, FileNotFoundError) as e:
+        # FastReID's datasets say "... is not found" (RuntimeError) or assert the folder exists
+        reason = str(e) or type(e).__name__
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under ${DATASETS_ENV}={os.path.abspath(root)!r} "
+            f"({reason}). Set {DATASETS_ENV} to the folder that holds the dataset in FastReID's "
+            f"layout, e.g. <root>/Market-1501-v15.09.15/bounding_box_train."
+        ) from e
 
 
 def _use_cuda(cfg) -> bool:

@@ -17,12 +17,11 @@ from .. import compat
 
 compat.apply()
 
-from fastreid.config import get_cfg  # noqa: E402
 from fastreid.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from fastreid.utils import comm  # noqa: E402
 from fastreid.utils.env import seed_all_rng  # noqa: E402
 
-from ..config import add_nformer_config  # noqa: E402
+from ..config import load_config  # noqa: E402
 from .trainer import AtomicCheckpointer, Trainer  # noqa: E402
 
 
@@ -36,13 +35,7 @@ def check_device(cfg) -> None:
 
 def setup(args):
     """Build the config (plugin keys first, then the file, then overrides) and the logger."""
-    cfg = get_cfg()
-    add_nformer_config(cfg)
-    if args.config_file:
-        if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"config file not found: {args.config_file}")
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     check_device(cfg)
     default_setup(cfg, args)
