@@ -66,7 +66,8 @@ def cmd_train(args) -> int:
                          build_stage2_optimizer(stage, s2.OPT, s2.BASE_LR, s2.WEIGHT_DECAY),
                          s2.EPOCHS, iterations_per_epoch(len(feats), s2.SET_SIZE,
                                                          s2.ITERS_PER_EPOCH),
-                         s2.CE_EPSILON, s2.TRIPLET_SCALE)
+                         s2.CE_EPSILON, s2.TRIPLET_SCALE, ce_scale=s2.CE_SCALE,
+                         triplet_margin=s2.TRIPLET_MARGIN)
     logger.info("Training NFormer on %d features (d=%d, %d identities)", len(feats),
                 feats.shape[1], num_classes)
     trainer.train()

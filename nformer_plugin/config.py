@@ -61,8 +61,10 @@ def add_nformer_config(cfg: CN) -> CN:
     _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # optimiser learning rate (sec. 4.2)
     _C.MODEL.NFORMER.STAGE2.WEIGHT_DECAY = 5e-4  # optimiser weight decay
     _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD
+    _C.MODEL.NFORMER.STAGE2.CE_SCALE = 1.0  # weight of the identity loss on refined features
     _C.MODEL.NFORMER.STAGE2.CE_EPSILON = 0.1  # label smoothing of the NFormer identity loss
-    _C.MODEL.NFORMER.STAGE2.TRIPLET_SCALE = 0.0  # weight of a triplet loss on refined features
+    _C.MODEL.NFORMER.STAGE2.TRIPLET_SCALE = 1.0  # batch-hard triplet on refined features (official)
+    _C.MODEL.NFORMER.STAGE2.TRIPLET_MARGIN = 0.3  # margin of that triplet loss
     _C.MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD = 10  # epochs between stage-2 checkpoints
     _C.MODEL.NFORMER.STAGE2.EVAL_PERIOD = 0  # epochs between stage-2 evaluations; 0 = at the end
 

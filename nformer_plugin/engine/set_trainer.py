@@ -42,7 +42,8 @@ class SetTrainer:
     def __init__(self, stage: nn.Module, sampler: NeighbourhoodSetSampler,
                  optimizer: torch.optim.Optimizer, max_epoch: int, iters_per_epoch: int,
                  ce_epsilon: float = 0.1, triplet_scale: float = 0.0,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, ce_scale: float = 1.0,
+                 triplet_margin: float = 0.3):
         self.stage = stage
         self.sampler = sampler
         self.optimizer = optimizer
@@ -50,6 +51,10 @@ class SetTrainer:
         self.iters_per_epoch = iters_per_epoch
         self.ce_epsilon = ce_epsilon
         self.triplet_scale = triplet_scale
+        self.ce_scale = ce_scale
+        self.triplet_margin = triplet_margin
+        if ce_scale <= 0 and triplet_scale <= 0:
+            raise ValueError("the NFormer stage needs a loss: CE_SCALE or TRIPLET_SCALE > 0")
         self.device = device or next(stage.parameters()).device
         total = max(1, max_epoch * iters_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -71,7 +76,8 @@ class SetTrainer:
         for _ in range(self.iters_per_epoch):
             sets, labels = self.sampler()
             losses = nformer_losses(self.stage, sets.to(self.device), labels.to(self.device),
-                                    self.ce_epsilon, self.triplet_scale)
+                                    self.ce_epsilon, self.triplet_scale, self.triplet_margin,
+                                    self.ce_scale)
             total = sum(losses.values())
             if not torch.isfinite(total):
                 raise FloatingPointError(f"NFormer loss became {total.item()}: {losses}")

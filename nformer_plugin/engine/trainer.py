@@ -233,7 +233,8 @@ class Trainer(DefaultTrainer):
         optimizer = build_stage2_optimizer(stage, s2.OPT, s2.BASE_LR, s2.WEIGHT_DECAY)
         set_trainer = SetTrainer(wrap_ddp(cfg, stage), sampler, optimizer, s2.EPOCHS,
                                  iterations_per_epoch(len(feats), s2.SET_SIZE, s2.ITERS_PER_EPOCH),
-                                 s2.CE_EPSILON, s2.TRIPLET_SCALE, device=model.device)
+                                 s2.CE_EPSILON, s2.TRIPLET_SCALE, device=model.device,
+                                 ce_scale=s2.CE_SCALE, triplet_margin=s2.TRIPLET_MARGIN)
         if self._stage2_state is not None:
             set_trainer.load_state_dict(self._stage2_state)
         saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())

@@ -98,11 +98,13 @@ class NeighbourhoodSetSampler:
 
 def nformer_losses(stage: NFormerStage, sets: torch.Tensor, labels: torch.Tensor,
                    ce_epsilon: float = 0.1, triplet_scale: float = 0.0,
-                   triplet_margin: float = 0.3) -> Dict[str, torch.Tensor]:
+                   triplet_margin: float = 0.3, ce_scale: float = 1.0) -> Dict[str, torch.Tensor]:
     """Identity loss with label smoothing on the refined features (+ optional batch-hard triplet)."""
     refined, logits = stage(sets)
-    losses = {"loss_nformer_cls": F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), label_smoothing=ce_epsilon)}
+    losses = {}
+    if ce_scale > 0:
+        losses["loss_nformer_cls"] = ce_scale * F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), label_smoothing=ce_epsilon)
     if triplet_scale > 0:
         losses["loss_nformer_triplet"] = triplet_scale * _batch_hard_triplet(
             refined.reshape(-1, refined.shape[-1]), labels.reshape(-1), triplet_margin)
