@@ -24,6 +24,8 @@ Run-time breakages (patched after import):
    (and with it these fixes) when they unpickle it.
 5. ``CommDataset`` reads images with ``read_image``, whose errors do not name the file. Fix: a
    wrapper that re-raises with the image path.
+6. FastReID's ``ToTensor`` uses ``torch.ByteStorage.from_buffer``, which warns once per image on
+   torch 2 ("TypedStorage is deprecated") and floods the log. Fix: that one warning is silenced.
 
 Handled elsewhere, by overriding FastReID's classmethods rather than patching it
 (``nformer_plugin/engine/trainer.py``): CUDA-only ``DataLoaderX`` (plain loaders without a GPU),
@@ -37,6 +39,7 @@ import collections.abc
 import logging
 import sys
 import types
+import warnings
 
 import torch
 
@@ -127,6 +130,7 @@ def apply() -> None:
         return
     _fix_collections_aliases()
     _fix_torch_six()
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
 
     import importlib
 

@@ -1,0 +1,181 @@
+"""Time and peak memory of NFormer inference: dense (N x N per head) vs sparse (neighbour lists).
+
+Every measurement runs in its own subprocess so that its peak resident set size (VmHWM from
+/proc/self/status, reset just before the forward pass where the kernel allows it) belongs to that
+forward alone. Features are random clustered unit vectors (about 20 per cluster, like images per
+identity), d = 256, 4 layers, 2 heads, l = 5 landmarks, k = 20, untrained weights, the first N/8
+rows isolated queries. Prints a markdown table; where a dense and a sparse run share N, the max
+absolute difference of their outputs; IVF rows are compared with the exact sparse run.
+
+    python benchmarks/bench_nformer_memory.py                  # dense 2k-10k, sparse 2k-20k
+    python benchmarks/bench_nformer_memory.py --dense --sparse 100000 --ivf 100000
+    python benchmarks/bench_nformer_memory.py --dense 20000 --sparse 20000 --ivf 20000
+    python benchmarks/bench_nformer_memory.py --dense --sparse --ivf 1000000   # the 1M run
+
+Run it from the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- worker side
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def clustered_features(n: int, dim: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(max(1, n // 20), dim, generator=g), dim=1)
+    labels = torch.randint(0, centres.shape[0], (n,), generator=g)
+    feats = centres[labels]
+    feats.add_(torch.randn(n, dim, generator=g), alpha=0.6 / dim ** 0.5)
+    return torch.nn.functional.normalize(feats, dim=1, out=feats)
+
+
+def _import_nformer():
+    """``NFormer`` without running ``nformer_plugin/__init__.py``, which imports FastReID to
+    register the plugin: the measured process then holds torch, faiss and the model only."""
+    import importlib
+    import types
+
+    if "nformer_plugin" not in sys.modules:
+        package = types.ModuleType("nformer_plugin")
+        package.__path__ = [os.path.join(ROOT, "nformer_plugin")]
+        sys.modules["nformer_plugin"] = package
+    return importlib.import_module("nformer_plugin.modeling.nformer").NFormer
+
+
+def run_worker(args) -> None:
+    import torch
+
+    NFormer = _import_nformer()
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = NFormer(dim=args.dim, num_layers=args.layers, num_heads=2, ffn_dim=4 * args.dim,
+                    num_landmarks=5, topk=20, inference=args.path, chunk_size=args.chunk_size,
+                    ann_threshold=1 if args.approximate else None, ann_nlist=args.nlist,
+                    ann_nprobe=args.nprobe).eval()
+    feats = clustered_features(args.n, args.dim)
+    num_query = args.n // 8
+    rss_before = _status_mb("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(feats, num_query=num_query)
+    seconds = time.perf_counter() - start
+    peak = _status_mb("VmHWM")
+    if args.save:
+        np.save(args.save, out.numpy())
+    search = "-" if args.path == "dense" else ("IVF" if model.ann_threshold else "exact")
+    print(json.dumps(dict(seconds=seconds, rss_before_mb=rss_before, peak_rss_mb=peak,
+                          peak_is_forward_only=reset, search=search)))
+
+
+# ----------------------------------------------------------------------------- parent side
+def measure(path: str, n: int, args, ivf: bool, save: Optional[str]) -> Dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path, "--n", str(n),
+           "--dim", str(args.dim), "--layers", str(args.layers), "--threads", str(args.threads),
+           "--chunk-size", str(args.chunk_size), "--nprobe", str(args.nprobe)]
+    if args.nlist:
+        cmd += ["--nlist", str(args.nlist)]
+    if ivf:
+        cmd.append("--approximate")
+    if save:
+        cmd += ["--save", save]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return dict(error=f"exit {proc.returncode}: {tail[0][:80]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dense", type=int, nargs="*", default=[2000, 5000, 10000],
+                   help="set sizes N for the dense path (20000 needs ~10 GB, ~4 min)")
+    p.add_argument("--sparse", type=int, nargs="*", default=[2000, 5000, 10000, 20000],
+                   help="set sizes N for the sparse path, exact search (O(N^2 l) time)")
+    p.add_argument("--ivf", type=int, nargs="*", default=[],
+                   help="set sizes N for the sparse path, approximate IVF index (1000000)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch and faiss threads (1 can be faster on a shared CPU)")
+    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF cells visited per query")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--approximate", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+
+    runs = [("dense", n, False) for n in args.dense] + [("sparse", n, False) for n in args.sparse]
+    runs += [("sparse", n, True) for n in args.ivf]
+    compared = ({n for n in args.dense if n in args.sparse}
+                | {n for n in args.ivf if n in args.sparse})
+    print(f"NFormer inference, d={args.dim}, {args.layers} layers, 2 heads, l=5, k=20, N/8 "
+          f"isolated queries, {args.threads} thread(s), chunk {args.chunk_size}, IVF nprobe "
+          f"{args.nprobe}\n", flush=True)
+    print("| N | path | search | time (s) | peak RSS (MB) | RSS before (MB) | forward peak - "
+          "before (MB) | max / mean abs diff |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved: Dict = {}
+        for path, n, ivf in sorted(runs, key=lambda r: (r[1], r[0], r[2])):
+            save = os.path.join(tmp, f"{path}-{n}-{ivf}.npy") if n in compared else None
+            result = measure(path, n, args, ivf, save)
+            search = "-" if path == "dense" else result.get("search", "IVF" if ivf else "exact")
+            if "error" in result:
+                print(f"| {n:,} | {path} | {search} | {result['error']} | | | | |", flush=True)
+                continue
+            diff = "-"
+            if save:
+                saved[(path, n, ivf)] = save
+                reference = saved.get(("sparse", n, False) if ivf else ("dense", n, False))
+                if path == "sparse" and reference:
+                    gap = np.abs(np.load(reference) - np.load(save))
+                    diff = f"{gap.max():.2e} / {gap.mean():.2e}"
+            delta = result["peak_rss_mb"] - result["rss_before_mb"]
+            print(f"| {n:,} | {path} | {search} | {result['seconds']:.2f} | "
+                  f"{result['peak_rss_mb']:.0f} | {result['rss_before_mb']:.0f} | {delta:.0f} | "
+                  f"{diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
