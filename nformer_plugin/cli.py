@@ -77,11 +77,7 @@ def cmd_train(args) -> int:
     with open(os.path.join(args.output, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     if trainer.history:
-        from .evaluation.visualize import save_curves
-
-        keys = [k for k in trainer.history[0] if k.startswith("loss")]
-        save_curves(os.path.join(args.output, "nformer_loss.png"),
-                    {k: [h[k] for h in trainer.history] for k in keys}, "epoch", "loss")
+        trainer.save_loss_curves(os.path.join(args.output, "nformer_loss.png"))
     print(f"NFormer weights written to {path}")
     return 0
 

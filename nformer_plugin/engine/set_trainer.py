@@ -60,6 +60,14 @@ class SetTrainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         self.history: List[Dict[str, float]] = []
 
+    def save_loss_curves(self, path: str) -> str:
+        """Write the per-epoch losses as a PNG; returns the path."""
+        from ..evaluation.visualize import save_curves
+
+        keys = [k for k in self.history[0] if k.startswith("loss")] if self.history else []
+        return save_curves(path, {k: [h[k] for h in self.history] for k in keys}, "epoch", "loss",
+                           "NFormer stage")
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "history": self.history}

@@ -258,11 +258,6 @@ class Trainer(DefaultTrainer):
 
         set_trainer.train(self.stage2_start_epoch, on_epoch_end)
         if comm.is_main_process() and set_trainer.history:
-            from ..evaluation.visualize import save_curves
-
-            keys = [k for k in set_trainer.history[0] if k.startswith("loss")]
-            path = save_curves(os.path.join(cfg.OUTPUT_DIR, "nformer_loss.png"),
-                               {k: [h[k] for h in set_trainer.history] for k in keys},
-                               "epoch", "loss", "NFormer stage")
+            path = set_trainer.save_loss_curves(os.path.join(cfg.OUTPUT_DIR, "nformer_loss.png"))
             logger.info("Stage-2 loss curve written to %s", path)
         return results
