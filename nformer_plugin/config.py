@@ -50,6 +50,9 @@ def add_nformer_config(cfg: CN) -> CN:
     _C.MODEL.NFORMER.QUERY_MODE = "isolated"  # isolated: no query-query interaction (sec 4.2) | joint
     _C.MODEL.NFORMER.CHUNK_SIZE = 8192  # rows per chunk in the memory-bounded (sparse) inference
     _C.MODEL.NFORMER.INFERENCE = "sparse"  # sparse: O(N(k+l)d) memory | dense: N x N (small N)
+    _C.MODEL.NFORMER.ANN_THRESHOLD = 0  # sets of >= this many rows use an IVF (approximate) top-k search; 0 = always exact
+    _C.MODEL.NFORMER.ANN_NPROBE = 16  # IVF cells searched per row (recall vs time)
+    _C.MODEL.NFORMER.ACTIVATION = "gelu"  # feed-forward activation: gelu (official) | relu
     _C.MODEL.NFORMER.TEST_FEAT = "after_bn"  # feature ranked at test: after_bn (official) | before_bn
 
     # stage 2: NFormer trained on sets of frozen stage-1 features (sec. 4.2)

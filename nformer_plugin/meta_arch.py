@@ -37,6 +37,7 @@ def nformer_kwargs_from_config(cfg) -> dict:
         dropout=c.DROPOUT, num_landmarks=c.NUM_LANDMARKS, topk=c.TOPK, mask=c.MASK,
         neighbors=c.NEIGHBORS, exact_affinity=c.EXACT_AFFINITY, landmark_seed=c.LANDMARK_SEED,
         query_mode=c.QUERY_MODE, inference=c.INFERENCE, chunk_size=c.CHUNK_SIZE,
+        activation=c.ACTIVATION, ann_threshold=c.ANN_THRESHOLD or None, ann_nprobe=c.ANN_NPROBE,
     )
 
 
