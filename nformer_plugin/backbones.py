@@ -24,14 +24,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import compat
+from fastreid.layers import get_norm
+from fastreid.modeling.backbones import BACKBONE_REGISTRY
 
-compat.apply()
-
-from fastreid.layers import get_norm  # noqa: E402  (after compat.apply)
-from fastreid.modeling.backbones import BACKBONE_REGISTRY  # noqa: E402
-
-from .modeling.backbones import ABDNet, APNet, DilatedResNet  # noqa: E402
+from .modeling.backbones import ABDNet, APNet, DilatedResNet
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 FastReID 1.4.0 (the only release on the package registry) was written for Python 3.8,
 torch 1.x and a CUDA machine. :func:`apply` fixes what breaks, once, when ``nformer_plugin``
-is imported. Each fix is listed here; nothing else in the package patches FastReID.
+is imported (the package ``__init__`` calls it before importing any module that imports
+FastReID; importing any submodule runs the package ``__init__`` first). Each fix is listed here; nothing else in the package patches FastReID.
 
 Import-time breakages (must be fixed *before* ``import fastreid``):
 

@@ -12,21 +12,17 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import compat
+from fastreid.config import configurable
+from fastreid.modeling.backbones import build_backbone
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.modeling.losses import cross_entropy_loss, log_accuracy, triplet_loss
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
-compat.apply()
-
-from fastreid.config import configurable  # noqa: E402
-from fastreid.modeling.backbones import build_backbone  # noqa: E402
-from fastreid.modeling.heads import REID_HEADS_REGISTRY  # noqa: E402
-from fastreid.modeling.losses import cross_entropy_loss, log_accuracy, triplet_loss  # noqa: E402
-from fastreid.modeling.meta_arch import META_ARCH_REGISTRY  # noqa: E402
-
-from .backbones import backbone_output_dim, check_pretrain_available  # noqa: E402
-from .modeling.head import EmbeddingReductionHead  # noqa: E402
-from .modeling.losses import CenterLoss  # noqa: E402
-from .modeling.nformer import NFormer  # noqa: E402
-from .modeling.nformer_stage import NFormerStage  # noqa: E402
+from .backbones import backbone_output_dim, check_pretrain_available
+from .modeling.head import EmbeddingReductionHead
+from .modeling.losses import CenterLoss
+from .modeling.nformer import NFormer
+from .modeling.nformer_stage import NFormerStage
 
 
 def nformer_kwargs_from_config(cfg) -> dict:

@@ -14,17 +14,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from .. import compat
-
-compat.apply()
-
-from fastreid.data import samplers  # noqa: E402
-from fastreid.data.build import fast_batch_collator  # noqa: E402
-from fastreid.data.common import CommDataset  # noqa: E402
-from fastreid.data.data_utils import DataLoaderX  # noqa: E402
-from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
-from fastreid.data.transforms import build_transforms  # noqa: E402
-from fastreid.utils import comm  # noqa: E402
+from fastreid.data import samplers
+from fastreid.data.build import fast_batch_collator
+from fastreid.data.common import CommDataset
+from fastreid.data.data_utils import DataLoaderX
+from fastreid.data.datasets import DATASET_REGISTRY
+from fastreid.data.transforms import build_transforms
+from fastreid.utils import comm
 
 logger = logging.getLogger("fastreid.nformer")
 

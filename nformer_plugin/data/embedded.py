@@ -14,14 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import nformer_plugin.compat as _compat
+from fastreid.data.datasets import DATASET_REGISTRY
+from fastreid.data.datasets.market1501 import Market1501
 
-_compat.apply()
-
-from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
-from fastreid.data.datasets.market1501 import Market1501  # noqa: E402
-
-from .synthetic import dataset_cache_dir, generate_market_layout, normalize_params  # noqa: E402
+from .synthetic import dataset_cache_dir, generate_market_layout, normalize_params
 
 __all__ = ["EmbeddedReID"]
 

@@ -13,16 +13,12 @@ import sys
 
 import torch
 
-from .. import compat
+from fastreid.engine import default_argument_parser, default_setup, launch
+from fastreid.utils import comm
+from fastreid.utils.env import seed_all_rng
 
-compat.apply()
-
-from fastreid.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from fastreid.utils import comm  # noqa: E402
-from fastreid.utils.env import seed_all_rng  # noqa: E402
-
-from ..config import load_config  # noqa: E402
-from .trainer import AtomicCheckpointer, Trainer  # noqa: E402
+from ..config import load_config
+from .trainer import AtomicCheckpointer, Trainer
 
 
 def check_device(cfg) -> None:

@@ -18,24 +18,20 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import compat
+from fastreid.engine import DefaultTrainer, hooks
+from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from fastreid.evaluation import inference_on_dataset
+from fastreid.evaluation.evaluator import inference_context
+from fastreid.solver import build_optimizer
+from fastreid.utils import comm
+from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.logger import setup_logger
 
-compat.apply()
-
-from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
-from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase  # noqa: E402
-from fastreid.evaluation import inference_on_dataset  # noqa: E402
-from fastreid.evaluation.evaluator import inference_context  # noqa: E402
-from fastreid.solver import build_optimizer  # noqa: E402
-from fastreid.utils import comm  # noqa: E402
-from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
-from fastreid.utils.logger import setup_logger  # noqa: E402
-
-from ..data import build as data_build  # noqa: E402
-from ..evaluation.evaluator import NFormerEvaluator  # noqa: E402
-from ..features import save_feature_file  # noqa: E402
-from ..modeling.nformer_stage import NeighbourhoodSetSampler  # noqa: E402
-from .set_trainer import SetTrainer, build_stage2_optimizer, iterations_per_epoch  # noqa: E402
+from ..data import build as data_build
+from ..evaluation.evaluator import NFormerEvaluator
+from ..features import save_feature_file
+from ..modeling.nformer_stage import NeighbourhoodSetSampler
+from .set_trainer import SetTrainer, build_stage2_optimizer, iterations_per_epoch
 
 logger = logging.getLogger("fastreid.nformer")
 

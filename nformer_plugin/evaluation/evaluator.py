@@ -16,15 +16,11 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .. import compat
+from fastreid.evaluation.evaluator import DatasetEvaluator
+from fastreid.utils import comm
 
-compat.apply()
-
-from fastreid.evaluation.evaluator import DatasetEvaluator  # noqa: E402
-from fastreid.utils import comm  # noqa: E402
-
-from ..features import FeatureSet, save_feature_file  # noqa: E402
-from .pipeline import (RerankParams, compare_pipelines, format_table, headline,  # noqa: E402
+from ..features import FeatureSet, save_feature_file
+from .pipeline import (RerankParams, compare_pipelines, format_table, headline,
                        metrics_only)
 
 logger = logging.getLogger("fastreid.nformer")

@@ -82,11 +82,14 @@ def evaluate_ranking(
     return results
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a new array; zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 - cosine similarity, (Q, G); rows are L2-normalised first (inputs are not modified)."""
-    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    return (1.0 - q @ g.T).astype(np.float32)
+    return (1.0 - l2_normalize(query) @ l2_normalize(gallery).T).astype(np.float32)
 
 
 def euclidean_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:

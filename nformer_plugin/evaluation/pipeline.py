@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ..features import FeatureSet, check_same_dim
-from .metrics import cosine_distance, euclidean_distance, evaluate_ranking
+from .metrics import cosine_distance, euclidean_distance, evaluate_ranking, l2_normalize
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -31,10 +31,6 @@ class RerankParams:
     lambda_value: float = 0.3
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def distances(query: np.ndarray, gallery: np.ndarray, metric: str = "cosine") -> np.ndarray:
     if metric == "cosine":
         return cosine_distance(query, gallery)
@@ -49,7 +45,7 @@ def rerank_distances(query: np.ndarray, gallery: np.ndarray, metric: str,
     from .rerank import k_reciprocal_rerank
 
     if metric == "cosine":
-        query, gallery = _l2n(query), _l2n(gallery)
+        query, gallery = l2_normalize(query), l2_normalize(gallery)
     return k_reciprocal_rerank(query, gallery, k1=params.k1, k2=params.k2,
                                lambda_value=params.lambda_value)
 
