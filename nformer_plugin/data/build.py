@@ -49,14 +49,15 @@ def build_dataset(cfg, name: str):
         ) from e
 
 
-def _use_cuda(cfg) -> bool:
+def uses_cuda(cfg) -> bool:
+    """True when the config asks for CUDA and torch sees a GPU."""
     return str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
 
 
 def _make_loader(cfg, dataset, batch_sampler, num_workers: int) -> DataLoader:
     common = dict(dataset=dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                   collate_fn=fast_batch_collator)
-    if _use_cuda(cfg):
+    if uses_cuda(cfg):
         return DataLoaderX(comm.get_local_rank(), pin_memory=True, **common)
     return DataLoader(**common)
 

@@ -81,15 +81,11 @@ class EpochSetter(hooks.HookBase):
                 module.set_epoch(self.trainer.epoch)
 
 
-def _use_cuda(cfg) -> bool:
-    return str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
-
-
 def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:
     """DDP over the parameters that require grad; device_ids only on GPU (gloo on CPU)."""
     if comm.get_world_size() == 1:
         return module
-    device_ids = [comm.get_local_rank()] if _use_cuda(cfg) else None
+    device_ids = [comm.get_local_rank()] if data_build.uses_cuda(cfg) else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
@@ -100,7 +96,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
             setup_logger()
-        if cfg.MODEL.NFORMER.get("STAGES", "both") not in STAGES:
+        if cfg.MODEL.NFORMER.STAGES not in STAGES:
             raise ValueError(f"MODEL.NFORMER.STAGES must be one of {STAGES}")
         data_loader = self.build_train_loader(cfg)
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
@@ -109,7 +105,7 @@ class Trainer(DefaultTrainer):
         optimizer, param_wrapper = self.build_optimizer(cfg, model)
         trainer_cls = SimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:
-            if _use_cuda(cfg):
+            if data_build.uses_cuda(cfg):
                 trainer_cls = AMPTrainer
             else:
                 logger.warning("SOLVER.AMP.ENABLED ignored: mixed precision needs CUDA")
@@ -183,7 +179,7 @@ class Trainer(DefaultTrainer):
 
     # ------------------------------------------------------------------ train
     def train(self):
-        stages = self.cfg.MODEL.NFORMER.get("STAGES", "both")
+        stages = self.cfg.MODEL.NFORMER.STAGES
         results = None
         if stages in ("both", "stage1") and not self._stage1_done:
             results = super().train()
@@ -240,8 +236,6 @@ class Trainer(DefaultTrainer):
             nonlocal results
             last = epoch + 1 >= s2.EPOCHS
             state = {"epoch": epoch, "stage": 2, "nformer_trainer": set_trainer.state_dict()}
-            if last:
-                model.nformer_trained.fill_(True)
             if last or (s2.EVAL_PERIOD > 0 and (epoch + 1) % s2.EVAL_PERIOD == 0):
                 model.nformer_trained.fill_(True)
                 results = self.test(cfg, model)
