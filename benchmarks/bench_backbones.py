@@ -7,7 +7,7 @@ of the timed iterations after warm-up).
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts convolutions and
 matrix products only, as 2 FLOPs per multiply-accumulate (GFLOPs = FLOPs / 1e9; MACs are half).
-Normalisation, activations, pooling and softmax are not counted.
+Normalization, activations, pooling and softmax are not counted.
 
     python benchmarks/bench_backbones.py                  # every row below
     python benchmarks/bench_backbones.py --only abd apnet  # rows whose key contains a word
@@ -67,7 +67,7 @@ SPECS: List[Spec] = [
 
 def build(spec: Spec) -> torch.nn.Module:
     """The backbone of ``spec`` from a FastReID config (no pretrained weights)."""
-    import nformer_plugin.backbones  # noqa: F401  (compat fixes + registration)
+    import nformer_plugin.fastreid_ext.backbone_registry  # noqa: F401  (compat fixes + registration)
     from fastreid.config import get_cfg
     from fastreid.modeling.backbones import build_backbone
     from nformer_plugin.config import add_nformer_config

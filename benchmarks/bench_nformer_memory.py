@@ -1,4 +1,4 @@
-"""Time and peak memory of NFormer inference: dense (N x N per head) vs sparse (neighbour lists).
+"""Time and peak memory of NFormer inference: dense (N x N per head) vs sparse (neighbor lists).
 
 Every measurement runs in its own subprocess so that its peak resident set size (VmHWM from
 /proc/self/status, reset just before the forward pass where the kernel allows it) belongs to that
@@ -69,7 +69,7 @@ def _import_nformer():
         package = types.ModuleType("nformer_plugin")
         package.__path__ = [os.path.join(ROOT, "nformer_plugin")]
         sys.modules["nformer_plugin"] = package
-    return importlib.import_module("nformer_plugin.modeling.nformer").NFormer
+    return importlib.import_module("nformer_plugin.core.nformer").NFormer
 
 
 def run_worker(args) -> None:

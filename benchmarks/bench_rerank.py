@@ -117,7 +117,7 @@ def dense_reference_rerank(
     # 2. initial ranking: every row fully sorted
     initial_rank = np.argsort(original, axis=1).astype(np.int32)
 
-    def reciprocal_neighbours(i: int, k: int) -> np.ndarray:
+    def reciprocal_neighbors(i: int, k: int) -> np.ndarray:
         forward = initial_rank[i, :k + 1]
         backward = initial_rank[forward, :k + 1]
         return forward[(backward == i).any(axis=1)]
@@ -126,10 +126,10 @@ def dense_reference_rerank(
     half_k = int(np.around(k1 / 2))
     encoding = np.zeros((num_all, num_all), dtype=v_dtype)
     for i in range(num_all):
-        reciprocal = reciprocal_neighbours(i, k1)
+        reciprocal = reciprocal_neighbors(i, k1)
         parts = [reciprocal]
         for candidate in reciprocal:
-            candidate_set = reciprocal_neighbours(candidate, half_k)
+            candidate_set = reciprocal_neighbors(candidate, half_k)
             if len(np.intersect1d(candidate_set, reciprocal)) > 2 / 3 * len(candidate_set):
                 parts.append(candidate_set)
         members = np.unique(np.concatenate(parts))
@@ -180,7 +180,7 @@ def _cpu_seconds() -> float:
 
 def _euclidean_in_blocks(query: np.ndarray, gallery: np.ndarray, rows: int = 512) -> np.ndarray:
     """The baseline's squared Euclidean distances, (Q, G) float32, without big temporaries."""
-    from nformer_plugin.evaluation.metrics import euclidean_distance
+    from nformer_plugin.core.retrieval.metrics import euclidean_distance
 
     out = np.empty((query.shape[0], gallery.shape[0]), dtype=np.float32)
     for start in range(0, query.shape[0], rows):
@@ -189,7 +189,7 @@ def _euclidean_in_blocks(query: np.ndarray, gallery: np.ndarray, rows: int = 512
 
 
 def _metrics(dist, q_pids, g_pids, q_cams, g_cams) -> Dict[str, float]:
-    from nformer_plugin.evaluation.metrics import evaluate_ranking
+    from nformer_plugin.core.retrieval.metrics import evaluate_ranking
 
     r = evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams)
     return {"mAP": r["mAP"], "Rank-1": r["Rank-1"]}
@@ -197,7 +197,7 @@ def _metrics(dist, q_pids, g_pids, q_cams, g_cams) -> Dict[str, float]:
 
 def worker(args: argparse.Namespace) -> None:
     """Run one method once; print a JSON line with time, peak RSS and metrics."""
-    from nformer_plugin.evaluation.rerank import k_reciprocal_rerank
+    from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank
 
     q, g, q_pids, g_pids, q_cams, g_cams = make_clustered_reid(
         args.num_query, args.num_gallery, args.dim, seed=args.seed

@@ -1,29 +1,25 @@
 """nformer-fastreid: NFormer (Neighbor Transformer, CVPR 2022) as a FastReID plugin.
 
-Importing the package applies the FastReID compatibility fixes (``nformer_plugin.compat``) once
-and imports the modules that register into FastReID's registries:
-
-* ``NFormerReID`` (META_ARCH_REGISTRY) and ``NFormerHead`` (REID_HEADS_REGISTRY): ``meta_arch``
-* ``build_nformer_resnet_backbone``, ``build_abd_backbone``, ``build_apnet_backbone``
-  (BACKBONE_REGISTRY): ``backbones``
-* ``EmbeddedReID`` (DATASET_REGISTRY), the generated default dataset: ``data.embedded``
-
-The model code in ``nformer_plugin.modeling`` is pure torch and works without FastReID installed;
-so do ``nformer_plugin.evaluation.k_reciprocal_rerank`` and the ranking metrics.
+* ``nformer_plugin.core``: pure torch / numpy / faiss (NFormer, backbones, stage-2 training,
+  retrieval); never imports FastReID.
+* ``nformer_plugin.embedded``: the generated default dataset (numpy + PIL).
+* ``nformer_plugin.config``: the plugin's config keys (yacs); ``nformer_plugin.evaluate``: the one
+  refine / re-rank / export path; ``nformer_plugin.cli``: the ``nformer`` command.
+* ``nformer_plugin.fastreid_ext``: all FastReID glue (compatibility fixes, registrations, loaders,
+  evaluator, trainer, ``fastreid-train``). Imported here when FastReID is installed, so that
+  ``import nformer_plugin`` registers everything into FastReID's registries.
 """
 import importlib.util as _importlib_util
 
-from .features import FeatureSet, load_feature_file, save_feature_file
-from .modeling import NFormer
+from .config import add_nformer_config
+from .core import FeatureSet, NFormer, k_reciprocal_rerank, load_feature_file, save_feature_file
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+__all__ = ["NFormer", "k_reciprocal_rerank", "FeatureSet", "load_feature_file",
+           "save_feature_file", "add_nformer_config"]
 
 if _importlib_util.find_spec("fastreid") is not None:
-    from . import compat
+    from .fastreid_ext import Trainer, load_config  # noqa: F401  (applies compat, registers)
 
-    compat.apply()
-
-    from . import backbones, meta_arch  # noqa: F401  (registration)
-    from .data import embedded  # noqa: F401  (registration)
-    from .config import add_nformer_config
-    from .engine.trainer import Trainer
+    __all__ += ["Trainer", "load_config"]

@@ -1,22 +1,26 @@
-"""``nformer``: NFormer on saved features, for any re-id model.
+"""``nformer``: NFormer on saved features, for any re-id model (FastReID not required).
 
-    nformer train  --train TRAIN.npz --output DIR [--config-file FILE] [KEY VALUE ...]
+    nformer train  --train TRAIN.npz [MORE.npz ...] --output DIR [--config-file FILE] [KEY VALUE ...]
     nformer eval   --weights DIR/model_final.pth --query Q.npz --gallery G.npz [--rerank]
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
 
 Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N).
 Evaluation follows the Market-1501 protocol. Config keys are the ``MODEL.NFORMER.*`` ones of
-``nformer_plugin/config.py`` (and ``TEST.RERANK.*``, ``TEST.METRIC``, ``SEED``).
+``nformer_plugin/config.py`` (and ``DATASETS.VAL_FRACTION``, ``TEST.RERANK.*``, ``TEST.METRIC``,
+``MODEL.DEVICE``, ``SEED``). Stage 2 is built by the same ``core.training.build_stage2`` as in
+``fastreid-train``; several ``--train`` files (passes over the same images, same row order) form
+the feature bank, and ``MODEL.NFORMER.STAGE2.FEAT_NOISE`` perturbs a single pass.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,83 +28,113 @@ import torch
 logger = logging.getLogger("fastreid.nformer")
 
 
-def _config(config_file: Optional[str], opts: List[str]):
-    from .config import load_config
+def load_cli_config(config_file: str = "", opts: Sequence[str] = ()):
+    """FastReID's full config with the plugin's keys when FastReID is installed (so any
+    ``fastreid-train`` config file loads), else the plugin's standalone config. ``MODEL.DEVICE``
+    defaults to ``cuda`` when torch sees a GPU, else ``cpu``."""
+    from .config import merge_config, standalone_config
 
-    return load_config(config_file or "", opts)
+    if importlib.util.find_spec("fastreid") is not None:
+        from .fastreid_ext.config import default_config
+
+        cfg = default_config()
+    else:
+        cfg = standalone_config()
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return merge_config(cfg, config_file, opts)
 
 
-def _build_stage(cfg, dim: int, num_classes: int):
-    from .meta_arch import nformer_kwargs_from_config
-    from .modeling.nformer import NFormer
-    from .modeling.nformer_stage import NFormerStage
+def _device(cfg) -> torch.device:
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {device!r} but torch sees no GPU; pass "
+                         f"'MODEL.DEVICE cpu'")
+    return torch.device(device)
 
-    kwargs = nformer_kwargs_from_config(cfg)
-    kwargs["dim"] = dim  # the features define the width
+
+def build_stage_module(cfg, dim: int, num_classes: int):
+    """The NFormer stage for features of width ``dim`` (the features define the width)."""
+    from .config import nformer_kwargs
+    from .core.nformer import NFormer, NFormerStage
+
+    kwargs = dict(nformer_kwargs(cfg), dim=dim)
     return NFormerStage(NFormer(**kwargs), num_classes, cfg.MODEL.NFORMER.TEST_FEAT)
 
 
-def _save_atomic(obj: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def _load_training_bank(paths: Sequence[str]):
+    """Feature files of the same images (same pids/camids, same order) -> (P, N, d) bank."""
+    from .core.features import load_feature_file
+
+    sets = [load_feature_file(p) for p in paths]
+    first = sets[0]
+    for path, fs in zip(paths[1:], sets[1:]):
+        if (fs.feats.shape != first.feats.shape or not np.array_equal(fs.pids, first.pids)
+                or not np.array_equal(fs.camids, first.camids)):
+            raise ValueError(f"{path}: not a pass over the same images as {paths[0]} (every "
+                             f"--train file needs the same rows, pids and camids in order)")
+    return np.stack([fs.feats for fs in sets]), first.pids, first.camids
 
 
 def cmd_train(args) -> int:
-    from .engine.set_trainer import SetTrainer, build_stage2_optimizer, iterations_per_epoch
-    from .features import load_feature_file
-    from .modeling.nformer_stage import NeighbourhoodSetSampler
+    from .core.io import save_text, save_torch
+    from .core.training import Stage2Settings, build_stage2
+    from .core.training.validation import make_validator, split_validation_ids
 
-    cfg = _config(args.config_file, args.opts)
-    seed = cfg.SEED if cfg.SEED >= 0 else 0
-    torch.manual_seed(seed)
-    train = load_feature_file(args.train)
-    _, labels = np.unique(train.pids, return_inverse=True)
+    cfg = load_cli_config(args.config_file, args.opts)
+    device = _device(cfg)
+    torch.manual_seed(cfg.SEED)
+    bank, pids, camids = _load_training_bank(args.train)
+    val_ids = split_validation_ids(pids, cfg.DATASETS.VAL_FRACTION, cfg.SEED)
+    is_val = np.isin(pids, val_ids)
+    _, labels = np.unique(pids[~is_val], return_inverse=True)
     num_classes = int(labels.max()) + 1
-    feats = torch.from_numpy(train.feats)
-    stage = _build_stage(cfg, feats.shape[1], num_classes)
-    s2 = cfg.MODEL.NFORMER.STAGE2
-    sampler = NeighbourhoodSetSampler(feats, torch.from_numpy(labels), s2.SET_SIZE,
-                                      s2.SETS_PER_BATCH, seed)
-    trainer = SetTrainer(stage, sampler,
-                         build_stage2_optimizer(stage, s2.OPT, s2.BASE_LR, s2.WEIGHT_DECAY),
-                         s2.EPOCHS, iterations_per_epoch(len(feats), s2.SET_SIZE,
-                                                         s2.ITERS_PER_EPOCH),
-                         s2.CE_EPSILON, s2.TRIPLET_SCALE, ce_scale=s2.CE_SCALE,
-                         triplet_margin=s2.TRIPLET_MARGIN)
-    logger.info("Training NFormer on %d features (d=%d, %d identities)", len(feats),
-                feats.shape[1], num_classes)
+    stage = build_stage_module(cfg, bank.shape[2], num_classes).to(device)
+    trainer = build_stage2(stage, torch.from_numpy(bank[:, ~is_val]), torch.from_numpy(labels),
+                           Stage2Settings.from_config(cfg.MODEL.NFORMER.STAGE2), cfg.SEED, device)
+    if is_val.any():
+        validator = make_validator(bank[0, is_val], pids[is_val], camids[is_val],
+                                   cfg.TEST.METRIC)
+        logger.info("Validation: %d held-out identities, %d queries x %d gallery, baseline mAP "
+                    "%.2f", len(val_ids), len(validator.query), len(validator.gallery),
+                    validator.baseline["val_mAP"])
+        trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
+    logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
+                bank.shape[1] - int(is_val.sum()), bank.shape[0], bank.shape[2], num_classes)
     trainer.train()
-    path = os.path.join(args.output, "model_final.pth")
-    _save_atomic({"model": stage.state_dict(), "dim": feats.shape[1], "num_classes": num_classes,
-                  "config": cfg.dump()}, path)
-    with open(os.path.join(args.output, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
+    trainer.restore_best()
+    meta = {"dim": bank.shape[2], "num_classes": num_classes, "config": cfg.dump()}
+    path = save_torch(dict(meta, model=stage.state_dict()), os.path.join(args.output,
+                                                                           "model_final.pth"))
+    save_text(cfg.dump(), os.path.join(args.output, "config.yaml"))
     if trainer.history:
         trainer.save_loss_curves(os.path.join(args.output, "nformer_loss.png"))
     print(f"NFormer weights written to {path}")
     return 0
 
 
-def _load_stage(weights: str, opts: List[str]):
-    from fastreid.config import CfgNode
+def load_stage(weights: str, opts: List[str]):
+    """The stage written by ``nformer train``, its config (+ ``opts``) and feature width."""
+    from yacs.config import CfgNode
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
-    ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{weights}: not a model written by 'nformer train' ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "dim" not in ckpt:
         raise ValueError(f"{weights}: not a model written by 'nformer train'")
-    cfg = _config(None, [])
+    cfg = load_cli_config()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(ckpt["config"]))
-    cfg.merge_from_list(opts)  # evaluation-time options (landmark seed, chunk size, ...)
-    stage = _build_stage(cfg, int(ckpt["dim"]), int(ckpt["num_classes"]))
+    cfg.merge_from_list(list(opts))  # evaluation-time options (landmark seed, chunk size, ...)
+    device = _device(cfg)
+    stage = build_stage_module(cfg, int(ckpt["dim"]), int(ckpt["num_classes"]))
     stage.load_state_dict(ckpt["model"])
-    stage.eval()
-    return stage, cfg, int(ckpt["dim"])
+    return stage.to(device).eval(), cfg, int(ckpt["dim"])
 
 
 def _load_pair(args, dim: int):
-    from .features import load_feature_file
+    from .core.features import load_feature_file
 
     query, gallery = load_feature_file(args.query), load_feature_file(args.gallery)
     for name, fs in (("query", query), ("gallery", gallery)):
@@ -110,45 +144,34 @@ def _load_pair(args, dim: int):
     return query, gallery
 
 
-def _refine_fn(stage):
-    def refine(feats: np.ndarray, num_query: int) -> np.ndarray:
-        return stage.refine(torch.from_numpy(feats), num_query).numpy()
-
-    return refine
-
-
 def cmd_eval(args) -> int:
-    from .evaluation.pipeline import (RerankParams, compare_pipelines, format_table,
-                                      metrics_only)
+    from .core.io import save_text
+    from .core.retrieval.comparison import format_table, metrics_only
+    from .evaluate import evaluate_pipelines
 
-    stage, cfg, dim = _load_stage(args.weights, args.opts)
+    stage, cfg, dim = load_stage(args.weights, args.opts)
+    cfg.TEST.RERANK.ENABLED = bool(args.rerank)
     query, gallery = _load_pair(args, dim)
-    rerank = None
-    if args.rerank:
-        r = cfg.TEST.RERANK
-        rerank = RerankParams(k1=r.K1, k2=r.K2, lambda_value=r.LAMBDA)
-    rows = compare_pipelines(query, gallery, refine=_refine_fn(stage), rerank=rerank,
-                             metric=cfg.TEST.METRIC)
+    device = next(stage.parameters()).device
+    rows = evaluate_pipelines(cfg, query, gallery, stage, device)
     print(format_table(rows, f"{len(query)} queries x {len(gallery)} gallery"))
+    print("NFormer neighbors: " + stage.nformer.describe_neighbors())
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump({name: metrics_only(row) for name, row in rows.items()}, f, indent=2)
+        report = {name: metrics_only(row) for name, row in rows.items()}
+        report["nformer_neighbors"] = rows["nformer"]["neighbors"]
+        save_text(json.dumps(report, indent=2), args.output_json)
         print(f"Metrics written to {args.output_json}")
     return 0
 
 
 def cmd_refine(args) -> int:
-    from .features import save_feature_file
+    from .evaluate import export_features, stage_refiner
 
-    stage, _, dim = _load_stage(args.weights, args.opts)
+    stage, _, dim = load_stage(args.weights, args.opts)
     query, gallery = _load_pair(args, dim)
-    refined = _refine_fn(stage)(np.concatenate([query.feats, gallery.feats]), len(query))
-    nq = len(query)
-    save_feature_file(os.path.join(args.output_dir, "query_refined.npz"), refined[:nq],
-                      query.pids, query.camids)
-    save_feature_file(os.path.join(args.output_dir, "gallery_refined.npz"), refined[nq:],
-                      gallery.pids, gallery.camids)
+    refine = stage_refiner(stage, next(stage.parameters()).device)
+    refined = refine(np.concatenate([query.feats, gallery.feats]), len(query))
+    export_features(args.output_dir, query, gallery, refined, inputs=False)
     print(f"Refined features written to {args.output_dir}")
     return 0
 
@@ -159,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the NFormer stage on saved training features")
-    p.add_argument("--train", required=True, help="TRAIN.npz")
+    p.add_argument("--train", required=True, nargs="+",
+                   help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
     p.add_argument("--config-file", default="", help="YAML with MODEL.NFORMER.* keys")
     p.set_defaults(func=cmd_train)
@@ -185,8 +209,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s",
                         datefmt="%m/%d %H:%M:%S")
-    import nformer_plugin  # noqa: F401  (compat fixes before fastreid's config is imported)
-
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:

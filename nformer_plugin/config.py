@@ -1,30 +1,54 @@
-"""Config keys added by nformer_plugin (call :func:`add_nformer_config` before merge_from_file).
+"""Config keys added by nformer_plugin: :func:`add_nformer_config` (pure yacs, no FastReID).
 
 Paper symbols refer to the NFormer paper (CVPR 2022, arXiv layout): eq. (3) affinity A,
 eq. (4) landmark affinity A~ with l landmarks, eqs. (6)-(8) Reciprocal Neighbor Softmax with k
-neighbours. FastReID rejects unknown YAML keys, so every key a config file may set is declared here.
+neighbors. FastReID rejects unknown YAML keys, so every key a config file may set is declared here.
+``fastreid_ext.config.load_config`` adds them to FastReID's defaults; the ``nformer`` command
+adds them to :func:`standalone_config` when FastReID is not installed.
 """
 from __future__ import annotations
 
-from fastreid.config import CfgNode as CN
+import logging
+import os
+from dataclasses import fields
+from typing import Any, Dict, Sequence
+
+from yacs.config import CfgNode
+
+from .core.io import resolve_seed
+from .embedded import EmbeddedParams
+
+logger = logging.getLogger("fastreid.nformer")
+
+#: Renamed keys: old -> new. The old key still loads (with a deprecation message).
+RENAMED_KEYS = {"TEST.RANKED_LIST_PNG": "TEST.RANKED_LIST_QUERIES"}
 
 
-def add_nformer_config(cfg: CN) -> CN:
-    """Add the plugin's keys (with the paper's defaults) to a FastReID config, in place."""
+def _node(cfg: CfgNode, path: str) -> CfgNode:
+    """The sub-node at dotted ``path``, created (same class as ``cfg``) where missing."""
+    node = cfg
+    for name in path.split("."):
+        if name not in node:
+            node[name] = type(cfg)()
+        node = node[name]
+    return node
+
+
+def add_nformer_config(cfg: CfgNode) -> CfgNode:
+    """Add the plugin's keys (with their defaults) to ``cfg`` in place; returns ``cfg``."""
+    CN = type(cfg)
     _C = cfg
+    for path in ("MODEL.BACKBONE", "MODEL.HEADS", "MODEL.LOSSES", "DATASETS", "TEST"):
+        _node(_C, path)
 
-    _C.SEED = 0  # global random seed; -1 draws one (reproducible runs use a fixed seed)
+    _C.SEED = 0  # global random seed; -1 draws one (logged), so runs are reproducible by default
+
+    _C.DATASETS.VAL_FRACTION = 0.0  # share of training identities held out of both stages to validate stage 2 (picks model_best)
 
     # ---------------------------------------------------------------- embedded dataset
-    _C.DATASETS.EMBEDDED = CN()
-    _C.DATASETS.EMBEDDED.SEED = 0  # generator seed: same seed -> same images
-    _C.DATASETS.EMBEDDED.NUM_TRAIN_IDS = 48  # identities in bounding_box_train
-    _C.DATASETS.EMBEDDED.NUM_TEST_IDS = 48  # identities in query + bounding_box_test
-    _C.DATASETS.EMBEDDED.NUM_CAMERAS = 4  # cameras (Market-1501 has 6)
-    _C.DATASETS.EMBEDDED.IMAGES_PER_ID = 16  # images per identity (Table 3: NFormer needs >= ~10)
-    _C.DATASETS.EMBEDDED.QUERIES_PER_ID = 2  # query images per test identity (distinct cameras)
-    _C.DATASETS.EMBEDDED.HEIGHT = 64  # generated image height (width = height / 2)
-    _C.DATASETS.EMBEDDED.OUTLIER_RATIO = 0.08  # share of hard outlier images (heavy occlusion/blur)
+    _C.DATASETS.EMBEDDED = CN()  # keys and defaults: the fields of embedded.EmbeddedParams
+    for f in fields(EmbeddedParams):
+        _C.DATASETS.EMBEDDED[f.name.upper()] = f.default
 
     # ---------------------------------------------------------------- head and losses
     _C.MODEL.HEADS.NFORMER_FEAT_DIM = 256  # FC 2048 -> 256 after GAP (sec. 4.2); 0 keeps the width
@@ -42,15 +66,18 @@ def add_nformer_config(cfg: CN) -> CN:
     _C.MODEL.NFORMER.FFN_DIM = 1024  # hidden width of each block's feed-forward (official: 4d)
     _C.MODEL.NFORMER.DROPOUT = 0.1  # dropout on attention/feed-forward outputs while training
     _C.MODEL.NFORMER.NUM_LANDMARKS = 5  # l, landmark agents in eq. (4)
-    _C.MODEL.NFORMER.TOPK = 20  # k, neighbours kept by M^k in eq. (6)
+    _C.MODEL.NFORMER.TOPK = 20  # k, neighbors kept by M^k in eq. (6)
     _C.MODEL.NFORMER.MASK = "reciprocal"  # reciprocal (eq. 7) | topk (RNS-M^k) | none (softmax)
-    _C.MODEL.NFORMER.NEIGHBORS = "affinity"  # affinity: M from each layer's A~ (paper) | input
+    # where M's neighbors come from: layer (each layer's input features; chosen on validation)
+    # | input (the NFormer input, official code) | affinity (each layer's A~, paper-literal)
+    _C.MODEL.NFORMER.NEIGHBORS = "affinity"
     _C.MODEL.NFORMER.EXACT_AFFINITY = False  # True: A of eq. (3) instead of A~ (Fig. 6b)
     _C.MODEL.NFORMER.LANDMARK_SEED = 0  # seed of the landmark sampler at evaluation
     _C.MODEL.NFORMER.QUERY_MODE = "isolated"  # isolated: no query-query interaction (sec 4.2) | joint
     _C.MODEL.NFORMER.CHUNK_SIZE = 8192  # rows per chunk in the memory-bounded (sparse) inference
     _C.MODEL.NFORMER.INFERENCE = "sparse"  # sparse: O(N(k+l)d) memory | dense: N x N (small N)
     _C.MODEL.NFORMER.ANN_THRESHOLD = 0  # sets of >= this many rows use an IVF (approximate) top-k search; 0 = always exact
+    _C.MODEL.NFORMER.ANN_NLIST = 0  # IVF cells of that search; 0 = 2 sqrt(N)
     _C.MODEL.NFORMER.ANN_NPROBE = 16  # IVF cells searched per row (recall vs time)
     _C.MODEL.NFORMER.ACTIVATION = "gelu"  # feed-forward activation: gelu (official) | relu
     _C.MODEL.NFORMER.TEST_FEAT = "after_bn"  # feature ranked at test: after_bn (official) | before_bn
@@ -58,20 +85,23 @@ def add_nformer_config(cfg: CN) -> CN:
     # stage 2: NFormer trained on sets of frozen stage-1 features (sec. 4.2)
     _C.MODEL.NFORMER.STAGE2 = CN()
     _C.MODEL.NFORMER.STAGE2.EPOCHS = 160  # epochs of NFormer training (sec. 4.2: 160)
-    _C.MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH = 0  # sets per epoch; 0 = N_train // SET_SIZE + 1
+    _C.MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH = 0  # batches of sets per epoch; 0 = ceil(N_train / SET_SIZE)
     _C.MODEL.NFORMER.STAGE2.SET_SIZE = 2048  # S, features per training set ("batch 2048", sec 4.2)
     _C.MODEL.NFORMER.STAGE2.SETS_PER_BATCH = 1  # sets stacked into one (B, S, d) batch
-    _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # optimiser learning rate (sec. 4.2)
+    _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD (momentum 0.9)
+    _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # learning rate (sec. 4.2), cosine-annealed to 0
     _C.MODEL.NFORMER.STAGE2.WEIGHT_DECAY = 5e-4  # optimiser weight decay
-    _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD
     _C.MODEL.NFORMER.STAGE2.CE_SCALE = 1.0  # weight of the identity loss on refined features
     _C.MODEL.NFORMER.STAGE2.CE_EPSILON = 0.1  # label smoothing of the NFormer identity loss
     _C.MODEL.NFORMER.STAGE2.TRIPLET_SCALE = 1.0  # batch-hard triplet on refined features (official)
     _C.MODEL.NFORMER.STAGE2.TRIPLET_MARGIN = 0.3  # margin of that triplet loss
+    _C.MODEL.NFORMER.STAGE2.FEAT_NOISE = 0.0  # Gaussian noise on set features, in per-dim std units
+    _C.MODEL.NFORMER.STAGE2.AUG_PASSES = 0  # extra passes over the training images under training augmentation in the feature bank
+    _C.MODEL.NFORMER.STAGE2.VAL_PERIOD = 1  # epochs between validations (DATASETS.VAL_FRACTION > 0)
     _C.MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD = 10  # epochs between stage-2 checkpoints
     _C.MODEL.NFORMER.STAGE2.EVAL_PERIOD = 0  # epochs between stage-2 evaluations; 0 = at the end
 
-    # ---------------------------------------------------------------- backbones (backbones.py)
+    # ---------------------------------------------------------------- backbones (core/backbones)
     # build_nformer_resnet_backbone: paper sec. 4.1, ResNet-50 with a dilated last stage
     _C.MODEL.BACKBONE.DILATE_LAST_STAGE = True  # layer4 stride -> dilation 2 (stride 16)
     # build_abd_backbone: ABD-Net (Chen et al., ICCV 2019), official-code defaults
@@ -96,23 +126,31 @@ def add_nformer_config(cfg: CN) -> CN:
     _C.MODEL.BACKBONE.APNET.STEM_RELU = False  # official stem has no ReLU after bn1; True: standard
 
     # ---------------------------------------------------------------- evaluation
-    _C.TEST.EXPORT_FEATURES = ""  # directory: write query.npz / gallery.npz (baseline features)
+    _C.TEST.EXPORT_FEATURES = ""  # directory: write train/query/gallery .npz (and refined ones)
     _C.TEST.NFORMER_TABLE = True  # report baseline and refined features side by side
-    _C.TEST.RANKED_LIST_PNG = 0  # number of queries drawn as ranked lists (PNG) at evaluation
+    _C.TEST.RANKED_LIST_QUERIES = 0  # queries drawn as ranked lists (PNG) at evaluation
+    _C.TEST.RANKED_LIST_PNG = 0  # deprecated: renamed TEST.RANKED_LIST_QUERIES
     return cfg
 
 
-def load_config(config_file: str = "", opts=()) -> CN:
-    """FastReID's config + the plugin's keys + ``config_file`` + ``KEY VALUE`` overrides.
+def standalone_config() -> CfgNode:
+    """The keys the ``nformer`` command reads, without FastReID: the plugin's keys plus
+    ``MODEL.DEVICE``, ``TEST.METRIC`` and ``TEST.RERANK.*`` with FastReID's defaults."""
+    cfg = CfgNode()
+    add_nformer_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"  # cpu | cuda
+    cfg.TEST.METRIC = "cosine"  # ranking distance: cosine | euclidean
+    cfg.TEST.RERANK = CfgNode()
+    cfg.TEST.RERANK.ENABLED = False  # k-reciprocal re-ranking at evaluation
+    cfg.TEST.RERANK.K1 = 20  # k1 of Zhong et al.
+    cfg.TEST.RERANK.K2 = 6  # k2 (local query expansion)
+    cfg.TEST.RERANK.LAMBDA = 0.3  # weight of the original distance
+    return cfg
 
-    Errors name the problem: a missing file, an odd number of overrides, or a key that neither
-    FastReID nor this plugin declares (yacs reports those as a bare AssertionError).
-    """
-    import os
 
-    from fastreid.config import get_cfg
-
-    cfg = add_nformer_config(get_cfg())
+def merge_config(cfg: CfgNode, config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
+    """Merge ``config_file`` and ``KEY VALUE`` overrides into ``cfg`` (which already holds the
+    plugin's keys), with errors that name the problem; resolves renamed keys and ``SEED -1``."""
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"config overrides come in KEY VALUE pairs, got {opts}")
@@ -129,4 +167,40 @@ def load_config(config_file: str = "", opts=()) -> CN:
             raise KeyError(f"unknown config key {key} (declared neither by FastReID nor by "
                            f"nformer_plugin/config.py)") from e
         raise
+    apply_renamed_keys(cfg)
+    if cfg.SEED < 0:
+        cfg.SEED = resolve_seed(cfg.SEED)
+        logger.info("SEED -1: drew seed %d", cfg.SEED)
     return cfg
+
+
+def apply_renamed_keys(cfg: CfgNode) -> CfgNode:
+    """Copy a renamed key's value to its new name (with a deprecation message) when it was set."""
+    fresh = add_nformer_config(CfgNode())
+    for old, new in RENAMED_KEYS.items():
+        value, default = _get(cfg, old), _get(fresh, old)
+        if value != default:
+            logger.warning("config key %s is deprecated; use %s (value %r taken over)", old, new,
+                           value)
+            parent, leaf = new.rsplit(".", 1)
+            _get(cfg, parent)[leaf] = value
+    return cfg
+
+
+def _get(cfg: CfgNode, path: str) -> Any:
+    for name in path.split("."):
+        cfg = cfg[name]
+    return cfg
+
+
+def nformer_kwargs(cfg: CfgNode) -> Dict[str, Any]:
+    """Keyword arguments of :class:`core.nformer.NFormer` from ``cfg.MODEL.NFORMER``."""
+    c = cfg.MODEL.NFORMER
+    return dict(
+        dim=c.DIM, num_layers=c.NUM_LAYERS, num_heads=c.NUM_HEADS, ffn_dim=c.FFN_DIM,
+        dropout=c.DROPOUT, num_landmarks=c.NUM_LANDMARKS, topk=c.TOPK, mask=c.MASK,
+        neighbors=c.NEIGHBORS, exact_affinity=c.EXACT_AFFINITY, landmark_seed=c.LANDMARK_SEED,
+        query_mode=c.QUERY_MODE, inference=c.INFERENCE, chunk_size=c.CHUNK_SIZE,
+        activation=c.ACTIVATION, ann_threshold=c.ANN_THRESHOLD or None,
+        ann_nlist=c.ANN_NLIST or None, ann_nprobe=c.ANN_NPROBE,
+    )

@@ -89,7 +89,7 @@ def run_train(args, env, timeout=600):
     """Run the installed ``fastreid-train`` console script; returns the completed process."""
     script = os.path.join(os.path.dirname(sys.executable), "fastreid-train")
     cmd = ([script] if os.path.exists(script)
-           else [sys.executable, "-m", "nformer_plugin.engine.train_net"]) + list(args)
+           else [sys.executable, "-m", "nformer_plugin.fastreid_ext.train_net"]) + list(args)
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-import nformer_plugin.backbones as glue  # applies the compat fixes before FastReID imports
+import nformer_plugin.fastreid_ext.backbone_registry as glue  # applies the compat fixes before FastReID imports
 from fastreid.config import get_cfg
 from fastreid.modeling.backbones import build_backbone
 from nformer_plugin.config import add_nformer_config
-from nformer_plugin.modeling.backbones import (
+from nformer_plugin.core.backbones import (
     ABDNet, APNet, DilatedResNet, feature_orthogonality, spectral_extremes, weight_orthogonality)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_configs_merge(config, name, size, rerank):
 
 
 def test_model_backbones_do_not_import_fastreid():
-    for path in (REPO / "nformer_plugin" / "modeling" / "backbones").glob("*.py"):
+    for path in (REPO / "nformer_plugin" / "core" / "backbones").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):

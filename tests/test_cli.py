@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import clustered_features, split_query_gallery
-from nformer_plugin.cli import main
-from nformer_plugin.features import load_feature_file, save_feature_file
+import torch
+
+from nformer_plugin.cli import load_stage, main
+from nformer_plugin.core.features import load_feature_file, save_feature_file
 
 TRAIN_OPTS = ["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM", "64",
               "MODEL.NFORMER.TOPK", "10", "MODEL.NFORMER.DROPOUT", "0.0",
@@ -48,7 +50,9 @@ def test_eval_improves_map_and_writes_json(feature_files, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "+NFormer+KR" in printed
     metrics = json.loads(js.read_text())
-    assert set(metrics) == {"baseline", "kr", "nformer", "nformer_kr"}
+    assert set(metrics) == {"baseline", "kr", "nformer", "nformer_kr", "nformer_neighbors"}
+    layers = metrics["nformer_neighbors"]
+    assert len(layers) == 2 and all(set(st) == {"mean", "p5", "self_only"} for st in layers)
     assert set(metrics["baseline"]) == {"mAP", "Rank-1", "Rank-5", "Rank-10", "mINP"}
     # a trained NFormer improves retrieval on clustered features with outliers
     assert metrics["nformer"]["mAP"] > metrics["baseline"]["mAP"] + 2.0, metrics
@@ -70,9 +74,18 @@ def test_refine_writes_feature_files(feature_files, tmp_path):
     assert main(["refine", "--weights", str(out / "model_final.pth"), "--query", str(paths["query"]),
                  "--gallery", str(paths["gallery"]), "--output-dir", str(tmp_path)]) == 0
     q = load_feature_file(str(tmp_path / "query_refined.npz"))
-    src = load_feature_file(str(paths["query"]))
+    g = load_feature_file(str(tmp_path / "gallery_refined.npz"))
+    src, gal = load_feature_file(str(paths["query"])), load_feature_file(str(paths["gallery"]))
     assert q.feats.shape == src.feats.shape and (q.pids == src.pids).all()
-    assert not np.allclose(q.feats, src.feats)
+    # what NFormer itself changes: the stage's output with the NFormer blocks bypassed (only the
+    # BNNeck) differs from the refined features, by a margin well above float rounding
+    stage, _, _ = load_stage(str(out / "model_final.pth"), [])
+    both = torch.from_numpy(np.concatenate([src.feats, gal.feats]))
+    bypassed = stage.refine(both, len(src), bypass_nformer=True).numpy()
+    refined = np.concatenate([q.feats, g.feats])
+    assert np.abs(refined - bypassed).mean() > 0.05 * np.abs(bypassed).mean()
+    # refine writes exactly the features eval ranks
+    assert np.allclose(refined, stage.refine(both, len(src)).numpy(), atol=1e-6)
 
 
 def test_bad_inputs_are_named(feature_files, tmp_path, capsys):

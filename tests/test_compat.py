@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nformer_plugin  # noqa: F401  (applies the fixes)
-from nformer_plugin import compat
+from nformer_plugin.fastreid_ext import compat
 
 
 def test_fastreid_imports_after_apply():
@@ -43,7 +43,7 @@ def test_launch_uses_plugin_worker():
     launch = sys.modules["fastreid.engine.launch"]
 
     assert launch._distributed_worker is compat._distributed_worker
-    assert compat._distributed_worker.__module__ == "nformer_plugin.compat"  # picklable by name
+    assert compat._distributed_worker.__module__ == "nformer_plugin.fastreid_ext.compat"  # picklable by name
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):
@@ -62,7 +62,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
 def test_model_code_does_not_import_fastreid():
     code = ("import sys; sys.modules['fastreid'] = None\n"
             "from nformer_plugin.modeling import NFormer\n"
-            "from nformer_plugin.evaluation.rerank import k_reciprocal_rerank\n"
+            "from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank\n"
             "import torch; m = NFormer(dim=16, num_layers=1, num_heads=2, ffn_dim=16, topk=3).eval()\n"
             "print(m(torch.randn(12, 16)).shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

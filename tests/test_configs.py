@@ -8,8 +8,8 @@ from conftest import REPO
 
 import nformer_plugin  # noqa: F401  (registrations)
 from fastreid.modeling.meta_arch import build_model
-from nformer_plugin.config import load_config
-from nformer_plugin.data.build import build_train_loader
+from nformer_plugin.fastreid_ext.config import load_config
+from nformer_plugin.fastreid_ext.loaders import build_train_loader
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs/NFormer/*.yml"))
                  if not os.path.basename(p).startswith("Base"))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nformer_plugin.evaluation.metrics import evaluate_ranking
+from nformer_plugin.core.retrieval.metrics import evaluate_ranking
 
 
 def reference(dist, qp, gp, qc, gc, max_rank=10):

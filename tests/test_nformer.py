@@ -1,4 +1,4 @@
-"""Semantics of the NFormer model (nformer_plugin.modeling.nformer / sparse_nformer).
+"""Semantics of the NFormer model (nformer_plugin.core.nformer).
 
 Small sets (N <= ~120, d = 32) so the whole file runs in seconds on a CPU.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nformer_plugin.modeling.nformer import (
+from nformer_plugin.core.nformer import (
     LandmarkAgentAttention, NFormer, build_neighbor_mask, reciprocal_neighbor_mask,
     reciprocal_neighbor_softmax, topk_neighbor_mask,
 )
@@ -39,7 +39,7 @@ def brute_topk(row: torch.Tensor, k: int, candidates) -> set:
 
 
 # ----------------------------------------------------------------------------- masks, eqs. 6-8
-def test_topk_mask_rows_hold_k_neighbours_plus_self():
+def test_topk_mask_rows_hold_k_neighbors_plus_self():
     aff = torch.randn(2, 3, 30, 30)
     plain = topk_neighbor_mask(aff, 5, include_self=False)
     assert (plain.sum(-1) == 5).all()
@@ -103,7 +103,9 @@ def test_rns_is_a_masked_softmax_with_positive_sign():
     assert torch.allclose(w, expected, atol=1e-6)
     assert torch.allclose(reciprocal_neighbor_softmax(aff, None), torch.softmax(aff, -1))
     empty = torch.zeros(10, 10, dtype=torch.bool)
-    assert (reciprocal_neighbor_softmax(aff, empty) == 0).all()
+    empty[:7] = mask[:7]  # three rows with no allowed entry: an error, not silent zeros
+    with pytest.raises(ValueError, match="3 row"):
+        reciprocal_neighbor_softmax(aff, empty)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -131,7 +133,7 @@ def test_mask_none_landmark_affinity_is_softmax_of_eq4():
 
 
 @pytest.mark.parametrize("mask", ["reciprocal", "topk"])
-def test_output_ignores_non_neighbours_and_follows_neighbours(mask):
+def test_output_ignores_non_neighbors_and_follows_neighbors(mask):
     torch.manual_seed(0)
     attn = LandmarkAgentAttention(DIM, num_heads=2, topk=5, mask=mask).eval()
     x = clustered(40).unsqueeze(0)
@@ -140,7 +142,7 @@ def test_output_ignores_non_neighbours_and_follows_neighbours(mask):
     linked = (w[0] > 0).any(0)  # (N, N): j feeds i in some head
     linked.fill_diagonal_(False)
     linked[:, :5] = False  # landmarks influence every row through A~
-    i = int(linked.sum(1).argmax())  # the row with the most neighbours
+    i = int(linked.sum(1).argmax())  # the row with the most neighbors
     outsiders = [j for j in range(5, 40) if not linked[i, j] and j != i]
     insiders = [j for j in range(5, 40) if linked[i, j]]
     assert outsiders and insiders
@@ -158,7 +160,7 @@ def test_output_ignores_non_neighbours_and_follows_neighbours(mask):
 
 
 # ----------------------------------------------------------------------------- dense vs sparse
-COMBOS = list(itertools.product(["reciprocal", "topk", "none"], ["affinity", "input"],
+COMBOS = list(itertools.product(["reciprocal", "topk", "none"], ["affinity", "input", "layer"],
                                 [False, True], ["isolated", "joint"]))
 
 
@@ -190,7 +192,7 @@ def test_approximate_ivf_with_all_cells_probed_is_exact():
 
 # ----------------------------------------------------------------------------- query isolation
 def self_only_reference(model: NFormer, x: torch.Tensor) -> torch.Tensor:
-    """What a row becomes if it attends only to itself in every layer (no gallery neighbour)."""
+    """What a row becomes if it attends only to itself in every layer (no gallery neighbor)."""
     for block in model.blocks:
         x = block.residual_tail(x, block.attn.out_proj(block.attn.v_proj(x)))
     return x

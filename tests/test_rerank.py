@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from nformer_plugin.evaluation import rerank
-from nformer_plugin.evaluation.metrics import evaluate_ranking
-from nformer_plugin.evaluation.rerank import k_reciprocal_rerank
+from nformer_plugin.core.retrieval import rerank, rerank_distances
+from nformer_plugin.core.retrieval.metrics import evaluate_ranking
+from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +97,8 @@ def test_small_blocks_give_the_same_result(data, monkeypatch):
     expected = k_reciprocal_rerank(q, g)
     monkeypatch.setattr(rerank, "BLOCK_CELLS", 1000)
     monkeypatch.setattr(rerank, "JACCARD_PAIRS_PER_BLOCK", 500)
-    monkeypatch.setattr(rerank, "PAIR_VALUES_PER_BLOCK", 100)
+    monkeypatch.setattr(rerank_distances, "BLOCK_CELLS", 1000)
+    monkeypatch.setattr(rerank_distances, "PAIR_VALUES_PER_BLOCK", 100)
     monkeypatch.setattr(rerank, "EXPANSION_ROWS_PER_BLOCK", 7)
     # equal up to float32 rounding (matrix products of other shapes round differently)
     np.testing.assert_allclose(k_reciprocal_rerank(q, g, chunk_size=3), expected, atol=1e-6)
@@ -107,11 +108,11 @@ def test_faiss_path_matches_blocked_path(data):
     """The GPU code path (faiss kNN + farthest-point search), run here on the CPU."""
     q, g = data[:2]
     feats = np.concatenate([q, g])
-    sq = rerank._squared_norms(feats)
+    sq = rerank_distances._squared_norms(feats)
     qg_blocked, qg_direct = np.empty((2, len(q), len(g)), dtype=np.float32)
-    blocked = rerank._blocked_nearest_and_farthest(feats, sq, 21, len(q), qg_blocked)
-    faiss = rerank._faiss_nearest_and_farthest(feats, sq, 21, use_gpu=False)
-    rerank._fill_query_gallery_distances(feats, sq, len(q), qg_direct)
+    blocked = rerank_distances._blocked_nearest_and_farthest(feats, sq, 21, len(q), qg_blocked)
+    faiss = rerank_distances._faiss_nearest_and_farthest(feats, sq, 21, use_gpu=False)
+    rerank_distances._fill_query_gallery_distances(feats, sq, len(q), qg_direct)
     np.testing.assert_array_equal(faiss.indices, blocked.indices)
     np.testing.assert_allclose(faiss.sq_dists, blocked.sq_dists, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(faiss.row_max, blocked.row_max, rtol=1e-5)
@@ -129,7 +130,7 @@ def test_smallest_per_row_handles_ties():
     dist = rng.integers(0, 3, size=(40, 2000)).astype(np.float32)  # many equal values
     dist[5] = rng.random(2000)
     mask = np.empty(dist.shape, dtype=bool)
-    got = rerank._smallest_per_row(dist, 21, mask)
+    got = rerank_distances._smallest_per_row(dist, 21, mask)
     np.testing.assert_array_equal(got, np.argsort(dist, axis=1, kind="stable")[:, :21])
 
 
@@ -142,7 +143,7 @@ def test_jaccard_is_symmetric_and_bounded_when_query_set_is_gallery_set(data):
     """Jaccard distance over all samples against all samples (query set = gallery set)."""
     feats = np.concatenate(data[:2])
     n = len(feats)
-    nearest = rerank._nearest_and_farthest(feats, 21, False, 0, np.empty((0, n), np.float32))
+    nearest = rerank_distances.nearest_and_farthest(feats, 21, False, 0, np.empty((0, n), np.float32))
     rows, cols = rerank._expanded_reciprocal_pairs(nearest.indices, 20)
     v = rerank._local_query_expansion(
         rerank._encoding_vectors(feats, nearest, rows, cols), nearest.indices[:, :6])
@@ -161,7 +162,7 @@ def test_pure_jaccard_lies_in_unit_interval(data):
     assert out.min() >= -1e-6 and out.max() <= 1.0 + 1e-6
 
 
-def test_lambda_one_gives_the_normalised_original_distance(data):
+def test_lambda_one_gives_the_normalized_original_distance(data):
     q, g = data[:2]
     x = np.concatenate([q, g]).astype(np.float64)
     dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)

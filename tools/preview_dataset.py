@@ -1,14 +1,15 @@
-"""Contact sheet of the embedded dataset: one row per identity, its images labelled by camera.
+"""Contact sheet of the embedded dataset: one row per identity, its images labeled by camera.
 
     python tools/preview_dataset.py --out output/preview_dataset.png --ids 12
 
-Each tile is labelled ``c<cam>`` plus ``q`` for a query image and the kind of hard outlier
+Each tile is labeled ``c<cam>`` plus ``q`` for a query image and the kind of hard outlier
 (``occlusion``, ``crop``, ``blur``, ``misaligned``) where it is one. The last row shows gallery
 distractors (pid 0). The dataset is generated in (or reused from) the embedded dataset cache.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Dict, List, Sequence
@@ -18,9 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nformer_plugin.data.synthetic import (  # noqa: E402
-    DEFAULT_PARAMS,
+from nformer_plugin.embedded import (  # noqa: E402
     QUERY_DIR,
+    TRAIN_DIR,
+    EmbeddedParams,
     ImageSpec,
     dataset_cache_dir,
     generate_market_layout,
@@ -38,8 +40,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("output", "preview_dataset.png"))
     p.add_argument("--ids", type=int, default=12, help="identities shown (half train, half test)")
     p.add_argument("--zoom", type=int, default=3, help="pixel upscaling of each tile")
-    for key, value in DEFAULT_PARAMS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    for f in dataclasses.fields(EmbeddedParams):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f.metadata.get("help"))
     return p.parse_args(argv)
 
 
@@ -57,8 +60,8 @@ def _rows(specs: List[ImageSpec], num_ids: int) -> Dict[str, List[ImageSpec]]:
     by_pid: Dict[int, List[ImageSpec]] = {}
     for s in specs:
         by_pid.setdefault(s.pid, []).append(s)
-    train = sorted({s.pid for s in specs if s.subset == "bounding_box_train"})
-    test = sorted({s.pid for s in specs if s.pid and s.subset != "bounding_box_train"})
+    train = sorted({s.pid for s in specs if s.subset == TRAIN_DIR})
+    test = sorted({s.pid for s in specs if s.pid and s.subset != TRAIN_DIR})
     picked = train[: num_ids - num_ids // 2] + test[: num_ids // 2]
     rows = {f"{'train' if pid in train else 'test'}\n{pid:04d}":
             sorted(by_pid[pid], key=lambda s: (s.cam, s.index)) for pid in picked}
@@ -83,15 +86,15 @@ def contact_sheet(folder: str, rows: Dict[str, List[ImageSpec]], zoom: int) -> I
             x = HEADER_W + c * (tw + 2)
             tile = Image.open(os.path.join(folder, spec.rel_path)).convert("RGB")
             sheet.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
-            colour = (200, 0, 0) if spec.outlier and spec.pid else (0, 0, 0)
-            draw.text((x + 1, y + th), _label(spec), fill=colour, font=font)
+            color = (200, 0, 0) if spec.outlier and spec.pid else (0, 0, 0)
+            draw.text((x + 1, y + th), _label(spec), fill=color, font=font)
     return sheet
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    params = {k: getattr(args, k) for k in DEFAULT_PARAMS}
-    folder = generate_market_layout(dataset_cache_dir(params), **params)
+    params = EmbeddedParams(**{k: getattr(args, k) for k in EmbeddedParams.field_names()})
+    folder = generate_market_layout(dataset_cache_dir(params), params)
     sheet = contact_sheet(folder, _rows(plan_dataset(params), args.ids), args.zoom)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sheet.save(args.out)

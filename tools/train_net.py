@@ -5,7 +5,7 @@
 """
 import sys
 
-from nformer_plugin.engine.train_net import cli
+from nformer_plugin.fastreid_ext.train_net import cli
 
 if __name__ == "__main__":
     cli(sys.argv[1:])

@@ -1,3 +1,5 @@
-"""Evaluation: ranking metrics, k-reciprocal re-ranking and the FastReID evaluator."""
-from .metrics import cosine_distance, euclidean_distance, evaluate_ranking
-from .rerank import k_reciprocal_rerank
+"""Kept for compatibility: ``from nformer_plugin.evaluation import k_reciprocal_rerank`` (now in
+``core.retrieval``)."""
+from ..core.retrieval import (  # noqa: F401
+    cosine_distance, euclidean_distance, evaluate_ranking, k_reciprocal_rerank,
+)

@@ -1,6 +1,6 @@
-"""Pure-torch model code (no FastReID import): NFormer, its losses and the backbones."""
-from .nformer import (  # noqa: F401
-    NFormer, LandmarkAgentAttention, NFormerBlock, reciprocal_neighbor_mask, topk_neighbor_mask,
-    reciprocal_neighbor_softmax, build_neighbor_mask, cosine_affinity,
+"""Kept for compatibility: ``from nformer_plugin.modeling import NFormer`` (now in ``core.nformer``)."""
+from ..core.nformer import (  # noqa: F401
+    LandmarkAgentAttention, NFormer, NFormerBlock, SparseSettings, build_neighbor_mask,
+    cosine_affinity, reciprocal_neighbor_mask, reciprocal_neighbor_softmax, sparse_nformer_forward,
+    topk_neighbor_mask,
 )
-from .sparse_nformer import SparseSettings, sparse_nformer_forward  # noqa: F401

@@ -1,0 +1,107 @@
+"""Feature arrays: validation and the ``.npz`` exchange format.
+
+A feature file is an ``.npz`` archive with ``feats`` (float32, N x d), ``pids`` (int, N) and
+``camids`` (int, N). Every entry point that accepts features (the ``nformer`` command, the
+re-ranking function, the refiner) validates them here so that bad input fails with an error
+that names the problem instead of producing NaN metrics.
+
+Pure numpy/torch: importing this module does not import FastReID.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from .io import atomic_write
+
+try:  # torch is optional for the numpy-only users of this module
+    import torch
+except ImportError:  # pragma: no cover - torch is a hard dependency of the package
+    torch = None
+
+ArrayLike = Union[np.ndarray, "torch.Tensor"]
+
+
+def as_numpy_features(x: ArrayLike, name: str = "features", dtype=np.float32) -> np.ndarray:
+    """Return ``x`` as a C-contiguous 2-D numpy array after checking it.
+
+    Raises ``ValueError`` naming ``name`` when the array is not 2-D, is empty, or holds NaN or
+    infinite values.
+    """
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.ascontiguousarray(np.asarray(x, dtype=dtype))
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (N x d), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: the set is empty (shape {tuple(x.shape)})")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: features have dimension 0")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad_rows = np.where(~finite.all(axis=1))[0]
+        kind = "NaN" if np.isnan(x[bad_rows]).any() else "infinite"
+        raise ValueError(
+            f"{name}: {len(bad_rows)} row(s) hold {kind} values (first bad row: {bad_rows[0]})"
+        )
+    return x
+
+
+def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` when two feature sets have different dimensions."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: {name_a} has d={a.shape[1]}, {name_b} has d={b.shape[1]}"
+        )
+
+
+@dataclass
+class FeatureSet:
+    """Features with their identity and camera labels (one row per image)."""
+
+    feats: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+
+    def __post_init__(self):
+        self.feats = as_numpy_features(self.feats, "feats")
+        self.pids = np.asarray(self.pids).astype(np.int64).reshape(-1)
+        self.camids = np.asarray(self.camids).astype(np.int64).reshape(-1)
+        n = self.feats.shape[0]
+        if self.pids.shape[0] != n or self.camids.shape[0] != n:
+            raise ValueError(
+                f"feature-file shape mismatch: feats has {n} rows but pids has "
+                f"{self.pids.shape[0]} and camids has {self.camids.shape[0]}"
+            )
+
+    def __len__(self) -> int:
+        return self.feats.shape[0]
+
+
+def save_feature_file(path: str, feats: ArrayLike, pids, camids) -> None:
+    """Write a feature file atomically (a temporary file renamed into place)."""
+    fs = FeatureSet(feats, pids, camids)
+    atomic_write(path, lambda tmp: np.savez(tmp, feats=fs.feats, pids=fs.pids, camids=fs.camids))
+
+
+def load_feature_file(path: str) -> FeatureSet:
+    """Read and validate a feature file; errors name the file and the problem."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"feature file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # corrupt zip, not an npz, ...
+        raise ValueError(f"{path}: cannot be read as an .npz feature file ({e})") from e
+    missing = [k for k in ("feats", "pids", "camids") if k not in data.files]
+    if missing:
+        raise ValueError(
+            f"{path}: missing array(s) {missing}; a feature file holds 'feats' (N x d), "
+            f"'pids' (N) and 'camids' (N)"
+        )
+    try:
+        return FeatureSet(data["feats"], data["pids"], data["camids"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,65 @@
+"""``EmbeddedReID``: the generated default dataset, registered in FastReID's DATASET_REGISTRY.
+
+The images come from :mod:`nformer_plugin.embedded` and are written in Market-1501 layout, so this
+class is FastReID's own ``Market1501`` loader pointed at the generated folder: the same parsing
+code serves the embedded data and real Market-1501 data.
+
+``root`` (FastReID passes ``FASTREID_DATASETS`` there) is ignored: the data lives in the cache,
+``$NFORMER_CACHE/embedded-<hash of the generator parameters>`` (see
+:func:`~nformer_plugin.embedded.dataset_cache_dir`), generated on first use and reused
+afterwards. Market-1501's parser accepts camera ids 1..6 and pids up to 1501, which bounds
+``num_cameras`` and ``num_train_ids + num_test_ids`` here.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from fastreid.data.datasets import DATASET_REGISTRY
+from fastreid.data.datasets.market1501 import Market1501
+
+from ..embedded import EmbeddedParams, dataset_cache_dir, generate_market_layout
+
+__all__ = ["EmbeddedReID"]
+
+MARKET_MAX_CAMERAS = 6  # Market1501.process_dir asserts 1 <= camid <= 6
+MARKET_MAX_PID = 1501  # ... and 0 <= pid <= 1501
+
+
+def _check_market_limits(params: EmbeddedParams) -> None:
+    if params.num_cameras > MARKET_MAX_CAMERAS:
+        raise ValueError(f"EmbeddedReID: num_cameras={params.num_cameras} but FastReID's "
+                         f"Market1501 parser accepts at most {MARKET_MAX_CAMERAS} cameras")
+    total = params.num_train_ids + params.num_test_ids
+    if total > MARKET_MAX_PID:
+        raise ValueError(f"EmbeddedReID: {total} identities but FastReID's Market1501 parser "
+                         f"accepts pids up to {MARKET_MAX_PID}")
+
+
+@DATASET_REGISTRY.register()
+class EmbeddedReID(Market1501):
+    """Procedural pedestrians in Market-1501 layout; ``root`` is ignored (the cache is used).
+
+    The generator parameters come from ``params`` (default: ``EmbeddedParams()``) updated with any
+    keyword named after one of its fields (``seed=3``, ``height=32``, ...); other keywords go to
+    ``Market1501``. Train pids/camids come out prefixed ``embedded_`` (FastReID's convention for
+    training sets); query/gallery keep integer pids, with pid 0 for gallery distractors.
+    """
+
+    dataset_name = "embedded"
+
+    def __init__(self, root: str = "datasets", params: Optional[EmbeddedParams] = None,
+                 **kwargs: Any):
+        names = EmbeddedParams.field_names()
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        params = EmbeddedParams.coerce(params, **overrides)
+        _check_market_limits(params)
+        self.generator_params = params
+        cache_dir = dataset_cache_dir(params)
+        generate_market_layout(cache_dir, params)
+        super().__init__(root=cache_dir, **kwargs)
+
+    @classmethod
+    def kwargs_from_config(cls, cfg: Any) -> Dict[str, Any]:
+        """Constructor keywords (one per :class:`EmbeddedParams` field) from
+        ``cfg.DATASETS.EMBEDDED`` (keys: the field names in upper case)."""
+        return EmbeddedParams.from_config(cfg.DATASETS.EMBEDDED).as_dict()
