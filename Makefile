@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_rerank.py
 	$(PY) benchmarks/bench_nformer_memory.py
 	$(PY) benchmarks/bench_backbones.py
+	$(PY) benchmarks/bench_nformer_gain.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,12 +4,14 @@ Every measurement runs in its own subprocess so that its peak resident set size 
 /proc/self/status, reset just before the forward pass where the kernel allows it) belongs to that
 forward alone. Features are random clustered unit vectors (about 20 per cluster, like images per
 identity), d = 256, 4 layers, 2 heads, l = 5 landmarks, k = 20, untrained weights, the first N/8
-rows isolated queries. Prints a markdown table; where a dense and a sparse run share N, the max
-absolute difference of their outputs; IVF rows are compared with the exact sparse run.
+rows isolated queries, and the model's default neighbor source and layer pool (the config keys'
+defaults; ``--neighbors`` / ``--layer-pool`` override them). Prints a markdown table; where a
+dense and a sparse run share N, the max absolute difference of their outputs; IVF rows are
+compared with the exact sparse run.
 
-    python benchmarks/bench_nformer_memory.py                  # dense 2k-10k, sparse 2k-20k
+    python benchmarks/bench_nformer_memory.py                  # the README rows: dense and
+                                                               # sparse 2k-10k, Market, 100k
     python benchmarks/bench_nformer_memory.py --dense --sparse 100000 --ivf 100000
-    python benchmarks/bench_nformer_memory.py --dense 20000 --sparse 20000 --ivf 20000
     python benchmarks/bench_nformer_memory.py --dense --sparse --ivf 1000000   # the 1M run
 
 Run it from the repository root.
@@ -72,6 +74,14 @@ def _import_nformer():
     return importlib.import_module("nformer_plugin.core.nformer").NFormer
 
 
+def _default_config():
+    """The plugin's config defaults, imported without FastReID (see ``_import_nformer``)."""
+    _import_nformer()
+    import importlib
+
+    return importlib.import_module("nformer_plugin.config").standalone_config()
+
+
 def run_worker(args) -> None:
     import torch
 
@@ -84,7 +94,8 @@ def run_worker(args) -> None:
     model = NFormer(dim=args.dim, num_layers=args.layers, num_heads=2, ffn_dim=4 * args.dim,
                     num_landmarks=5, topk=20, inference=args.path, chunk_size=args.chunk_size,
                     ann_threshold=1 if args.approximate else None, ann_nlist=args.nlist,
-                    ann_nprobe=args.nprobe).eval()
+                    ann_nprobe=args.nprobe, neighbors=args.neighbors,
+                    layer_pool=args.layer_pool).eval()
     feats = clustered_features(args.n, args.dim)
     num_query = args.n // 8
     rss_before = _status_mb("VmRSS")
@@ -102,10 +113,11 @@ def run_worker(args) -> None:
 
 
 # ----------------------------------------------------------------------------- parent side
-def measure(path: str, n: int, args, ivf: bool, save: Optional[str]) -> Dict:
+def measure(path: str, n: int, args, ivf: bool, save: Optional[str], pool: int) -> Dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path, "--n", str(n),
            "--dim", str(args.dim), "--layers", str(args.layers), "--threads", str(args.threads),
-           "--chunk-size", str(args.chunk_size), "--nprobe", str(args.nprobe)]
+           "--chunk-size", str(args.chunk_size), "--nprobe", str(args.nprobe),
+           "--neighbors", args.neighbors, "--layer-pool", str(pool)]
     if args.nlist:
         cmd += ["--nlist", str(args.nlist)]
     if ivf:
@@ -124,10 +136,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dense", type=int, nargs="*", default=[2000, 5000, 10000],
                    help="set sizes N for the dense path (20000 needs ~10 GB, ~4 min)")
-    p.add_argument("--sparse", type=int, nargs="*", default=[2000, 5000, 10000, 20000],
-                   help="set sizes N for the sparse path, exact search (O(N^2 l) time)")
+    p.add_argument("--exact", type=int, nargs="*", default=[2000, 5000, 10000],
+                   help="set sizes N for the sparse path with a search per layer (layer pool 0):"
+                        " the same neighbors as the dense path, compared with it")
+    p.add_argument("--sparse", type=int, nargs="*", default=[19281, 100000],
+                   help="set sizes N for the sparse path at the defaults (exact search)")
     p.add_argument("--ivf", type=int, nargs="*", default=[],
                    help="set sizes N for the sparse path, approximate IVF index (1000000)")
+    defaults = _default_config().MODEL.NFORMER
+    p.add_argument("--neighbors", default=defaults.NEIGHBORS, help="neighbor source")
+    p.add_argument("--layer-pool", type=int, default=defaults.LAYER_POOL,
+                   help="candidates per row searched once (neighbors layer; 0: every layer)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2,
@@ -145,22 +164,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.worker:
         return run_worker(args)
 
-    runs = [("dense", n, False) for n in args.dense] + [("sparse", n, False) for n in args.sparse]
-    runs += [("sparse", n, True) for n in args.ivf]
-    compared = ({n for n in args.dense if n in args.sparse}
+    runs = [("dense", n, False, 0) for n in args.dense]
+    runs += [("sparse", n, False, 0) for n in args.exact]
+    runs += [("sparse", n, False, args.layer_pool) for n in args.sparse]
+    runs += [("sparse", n, True, args.layer_pool) for n in args.ivf]
+    compared = ({n for n in args.dense if n in args.exact}
                 | {n for n in args.ivf if n in args.sparse})
     print(f"NFormer inference, d={args.dim}, {args.layers} layers, 2 heads, l=5, k=20, N/8 "
-          f"isolated queries, {args.threads} thread(s), chunk {args.chunk_size}, IVF nprobe "
-          f"{args.nprobe}\n", flush=True)
+          f"isolated queries, neighbors {args.neighbors}, layer pool {args.layer_pool}, "
+          f"{args.threads} thread(s), chunk {args.chunk_size}, IVF nprobe {args.nprobe}\n",
+          flush=True)
     print("| N | path | search | time (s) | peak RSS (MB) | RSS before (MB) | forward peak - "
           "before (MB) | max / mean abs diff |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         saved: Dict = {}
-        for path, n, ivf in sorted(runs, key=lambda r: (r[1], r[0], r[2])):
-            save = os.path.join(tmp, f"{path}-{n}-{ivf}.npy") if n in compared else None
-            result = measure(path, n, args, ivf, save)
+        for path, n, ivf, pool in sorted(runs, key=lambda r: (r[1], r[0], r[2], r[3])):
+            save = os.path.join(tmp, f"{path}-{n}-{ivf}-{pool}.npy") if n in compared else None
+            result = measure(path, n, args, ivf, save, pool)
             search = "-" if path == "dense" else result.get("search", "IVF" if ivf else "exact")
+            if path == "sparse" and args.neighbors == "layer":
+                search += f", pool {pool}" if pool else ", every layer"
             if "error" in result:
                 print(f"| {n:,} | {path} | {search} | {result['error']} | | | | |", flush=True)
                 continue

@@ -75,21 +75,22 @@ def _load_training_bank(paths: Sequence[str]):
     return np.stack([fs.feats for fs in sets]), first.pids, first.camids
 
 
-def cmd_train(args) -> int:
-    from .core.io import save_text, save_torch
+def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray):
+    """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
+    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
+    Returns ``(stage, trainer)``; the stage is in eval mode."""
     from .core.training import Stage2Settings, build_stage2
     from .core.training.validation import make_validator, split_validation_ids
 
-    cfg = load_cli_config(args.config_file, args.opts)
     device = _device(cfg)
     torch.manual_seed(cfg.SEED)
-    bank, pids, camids = _load_training_bank(args.train)
     val_ids = split_validation_ids(pids, cfg.DATASETS.VAL_FRACTION, cfg.SEED)
     is_val = np.isin(pids, val_ids)
     _, labels = np.unique(pids[~is_val], return_inverse=True)
     num_classes = int(labels.max()) + 1
     stage = build_stage_module(cfg, bank.shape[2], num_classes).to(device)
-    trainer = build_stage2(stage, torch.from_numpy(bank[:, ~is_val]), torch.from_numpy(labels),
+    trainer = build_stage2(stage, torch.from_numpy(np.ascontiguousarray(bank[:, ~is_val])),
+                           torch.from_numpy(labels),
                            Stage2Settings.from_config(cfg.MODEL.NFORMER.STAGE2), cfg.SEED, device)
     if is_val.any():
         validator = make_validator(bank[0, is_val], pids[is_val], camids[is_val],
@@ -99,12 +100,22 @@ def cmd_train(args) -> int:
                     validator.baseline["val_mAP"])
         trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
     logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
-                bank.shape[1] - int(is_val.sum()), bank.shape[0], bank.shape[2], num_classes)
+                int((~is_val).sum()), bank.shape[0], bank.shape[2], num_classes)
     trainer.train()
     trainer.restore_best()
-    meta = {"dim": bank.shape[2], "num_classes": num_classes, "config": cfg.dump()}
-    path = save_torch(dict(meta, model=stage.state_dict()), os.path.join(args.output,
-                                                                           "model_final.pth"))
+    return stage.eval(), trainer
+
+
+def cmd_train(args) -> int:
+    from .core.io import save_text, save_torch
+
+    cfg = load_cli_config(args.config_file, args.opts)
+    bank, pids, camids = _load_training_bank(args.train)
+    stage, trainer = train_on_features(cfg, bank, pids, camids)
+    meta = {"dim": bank.shape[2], "num_classes": stage.classifier.out_features,
+            "config": cfg.dump()}
+    path = save_torch(dict(meta, model=stage.state_dict()),
+                      os.path.join(args.output, "model_final.pth"))
     save_text(cfg.dump(), os.path.join(args.output, "config.yaml"))
     if trainer.history:
         trainer.save_loss_curves(os.path.join(args.output, "nformer_loss.png"))

@@ -43,7 +43,7 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
 
     _C.SEED = 0  # global random seed; -1 draws one (logged), so runs are reproducible by default
 
-    _C.DATASETS.VAL_FRACTION = 0.0  # share of training identities held out of both stages to validate stage 2 (picks model_best)
+    _C.DATASETS.VAL_FRACTION = 0.1  # share of training identities held out of both stages to validate stage 2 (picks model_best)
 
     # ---------------------------------------------------------------- embedded dataset
     _C.DATASETS.EMBEDDED = CN()  # keys and defaults: the fields of embedded.EmbeddedParams
@@ -70,7 +70,7 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NFORMER.MASK = "reciprocal"  # reciprocal (eq. 7) | topk (RNS-M^k) | none (softmax)
     # where M's neighbors come from: layer (each layer's input features; chosen on validation)
     # | input (the NFormer input, official code) | affinity (each layer's A~, paper-literal)
-    _C.MODEL.NFORMER.NEIGHBORS = "affinity"
+    _C.MODEL.NFORMER.NEIGHBORS = "layer"
     _C.MODEL.NFORMER.EXACT_AFFINITY = False  # True: A of eq. (3) instead of A~ (Fig. 6b)
     _C.MODEL.NFORMER.LANDMARK_SEED = 0  # seed of the landmark sampler at evaluation
     _C.MODEL.NFORMER.QUERY_MODE = "isolated"  # isolated: no query-query interaction (sec 4.2) | joint
@@ -79,6 +79,7 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NFORMER.ANN_THRESHOLD = 0  # sets of >= this many rows use an IVF (approximate) top-k search; 0 = always exact
     _C.MODEL.NFORMER.ANN_NLIST = 0  # IVF cells of that search; 0 = 2 sqrt(N)
     _C.MODEL.NFORMER.ANN_NPROBE = 16  # IVF cells searched per row (recall vs time)
+    _C.MODEL.NFORMER.LAYER_POOL = 64  # NEIGHBORS layer, sparse inference: candidates per row searched once (0: every layer)
     _C.MODEL.NFORMER.ACTIVATION = "gelu"  # feed-forward activation: gelu (official) | relu
     _C.MODEL.NFORMER.TEST_FEAT = "after_bn"  # feature ranked at test: after_bn (official) | before_bn
 
@@ -86,7 +87,7 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NFORMER.STAGE2 = CN()
     _C.MODEL.NFORMER.STAGE2.EPOCHS = 160  # epochs of NFormer training (sec. 4.2: 160)
     _C.MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH = 0  # batches of sets per epoch; 0 = ceil(N_train / SET_SIZE)
-    _C.MODEL.NFORMER.STAGE2.SET_SIZE = 2048  # S, features per training set ("batch 2048", sec 4.2)
+    _C.MODEL.NFORMER.STAGE2.SET_SIZE = 1024  # S, features per training set (paper: 2048; 1024 chosen on validation)
     _C.MODEL.NFORMER.STAGE2.SETS_PER_BATCH = 1  # sets stacked into one (B, S, d) batch
     _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD (momentum 0.9)
     _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # learning rate (sec. 4.2), cosine-annealed to 0
@@ -202,5 +203,5 @@ def nformer_kwargs(cfg: CfgNode) -> Dict[str, Any]:
         neighbors=c.NEIGHBORS, exact_affinity=c.EXACT_AFFINITY, landmark_seed=c.LANDMARK_SEED,
         query_mode=c.QUERY_MODE, inference=c.INFERENCE, chunk_size=c.CHUNK_SIZE,
         activation=c.ACTIVATION, ann_threshold=c.ANN_THRESHOLD or None,
-        ann_nlist=c.ANN_NLIST or None, ann_nprobe=c.ANN_NPROBE,
+        ann_nlist=c.ANN_NLIST or None, ann_nprobe=c.ANN_NPROBE, layer_pool=c.LAYER_POOL,
     )

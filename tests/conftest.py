@@ -31,8 +31,9 @@ MODEL:
 DATASETS:
   NAMES: ("EmbeddedReID",)
   TESTS: ("EmbeddedReID",)
+  VAL_FRACTION: 0.25
   EMBEDDED:
-    NUM_TRAIN_IDS: 6
+    NUM_TRAIN_IDS: 8
     NUM_TEST_IDS: 6
     NUM_CAMERAS: 3
     IMAGES_PER_ID: 6

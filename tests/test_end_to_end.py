@@ -46,6 +46,18 @@ def test_two_stages_checkpoint_and_report(trained):
     assert (out / "nformer_loss.png").exists()
 
 
+def test_stage2_leaves_backbone_and_head_bit_identical(trained):
+    _, _, out, _ = trained
+    stage1 = torch.load(out / "model_stage1.pth", map_location="cpu", weights_only=True)["model"]
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    frozen = [k for k in stage1 if k.startswith(("backbone.", "heads."))]
+    assert len(frozen) > 50
+    for key in frozen:
+        assert torch.equal(stage1[key], final[key]), key
+    trained_keys = [k for k in stage1 if k.startswith("nformer_stage.nformer.")]
+    assert any(not torch.equal(stage1[k], final[k]) for k in trained_keys)
+
+
 def test_resume_in_stage2_continues(trained):
     cfg, env, out, _ = trained
     log = _ok(run_train(["--config-file", str(cfg), "--resume", "OUTPUT_DIR", str(out),

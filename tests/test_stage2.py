@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import clustered_features
-from nformer_plugin.config import standalone_config
+from nformer_plugin.config import nformer_kwargs, standalone_config
 from nformer_plugin.core.losses import batch_hard_triplet, stage2_losses
 from nformer_plugin.core.nformer import NFormer, NFormerStage
 from nformer_plugin.core.training import (NeighborhoodSetSampler, Stage2Settings, build_stage2,
@@ -192,6 +192,36 @@ def world(num_ids=120, per_id=17, dim=64, seed=0):
     return torch.from_numpy(feats), pids
 
 
+# ----------------------------------------------------------------------------- neighbors kept
+@pytest.mark.parametrize("inference", ["dense", "sparse"])
+def test_default_source_keeps_neighbors_and_they_are_mostly_same_identity(inference):
+    x, pids = world()
+    cfg = standalone_config()
+    kwargs = dict(nformer_kwargs(cfg), dim=64, inference=inference)
+    torch.manual_seed(0)
+    model = NFormer(**kwargs).eval()  # fresh, untrained: the mask must exist from the start
+    model(x, num_query=0)
+    k = model.topk
+    for stats in model.neighbor_stats:
+        assert stats["mean"] >= k / 2, model.neighbor_stats
+        assert stats["self_only"] < 0.05
+    # the kept neighbors of layer 1 are mostly the row's own identity
+    mask = model._feature_mask(x[None], 0)[0, 0] if model.neighbors != "affinity" else None
+    assert mask is not None
+    mask = mask & ~torch.eye(len(x), dtype=torch.bool)
+    same = torch.from_numpy(pids[:, None] == pids[None, :])
+    assert (mask & same).sum() / mask.sum() > 0.6
+
+
+def test_paper_literal_source_starves_attention_and_the_stats_show_it():
+    x, _ = world()
+    torch.manual_seed(0)
+    model = NFormer(dim=64, neighbors="affinity", inference="dense").eval()
+    model(x)
+    assert model.neighbor_stats[0]["self_only"] > 0.5  # what the issue measured (~90 %)
+    assert "self-only" in model.describe_neighbors()
+
+
 def test_approximate_search_regime_is_used_and_keeps_retrieval_quality():
     from nformer_plugin.core.retrieval.metrics import cosine_distance, evaluate_ranking
 
@@ -212,3 +242,45 @@ def test_approximate_search_regime_is_used_and_keeps_retrieval_quality():
     approx = model(x, num_query=100)
     assert (exact - approx).abs().max() > 1e-3  # truly approximate: some neighbor lists differ
     assert abs(map_of(approx) - map_of(exact)) < 3.0
+
+
+def test_a_short_stage2_run_raises_validation_map_above_the_baseline():
+    from nformer_plugin.cli import load_cli_config, train_on_features
+
+    feats, pids, camids = clustered_features(120, 10, dim=32, seed=6, noise=1.1)
+    cfg = load_cli_config("", ["MODEL.NFORMER.DIM", "32", "MODEL.NFORMER.FFN_DIM", "64",
+                               "MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.TOPK", "10",
+                               "MODEL.NFORMER.STAGE2.EPOCHS", "4",
+                               "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "20",
+                               "MODEL.NFORMER.STAGE2.SET_SIZE", "256",
+                               "MODEL.NFORMER.STAGE2.BASE_LR", "0.001",
+                               "DATASETS.VAL_FRACTION", "0.25"])
+    stage, trainer = train_on_features(cfg, feats[None], pids, camids)
+    baseline = trainer.validator.baseline["val_mAP"]
+    assert trainer.best is not None and len(trainer.history) == 4
+    assert all("val_mAP" in h for h in trainer.history)
+    assert trainer.best["val_mAP"] > baseline + 2.0, (baseline, trainer.best["val_mAP"])
+    # the stage holds the best epoch's weights, and they give the best validation mAP
+    assert trainer.validator(stage)["val_mAP"] == pytest.approx(trainer.best["val_mAP"])
+
+
+def test_layer_pool_first_layer_is_exact_and_later_layers_rerank_the_pool():
+    from nformer_plugin.core.nformer.graphs import (CandidatePool, SparseSettings, feature_graphs,
+                                                    normalized_rows)
+
+    x, _ = world(num_ids=40, per_id=15, dim=32, seed=5)
+    settings = SparseSettings(topk=10, neighbors="layer")
+    pool = CandidatePool(normalized_rows(x, 8192), 60, 32, settings)
+    exact = feature_graphs(x, 60, settings)
+    for first in (True, False):  # the pool's own search, and the re-ranking of its candidates
+        pooled = feature_graphs(x, 60, settings, pool, first_layer=first)
+        for a, b in zip(exact, pooled):
+            assert torch.equal(a.index.sort(1).values, b.index.sort(1).values)
+            assert a.keep.sum() == b.keep.sum()
+    # a pool as large as the set is the exact search at every layer
+    torch.manual_seed(0)
+    model = NFormer(dim=32, num_layers=3, ffn_dim=64, topk=10).eval()
+    model.layer_pool = 0
+    per_layer = model(x, num_query=60)
+    model.layer_pool = len(x)
+    assert torch.allclose(model(x, num_query=60), per_layer, atol=1e-6)

@@ -106,6 +106,13 @@ def build_train_loader(cfg) -> DataLoader:
     if name == "TrainingSampler":
         sampler = samplers.TrainingSampler(len(train_set), seed=seed)
     elif name in ("NaiveIdentitySampler", "BalancedIdentitySampler"):
+        ids_per_batch = mini_batch // cfg.DATALOADER.NUM_INSTANCE
+        if len(train_set.pids) < ids_per_batch:  # FastReID's sampler would loop forever
+            raise ValueError(
+                f"{name} needs {ids_per_batch} training identities per batch (SOLVER.IMS_PER_BATCH"
+                f" / DATALOADER.NUM_INSTANCE) but only {len(train_set.pids)} are left for training"
+                f" (DATASETS.VAL_FRACTION {cfg.DATASETS.VAL_FRACTION} holds some out): lower "
+                f"IMS_PER_BATCH or VAL_FRACTION")
         sampler = getattr(samplers, name)(train_set.img_items, mini_batch,
                                           cfg.DATALOADER.NUM_INSTANCE, seed=seed)
     else:

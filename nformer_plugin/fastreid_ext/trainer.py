@@ -76,6 +76,21 @@ class EpochSetter(hooks.HookBase):
                 module.set_epoch(self.trainer.epoch)
 
 
+class Stage1Checkpointer(hooks.HookBase):
+    """Writes ``model_<epoch>.pth`` every ``period`` stage-1 epochs (the last epoch is written by
+    the trainer as ``model_stage1.pth``). Replaces FastReID's PeriodicCheckpointer, which also
+    writes a ``model_best.pth`` chosen on the *test* metric and a ``model_final.pth`` that holds
+    only stage 1: nothing here is chosen on the test set."""
+
+    def __init__(self, checkpointer, period: int):
+        self.checkpointer, self.period = checkpointer, int(period)
+
+    def after_epoch(self):
+        epoch = self.trainer.epoch
+        if self.period > 0 and (epoch + 1) % self.period == 0 and epoch < self.trainer.max_epoch - 1:
+            self.checkpointer.save(f"model_{epoch:04d}", epoch=epoch, stage=1)
+
+
 def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:
     """DDP over the parameters that require grad; device_ids only on GPU (gloo on CPU)."""
     if comm.get_world_size() == 1:
@@ -142,7 +157,8 @@ class Trainer(DefaultTrainer):
         return data_loader, NFormerEvaluator(cfg, num_query, model, output_dir, dataset_name)
 
     def build_hooks(self):
-        ret = super().build_hooks()
+        ret = [Stage1Checkpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in super().build_hooks()]
         ret.insert(0, EpochSetter())
         return ret
 
@@ -179,6 +195,8 @@ class Trainer(DefaultTrainer):
         if stages in ("both", "stage1") and not self._stage1_done:
             results = super().train()
             self.checkpointer.save("model_stage1", epoch=self.max_epoch - 1, stage=1)
+            if stages == "stage1":  # the whole run ends here
+                self.checkpointer.save("model_final", epoch=self.max_epoch - 1, stage=1)
         if stages in ("both", "stage2") and self.cfg.MODEL.NFORMER.ENABLED:
             results = self.train_stage2()
         return results

@@ -170,15 +170,19 @@ class NFormer(nn.Module):
 
     ``ann_threshold``: sets of at least this many rows are searched with an approximate IVF index
     in the sparse path (``None``: always exact); ``ann_nlist``/``ann_nprobe`` tune that index.
+    ``layer_pool`` (sparse path, ``neighbors="layer"``): each row's ``layer_pool`` nearest are
+    found once, on the input, and every layer takes its top-k among them (one search instead of
+    one per layer; 0 searches every layer). Its agreement with per-layer search is measured in
+    ``benchmarks/bench_nformer_memory.py``.
     """
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,
                  ffn_dim: int = 1024, dropout: float = 0.1, num_landmarks: int = 5,
-                 topk: int = 20, mask: str = "reciprocal", neighbors: str = "affinity",
+                 topk: int = 20, mask: str = "reciprocal", neighbors: str = "layer",
                  exact_affinity: bool = False, landmark_seed: int = 0,
                  query_mode: str = "isolated", inference: str = "sparse", chunk_size: int = 8192,
                  activation: str = "gelu", ann_threshold: Optional[int] = None,
-                 ann_nlist: Optional[int] = None, ann_nprobe: int = 16):
+                 ann_nlist: Optional[int] = None, ann_nprobe: int = 16, layer_pool: int = 64):
         super().__init__()
         check_choice("mask", mask, MASK_MODES)
         check_choice("neighbors", neighbors, NEIGHBOR_SOURCES)
@@ -199,6 +203,9 @@ class NFormer(nn.Module):
         self.exact_affinity, self.landmark_seed = exact_affinity, int(landmark_seed)
         self.query_mode, self.inference, self.chunk_size = query_mode, inference, chunk_size
         self.ann_threshold, self.ann_nlist, self.ann_nprobe = ann_threshold, ann_nlist, ann_nprobe
+        if not isinstance(layer_pool, int) or layer_pool < 0:
+            raise ValueError(f"layer_pool must be an integer >= 0, got {layer_pool!r}")
+        self.layer_pool = layer_pool
         self.blocks = nn.ModuleList(
             NFormerBlock(dim, num_heads, ffn_dim, dropout, topk, mask, exact_affinity, activation)
             for _ in range(num_layers)
@@ -310,16 +317,11 @@ class NFormer(nn.Module):
             topk=self.topk, mask=self.mask, neighbors=self.neighbors,
             exact_affinity=self.exact_affinity, chunk_size=self.chunk_size,
             approximate=self.ann_threshold is not None and n_set >= self.ann_threshold,
-            nlist=self.ann_nlist, nprobe=self.ann_nprobe,
+            nlist=self.ann_nlist, nprobe=self.ann_nprobe, layer_pool=self.layer_pool,
         )
         out, self.neighbor_stats = sparse_nformer_forward(
             self.blocks, feats, self._isolated_queries(num_query), layer_landmarks, settings)
         return out
-
-    def neighbor_summary(self) -> Dict[str, float]:
-        """:attr:`neighbor_stats` of the latest forward as flat ``nbr_L<i>_<stat>`` entries."""
-        return {f"nbr_L{i + 1}_{key}": value for i, layer in enumerate(self.neighbor_stats)
-                for key, value in layer.items()}
 
     def describe_neighbors(self) -> str:
         """One line per layer: neighbors kept per row (mean, 5th percentile, self-only rows)."""

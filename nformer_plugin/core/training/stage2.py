@@ -35,7 +35,7 @@ class Stage2Settings:
 
     epochs: int = 160
     iters_per_epoch: int = 0
-    set_size: int = 2048
+    set_size: int = 1024
     sets_per_batch: int = 1
     opt: str = "Adam"
     base_lr: float = 3e-4
@@ -100,6 +100,7 @@ class Stage2Trainer:
         self.validator: Optional[Callable[[nn.Module], Dict[str, float]]] = None
         self.val_period = 1
         self.best: Optional[dict] = None  # {"epoch", "val_mAP", "state"} of the best validation
+        self.last_neighbors = ""
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -182,7 +183,11 @@ class Stage2Trainer:
                 sums[k] = sums.get(k, 0.0) + v
         stats = {k: v / self.iters_per_epoch for k, v in sums.items()}
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
-        stats.update(self.stage.nformer.neighbor_summary())
+        layers = [st for st in self.stage.nformer.neighbor_stats if st]
+        if layers:  # of the epoch's last training set
+            stats["nbr_mean"] = sum(st["mean"] for st in layers) / len(layers)
+            stats["nbr_self_only"] = max(st["self_only"] for st in layers)
+        self.last_neighbors = self.stage.nformer.describe_neighbors()
         return stats
 
     def train(self, start_epoch: int = 0, on_epoch_end: Optional[EpochCallback] = None) -> None:
@@ -201,6 +206,7 @@ class Stage2Trainer:
             text = "  ".join(f"{k}: {v:.4g}" for k, v in stats.items())
             logger.info("NFormer epoch %d/%d  %s  eta: %s", epoch + 1, self.max_epoch, text,
                         datetime.timedelta(seconds=int(eta)))
+            logger.info("NFormer neighbors kept (last training set): %s", self.last_neighbors)
 
 
 def build_stage2(stage: nn.Module, bank: torch.Tensor, labels: torch.Tensor,
