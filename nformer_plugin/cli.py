@@ -27,6 +27,14 @@ import torch
 
 logger = logging.getLogger("fastreid.nformer")
 
+FORMATS = """\
+feature files (.npz): feats float32 (N, d), pids int (N), camids int (N); several --train
+  files are passes over the same images (same rows, pids and camids, in order)
+--output-json: {"baseline"|"kr"|"nformer"|"nformer_kr": {"Rank-1", "Rank-5", "Rank-10", "mAP",
+  "mINP"} (percent), "nformer_neighbors": [per layer {"mean", "p5", "self_only"}]}
+a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows the traceback
+"""
+
 
 def load_cli_config(config_file: str = "", opts: Sequence[str] = ()):
     """FastReID's full config with the plugin's keys when FastReID is installed (so any
@@ -135,9 +143,11 @@ def load_stage(weights: str, opts: List[str]):
         raise ValueError(f"{weights}: not a model written by 'nformer train' ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "dim" not in ckpt:
         raise ValueError(f"{weights}: not a model written by 'nformer train'")
+    from .config import merge_config
+
     cfg = load_cli_config()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(ckpt["config"]))
-    cfg.merge_from_list(list(opts))  # evaluation-time options (landmark seed, chunk size, ...)
+    merge_config(cfg, "", opts)  # evaluation-time options (landmark seed, chunk size, ...)
     device = _device(cfg)
     stage = build_stage_module(cfg, int(ckpt["dim"]), int(ckpt["num_classes"]))
     stage.load_state_dict(ckpt["model"])
@@ -189,10 +199,11 @@ def cmd_refine(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nformer", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the NFormer stage on saved training features")
+    p = sub.add_parser("train", help="train the NFormer stage on saved training features",
+                       epilog=FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, nargs="+",
                    help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
@@ -201,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("eval", cmd_eval, "metrics of input vs refined features"),
                              ("refine", cmd_refine, "write refined query/gallery features")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, epilog=FORMATS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
         p.add_argument("--query", required=True, help="Q.npz")
         p.add_argument("--gallery", required=True, help="G.npz")
@@ -212,18 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", required=True, help="folder for *_refined.npz")
         p.set_defaults(func=func)
     for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a subcommand; a user error ends in one message and exit code 2 (``--debug`` or
+    ``NFORMER_DEBUG=1`` shows the traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s",
                         datefmt="%m/%d %H:%M:%S")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"nformer {args.command}: error: {e}", file=sys.stderr)
+        if args.debug or os.environ.get("NFORMER_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"nformer {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

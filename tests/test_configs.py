@@ -106,3 +106,17 @@ def test_too_few_training_identities_for_a_batch_is_a_clear_error(tiny_config, i
     cfg = load(tiny_config, "DATASETS.VAL_FRACTION", "0.5")
     with pytest.raises(ValueError, match="training identities per batch"):
         build_train_loader(cfg)
+
+
+def test_renamed_keys_still_load_with_a_deprecation_message(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fastreid.nformer"):
+        cfg = load(os.path.join(REPO, "configs/NFormer/demo.yml"), "TEST.RANKED_LIST_PNG", "3")
+    assert cfg.TEST.RANKED_LIST_QUERIES == 3
+    assert "TEST.RANKED_LIST_PNG is deprecated" in caplog.text
+    cfg = load(os.path.join(REPO, "configs/NFormer/demo.yml"), "MODEL.HEADS.NAME", "NFormerHead",
+               "MODEL.HEADS.NUM_CLASSES", "5")
+    with caplog.at_level(logging.WARNING, logger="fastreid.nformer"):
+        model = build_model(cfg)
+    assert type(model.heads).__name__ == "NFormerHead" and "deprecated" in caplog.text

@@ -36,9 +36,19 @@ def datasets_root() -> str:
     return os.environ.get(DATASETS_ENV, "datasets")
 
 
+def registered_dataset(name: str):
+    """The dataset class registered as ``name``; an unknown name lists the registered ones."""
+    try:
+        return DATASET_REGISTRY.get(name)
+    except KeyError:
+        names = ", ".join(sorted(DATASET_REGISTRY._obj_map))  # no public listing
+        raise KeyError(f"unknown dataset {name!r} in DATASETS.NAMES / TESTS; registered: "
+                       f"{names}") from None
+
+
 def build_dataset(cfg, name: str):
     """Instantiate a registered dataset; a missing folder names the path and the env var."""
-    dataset_cls = DATASET_REGISTRY.get(name)
+    dataset_cls = registered_dataset(name)
     kwargs = dataset_cls.kwargs_from_config(cfg) if hasattr(dataset_cls, "kwargs_from_config") else {}
     root = datasets_root()
     try:
@@ -46,10 +56,12 @@ def build_dataset(cfg, name: str):
     except (RuntimeError, AssertionError, FileNotFoundError) as e:
         # FastReID's datasets say "... is not found" (RuntimeError) or assert the folder exists
         reason = str(e) or type(e).__name__
+        where = (f"${DATASETS_ENV}={os.path.abspath(root)!r}" if DATASETS_ENV in os.environ
+                 else f"{os.path.abspath(root)!r} (${DATASETS_ENV} is not set)")
         raise FileNotFoundError(
-            f"dataset {name!r} not found under ${DATASETS_ENV}={os.path.abspath(root)!r} "
-            f"({reason}). Set {DATASETS_ENV} to the folder that holds the dataset in FastReID's "
-            f"layout, e.g. <root>/Market-1501-v15.09.15/bounding_box_train."
+            f"dataset {name!r} not found under {where} ({reason}). Set {DATASETS_ENV} to the "
+            f"folder that holds the dataset in FastReID's layout, e.g. "
+            f"<root>/Market-1501-v15.09.15/bounding_box_train."
         ) from e
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,10 @@ from .config import load_config
 from .trainer import AtomicCheckpointer, Trainer
 
 
+DEBUG_ENV = "NFORMER_DEBUG"  # set (or pass --debug) to see the traceback behind a user error
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
+
+
 def check_device(cfg) -> None:
     """A CUDA device in the config on a machine without one is an error that says what to do."""
     if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
@@ -29,11 +34,53 @@ def check_device(cfg) -> None:
             f"'MODEL.DEVICE cpu' to the command line (or the config) to run on the CPU")
 
 
+def _registered(registry, name: str, key: str) -> Optional[str]:
+    """``None`` when ``name`` is registered, else a message listing the registered names."""
+    registered = registry._obj_map  # FastReID's Registry has no public listing
+    if name in registered:
+        return None
+    return f"unknown {key} {name!r}; registered: {', '.join(sorted(registered))}"
+
+
+def preflight(cfg, eval_only: bool = False) -> None:
+    """Every cheap check before anything expensive, all problems in one message: device,
+    registry names, pretrained weights, dataset folders (generated datasets are not checked)."""
+    from fastreid.data.datasets import DATASET_REGISTRY
+    from fastreid.modeling.backbones import BACKBONE_REGISTRY
+    from fastreid.modeling.heads import REID_HEADS_REGISTRY
+    from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
+
+    from .backbone_registry import check_pretrain_available
+    from .loaders import build_dataset
+
+    problems = [p for p in (
+        _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE"),
+        _registered(BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME"),
+        _registered(REID_HEADS_REGISTRY, cfg.MODEL.HEADS.NAME, "MODEL.HEADS.NAME"),
+    ) if p]
+    for check in (check_device, check_pretrain_available):
+        try:
+            check(cfg)
+        except (RuntimeError, FileNotFoundError) as e:
+            problems.append(str(e))
+    names = list(cfg.DATASETS.TESTS) + ([] if eval_only else list(cfg.DATASETS.NAMES))
+    for name in dict.fromkeys(names):
+        problem = _registered(DATASET_REGISTRY, name, "dataset")
+        if problem is None and not hasattr(DATASET_REGISTRY.get(name), "kwargs_from_config"):
+            try:
+                build_dataset(cfg, name)
+            except FileNotFoundError as e:
+                problem = str(e)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
 def setup(args):
     """Build the config (plugin keys first, then the file, then overrides) and the logger."""
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    check_device(cfg)
     default_setup(cfg, args)
     seed_all_rng(cfg.SEED + comm.get_rank())
     logging.getLogger("fastreid.nformer").info("Seed: %d", cfg.SEED + comm.get_rank())
@@ -49,7 +96,11 @@ def with_num_classes_from_weights(cfg):
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
     if not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.WEIGHTS not found: {cfg.MODEL.WEIGHTS}")
-    state = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: not a readable checkpoint (truncated, "
+                         f"or not written by torch.save: {str(e).splitlines()[0]})") from e
     weight = state.get("model", state).get("heads.classifier.weight")
     if weight is None:
         raise ValueError(f"{cfg.MODEL.WEIGHTS}: no heads.classifier.weight; set MODEL.HEADS.NUM_CLASSES")
@@ -74,11 +125,24 @@ def main(args):
 
 
 def cli(argv=None) -> None:
-    """Entry point of the ``fastreid-train`` console script."""
-    args = default_argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    """Entry point of the ``fastreid-train`` console script. A user error (bad key, device,
+    dataset, weights, registry name) ends in one message and exit code 2; ``--debug`` or
+    ``NFORMER_DEBUG=1`` shows the traceback."""
+    parser = default_argument_parser()
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get(DEBUG_ENV))
+    try:
+        preflight(load_config(args.config_file, args.opts), args.eval_only)
+        print("Command Line Args:", args)
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"fastreid-train: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class AtomicCheckpointer(Checkpointer):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"cannot load checkpoint {f}: {e}") from e
+            raise ValueError(f"cannot load checkpoint {f}: truncated, or not written by torch.save "
+                             f"({str(e).splitlines()[0]})") from e
 
 
 class EpochSetter(hooks.HookBase):
