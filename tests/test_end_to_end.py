@@ -35,8 +35,10 @@ def trained(tmp_path_factory):
 
 def test_two_stages_checkpoint_and_report(trained):
     cfg, env, out, log = trained
-    for name in ("model_stage1.pth", "model_final.pth", "nformer_0000.pth", "last_checkpoint"):
+    for name in ("model_stage1.pth", "model_final.pth", "model_best.pth", "nformer_0000.pth",
+                 "last_checkpoint"):
         assert (out / name).exists(), name
+    assert "Stage 2 validation:" in log and "keeping epoch" in log
     assert not list(out.glob("*.tmp")), "temporary checkpoint files left behind"
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert ckpt["stage"] == 2 and bool(ckpt["model"]["nformer_trained"])
@@ -85,9 +87,18 @@ def test_stage2_alone_from_weights_and_eval_only(trained, tmp_path):
                          "MODEL.WEIGHTS", str(out / "model_stage1.pth")], env))
     assert "Starting training from epoch" not in log  # stage 1 skipped
     assert "+NFormer" in log
+    export = tmp_path / "features"
     log = _ok(run_train(["--config-file", str(cfg), "--eval-only", "OUTPUT_DIR", str(out2),
-                         "MODEL.WEIGHTS", str(out2 / "model_final.pth")], env))
+                         "MODEL.WEIGHTS", str(out2 / "model_final.pth"),
+                         "TEST.EXPORT_FEATURES", str(export)], env))
     assert [n for n, _ in _table_rows(log)] == ["baseline", "+KR", "+NFormer", "+NFormer+KR"]
+    from nformer_plugin.core.features import load_feature_file
+
+    files = {n: load_feature_file(str(export / f"{n}.npz")) for n in
+             ("train", "query", "gallery", "query_refined", "gallery_refined")}
+    assert len(files["query"]) == len(files["query_refined"]) > 0
+    # the tiny config holds 2 of its 8 training identities out for validation
+    assert len(set(files["train"].pids.tolist())) == 6
 
 
 def test_same_seed_same_evaluation(trained):

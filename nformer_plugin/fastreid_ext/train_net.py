@@ -19,7 +19,7 @@ from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
 from .config import load_config
-from .trainer import AtomicCheckpointer, Trainer
+from .trainer import AtomicCheckpointer, Trainer, export_training_features
 
 
 DEBUG_ENV = "NFORMER_DEBUG"  # set (or pass --debug) to see the traceback behind a user error
@@ -118,7 +118,9 @@ def main(args):
         model = Trainer.build_model(cfg)
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        export_training_features(cfg, model)  # train.npz beside query/gallery, as in training
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -100,6 +100,41 @@ def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
+@torch.no_grad()
+def extract_features(cfg, model, split: str = "train", is_train: bool = False):
+    """Features, relabelled identities and camera ids of the training (or validation) images,
+    with the test feature definition (flip averaging as ``TEST.FLIP.ENABLED``); under training
+    augmentation when ``is_train``. Identical order for every pass over one split."""
+    loader = data_build.build_feature_loader(cfg, split, is_train)
+    flip = cfg.TEST.FLIP.ENABLED
+    feats, labels, camids = [], [], []
+    with inference_context(model):
+        for batch in loader:
+            out = model(batch)
+            if flip:
+                flipped = dict(batch, images=batch["images"].flip(dims=[3]))
+                out = (out + model(flipped)) / 2
+            feats.append(out.float().cpu())
+            labels.append(batch["targets"].cpu())
+            camids.append(batch["camids"].cpu())
+    feats, labels, camids = torch.cat(feats), torch.cat(labels), torch.cat(camids)
+    if comm.get_world_size() > 1:
+        parts = comm.all_gather((feats, labels, camids))
+        feats, labels, camids = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return feats, labels, camids
+
+
+def export_training_features(cfg, model, features=None) -> None:
+    """``TEST.EXPORT_FEATURES/train.npz``: the training split's features (test definition);
+    ``features`` = (feats, labels, camids) when already extracted."""
+    if not cfg.TEST.EXPORT_FEATURES:
+        return
+    feats, labels, camids = features or extract_features(cfg, model, "train")
+    if comm.is_main_process():
+        save_feature_file(os.path.join(cfg.TEST.EXPORT_FEATURES, "train.npz"), feats.numpy(),
+                          labels.numpy(), camids.numpy())
+
+
 class Trainer(DefaultTrainer):
     """Two-stage NFormer trainer (stage 1: backbone + head, stage 2: NFormer)."""
 
@@ -206,29 +241,9 @@ class Trainer(DefaultTrainer):
         model = self.model
         return getattr(model, "module", model)
 
-    @torch.no_grad()
     def extract_features(self, split: str = "train", is_train: bool = False):
-        """Features, relabelled identities and camera ids of the training (or validation) images,
-        with the test feature definition (flip averaging as ``TEST.FLIP.ENABLED``); under training
-        augmentation when ``is_train``. Identical order for every pass over one split."""
-        model = self._unwrapped()
-        loader = data_build.build_feature_loader(self.cfg, split, is_train)
-        flip = self.cfg.TEST.FLIP.ENABLED
-        feats, labels, camids = [], [], []
-        with inference_context(model):
-            for batch in loader:
-                out = model(batch)
-                if flip:
-                    flipped = dict(batch, images=batch["images"].flip(dims=[3]))
-                    out = (out + model(flipped)) / 2
-                feats.append(out.float().cpu())
-                labels.append(batch["targets"].cpu())
-                camids.append(batch["camids"].cpu())
-        feats, labels, camids = torch.cat(feats), torch.cat(labels), torch.cat(camids)
-        if comm.get_world_size() > 1:
-            parts = comm.all_gather((feats, labels, camids))
-            feats, labels, camids = (torch.cat([p[i] for p in parts]) for i in range(3))
-        return feats, labels, camids
+        """:func:`extract_features` with this trainer's model."""
+        return extract_features(self.cfg, self._unwrapped(), split, is_train)
 
     def feature_bank(self):
         """The stage-2 bank (P, N, d): pass 0 with test-time transforms, then
@@ -259,9 +274,7 @@ class Trainer(DefaultTrainer):
         bank, labels, camids = self.feature_bank()
         logger.info("Stage 2: %d training features of dimension %d, %d pass(es)", bank.shape[1],
                     bank.shape[2], bank.shape[0])
-        if cfg.TEST.EXPORT_FEATURES and comm.is_main_process():
-            save_feature_file(os.path.join(cfg.TEST.EXPORT_FEATURES, "train.npz"),
-                              bank[0].numpy(), labels.numpy(), camids.numpy())
+        export_training_features(cfg, model, (bank[0], labels, camids))
         stage = model.nformer_stage
         trainer = build_stage2(stage, bank, labels, Stage2Settings.from_config(s2),
                                seed=cfg.SEED + comm.get_rank(), device=model.device,
