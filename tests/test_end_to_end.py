@@ -2,6 +2,7 @@
 resume in either stage, stage 2 alone from MODEL.WEIGHTS, eval-only, 2 processes (gloo)."""
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -119,3 +120,27 @@ def test_two_process_cpu_training(tiny_config, isolated_env, tmp_path):
     assert "World size: 2" in log
     assert (out / "model_final.pth").exists()
     assert "+NFormer" in log
+
+
+def _interrupted_copy(out, dst, checkpoint):
+    """The output folder as a ``kill -9`` right after ``checkpoint`` was written leaves it."""
+    dst.mkdir()
+    shutil.copy(out / checkpoint, dst / checkpoint)
+    (dst / "last_checkpoint").write_text(checkpoint)
+    return dst
+
+
+@pytest.mark.parametrize("checkpoint", ["model_0000.pth", "nformer_0000.pth"])
+def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(trained, checkpoint, tmp_path):
+    cfg, env, out, log = trained
+    dst = _interrupted_copy(out, tmp_path / "resumed", checkpoint)
+    resumed = _ok(run_train(["--config-file", str(cfg), "--resume", "OUTPUT_DIR", str(dst)], env))
+    stage = 1 if checkpoint.startswith("model") else 2
+    assert f"Resuming in stage {stage} after epoch 0" in resumed
+    assert _table_rows(resumed)[-4:] == _table_rows(log)[-4:], (resumed[-2500:], log[-2500:])
+
+
+def test_two_runs_in_separate_processes_print_identical_tables(trained, tmp_path):
+    cfg, env, _, log = trained
+    again = _ok(run_train(["--config-file", str(cfg), "OUTPUT_DIR", str(tmp_path / "again")], env))
+    assert _table_rows(again) == _table_rows(log)

@@ -24,6 +24,7 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
+from ..core.training.reproducible import PositionSeededBatches, PositionSeededDataset
 from ..core.training.validation import split_validation_ids
 
 logger = logging.getLogger("fastreid.nformer")
@@ -110,8 +111,9 @@ def build_train_set(cfg, is_train: bool = True, split: str = "train") -> CommDat
     return CommDataset(items, build_transforms(cfg, is_train=is_train), relabel=True)
 
 
-def build_train_loader(cfg) -> DataLoader:
-    """Identity-balanced training loader (``DATALOADER.SAMPLER_TRAIN``), seeded by ``SEED``."""
+def build_train_loader(cfg, start_batch: int = 0) -> DataLoader:
+    """Identity-balanced training loader (``DATALOADER.SAMPLER_TRAIN``), seeded by ``SEED``;
+    augmentation is seeded per sample position, and ``start_batch`` batches are skipped (resume)."""
     train_set = build_train_set(cfg)
     mini_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     name, seed = cfg.DATALOADER.SAMPLER_TRAIN, cfg.SEED
@@ -131,7 +133,9 @@ def build_train_loader(cfg) -> DataLoader:
         raise ValueError(f"unknown DATALOADER.SAMPLER_TRAIN {name!r}; expected TrainingSampler, "
                          f"NaiveIdentitySampler or BalancedIdentitySampler")
     batch_sampler = torch.utils.data.BatchSampler(sampler, mini_batch, drop_last=True)
-    return _make_loader(cfg, train_set, batch_sampler, cfg.DATALOADER.NUM_WORKERS)
+    batches = PositionSeededBatches(batch_sampler, seed + comm.get_rank(), start_batch)
+    return _make_loader(cfg, PositionSeededDataset(train_set), batches,
+                        cfg.DATALOADER.NUM_WORKERS)
 
 
 def build_inference_loader(cfg, dataset: CommDataset) -> DataLoader:
@@ -152,7 +156,14 @@ def build_test_loader(cfg, dataset_name: str) -> Tuple[DataLoader, int]:
     return build_inference_loader(cfg, test_set), len(data.query)
 
 
-def build_feature_loader(cfg, split: str = "train", is_train: bool = False) -> DataLoader:
+def build_feature_loader(cfg, split: str = "train", is_train: bool = False,
+                         pass_index: int = 0) -> DataLoader:
     """Ordered loader over the training or validation images, for stage-2 feature extraction:
-    test-time transforms, or training augmentation (``is_train``) for the augmented passes."""
-    return build_inference_loader(cfg, build_train_set(cfg, is_train, split))
+    test-time transforms, or training augmentation (``is_train``) for the augmented passes, seeded
+    per sample position and ``pass_index`` (the same bank after a resume)."""
+    loader = build_inference_loader(cfg, build_train_set(cfg, is_train, split))
+    if not is_train:
+        return loader
+    batches = PositionSeededBatches(loader.batch_sampler, cfg.SEED * 1000 + pass_index)
+    return _make_loader(cfg, PositionSeededDataset(loader.dataset), batches,
+                        cfg.DATALOADER.NUM_WORKERS)

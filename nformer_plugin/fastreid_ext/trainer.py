@@ -29,6 +29,7 @@ from fastreid.utils.logger import setup_logger
 from ..core.features import save_feature_file
 from ..core.io import save_text, save_torch
 from ..core.training import Stage2Settings, build_stage2
+from ..core.training.reproducible import rng_state, set_rng_state
 from ..core.training.validation import make_validator
 from . import loaders as data_build
 from .evaluator import NFormerEvaluator
@@ -89,7 +90,7 @@ class Stage1Checkpointer(hooks.HookBase):
     def after_epoch(self):
         epoch = self.trainer.epoch
         if self.period > 0 and (epoch + 1) % self.period == 0 and epoch < self.trainer.max_epoch - 1:
-            self.checkpointer.save(f"model_{epoch:04d}", epoch=epoch, stage=1)
+            self.checkpointer.save(f"model_{epoch:04d}", epoch=epoch, stage=1, rng=rng_state())
 
 
 def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:
@@ -101,11 +102,12 @@ def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def extract_features(cfg, model, split: str = "train", is_train: bool = False):
+def extract_features(cfg, model, split: str = "train", is_train: bool = False,
+                     pass_index: int = 0):
     """Features, relabelled identities and camera ids of the training (or validation) images,
     with the test feature definition (flip averaging as ``TEST.FLIP.ENABLED``); under training
     augmentation when ``is_train``. Identical order for every pass over one split."""
-    loader = data_build.build_feature_loader(cfg, split, is_train)
+    loader = data_build.build_feature_loader(cfg, split, is_train, pass_index)
     flip = cfg.TEST.FLIP.ENABLED
     feats, labels, camids = [], [], []
     with inference_context(model):
@@ -215,9 +217,16 @@ class Trainer(DefaultTrainer):
         if not (resume and self.checkpointer.has_checkpoint()):
             return
         stage, epoch = int(checkpoint.get("stage", 1)), int(checkpoint.get("epoch", -1))
+        if "rng" in checkpoint:  # every generator training draws from, as it was at the save
+            set_rng_state(checkpoint["rng"])
         if stage == 1:
             self.start_epoch = epoch + 1
             self._stage1_done = self.start_epoch >= self.max_epoch
+            if not self._stage1_done:  # the loader continues at the first batch not yet seen
+                loader = data_build.build_train_loader(
+                    self.cfg, start_batch=self.start_epoch * self.iters_per_epoch)
+                self._trainer.data_loader = loader
+                self._trainer._data_loader_iter = iter(loader)
         else:
             self._stage1_done = True
             self.stage2_start_epoch = epoch + 1
@@ -230,7 +239,8 @@ class Trainer(DefaultTrainer):
         results = None
         if stages in ("both", "stage1") and not self._stage1_done:
             results = super().train()
-            self.checkpointer.save("model_stage1", epoch=self.max_epoch - 1, stage=1)
+            self.checkpointer.save("model_stage1", epoch=self.max_epoch - 1, stage=1,
+                                   rng=rng_state())
             if stages == "stage1":  # the whole run ends here
                 self.checkpointer.save("model_final", epoch=self.max_epoch - 1, stage=1)
         if stages in ("both", "stage2") and self.cfg.MODEL.NFORMER.ENABLED:
@@ -241,9 +251,10 @@ class Trainer(DefaultTrainer):
         model = self.model
         return getattr(model, "module", model)
 
-    def extract_features(self, split: str = "train", is_train: bool = False):
+    def extract_features(self, split: str = "train", is_train: bool = False,
+                         pass_index: int = 0):
         """:func:`extract_features` with this trainer's model."""
-        return extract_features(self.cfg, self._unwrapped(), split, is_train)
+        return extract_features(self.cfg, self._unwrapped(), split, is_train, pass_index)
 
     def feature_bank(self):
         """The stage-2 bank (P, N, d): pass 0 with test-time transforms, then
@@ -253,7 +264,7 @@ class Trainer(DefaultTrainer):
         for p in range(self.cfg.MODEL.NFORMER.STAGE2.AUG_PASSES):
             logger.info("Stage 2: augmented feature pass %d/%d", p + 1,
                         self.cfg.MODEL.NFORMER.STAGE2.AUG_PASSES)
-            passes.append(self.extract_features("train", is_train=True)[0])
+            passes.append(self.extract_features("train", is_train=True, pass_index=p + 1)[0])
         return torch.stack(passes), labels, camids
 
     def build_validator(self):
