@@ -1,11 +1,13 @@
 """FastReID glue: the two-stage ``Trainer``.
 
-Stage 1 is FastReID's own loop (hooks, LR schedule, EvalHook, PeriodicCheckpointer) over
-backbone + head. Stage 2 freezes them, extracts the training features and trains the NFormer
-stage on neighborhood-sampled sets (sec. 4.2). Both stages live in one model and one
-checkpoint series; ``--resume`` continues in whichever stage the last checkpoint was written.
-Differences from ``DefaultTrainer``: plain data loaders without a GPU, DDP without
-``device_ids`` on CPU (gloo), atomic checkpoint writes, a seeded run, our evaluator.
+Stage 1 is FastReID's own loop (hooks, LR schedule, EvalHook) over backbone + head, with our
+``Stage1Checkpointer``. Stage 2 freezes them, builds the training feature bank and trains the
+NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2 builder
+(``core.training.build_stage2``), validating on held-out identities. Both stages live in one
+model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
+written, in either stage. Differences from ``DefaultTrainer``: plain data loaders without a GPU,
+DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes, per-sample seeded
+augmentation, RNG states in checkpoints, our evaluator, nothing chosen on the test set.
 """
 from __future__ import annotations
 
