@@ -10,6 +10,7 @@ Pure numpy/torch: importing this module does not import FastReID.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Union
 
@@ -91,9 +92,12 @@ def load_feature_file(path: str) -> FeatureSet:
     """Read and validate a feature file; errors name the file and the problem."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"feature file not found: {path}")
+    if not zipfile.is_zipfile(path):  # numpy would call it "pickled (object) data"
+        raise ValueError(f"{path}: not an .npz feature file (an .npz is a zip archive of arrays "
+                         f"'feats', 'pids', 'camids'; this file is not a zip archive)")
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as e:  # corrupt zip, not an npz, ...
+    except Exception as e:  # a corrupt or truncated zip, arrays of objects, ...
         raise ValueError(f"{path}: cannot be read as an .npz feature file ({e})") from e
     missing = [k for k in ("feats", "pids", "camids") if k not in data.files]
     if missing:
