@@ -135,7 +135,10 @@ def cli(argv=None) -> None:
     args = parser.parse_args(argv)
     debug = args.debug or bool(os.environ.get(DEBUG_ENV))
     try:
-        preflight(load_config(args.config_file, args.opts), args.eval_only)
+        cfg = load_config(args.config_file, args.opts)
+        preflight(cfg, args.eval_only)
+        # SEED -1 is drawn once, here, so that every spawned process uses the same seed
+        args.opts = list(args.opts) + ["SEED", str(cfg.SEED)]
         print("Command Line Args:", args)
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
