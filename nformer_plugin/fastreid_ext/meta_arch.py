@@ -2,8 +2,8 @@
 
 Stage 1 trains backbone + head (identity loss with label smoothing, triplet, centre loss and any
 backbone regularisers); stage 2 trains the NFormer stage on frozen features (see
-``fastreid_ext/trainer.py``). At evaluation the model returns per-image features and
-:meth:`NFormerReID.refine` applies the trained NFormer to a query + gallery set.
+``fastreid_ext/trainer.py``). At evaluation the model returns per-image features; the
+evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.evaluate``).
 """
 from __future__ import annotations
 
@@ -172,10 +172,3 @@ class NFormerReID(nn.Module):
             self.nformer_stage.requires_grad_(stage == 2)
             self.nformer_stage.bottleneck.bias.requires_grad_(False)
         self.heads.bottleneck.bias.requires_grad_(False)
-
-    @torch.no_grad()
-    def refine(self, feats: torch.Tensor, num_query: int = 0) -> torch.Tensor:
-        """Refine a query + gallery feature set with the trained NFormer (eval mode)."""
-        if self.nformer_stage is None:
-            raise RuntimeError("this model has no NFormer stage (MODEL.NFORMER.ENABLED False)")
-        return self.nformer_stage.refine(feats.to(self.device), num_query)

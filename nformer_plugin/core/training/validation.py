@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+import torch
+
+from ..features import FeatureSet
+from ..retrieval.comparison import distances
+from ..retrieval.metrics import evaluate_ranking
 
 
 def split_validation_ids(pids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -61,22 +66,16 @@ class StageValidator:
     baseline figures are in :attr:`baseline`). Pure; used by both stage-2 entry points.
     """
 
-    def __init__(self, query, gallery, metric: str = "cosine"):
-        from ..retrieval.comparison import distances
-        from ..retrieval.metrics import evaluate_ranking
-
+    def __init__(self, query: FeatureSet, gallery: FeatureSet, metric: str = "cosine"):
         self.query, self.gallery, self.metric = query, gallery, metric
-        self._distances, self._rank = distances, evaluate_ranking
         self.baseline = self._score(query.feats, gallery.feats)
 
     def _score(self, q: np.ndarray, g: np.ndarray) -> dict:
-        result = self._rank(self._distances(q, g, self.metric), self.query.pids,
-                            self.gallery.pids, self.query.camids, self.gallery.camids)
+        result = evaluate_ranking(distances(q, g, self.metric), self.query.pids,
+                                  self.gallery.pids, self.query.camids, self.gallery.camids)
         return {"val_mAP": result["mAP"], "val_Rank-1": result["Rank-1"]}
 
     def __call__(self, stage) -> dict:
-        import torch
-
         feats = np.concatenate([self.query.feats, self.gallery.feats])
         device = next(stage.parameters()).device
         refined = stage.refine(torch.from_numpy(feats).to(device), len(self.query)).cpu().numpy()
@@ -87,8 +86,6 @@ class StageValidator:
 def make_validator(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray,
                    metric: str = "cosine") -> StageValidator:
     """A :class:`StageValidator` over held-out features, split by :func:`validation_query_gallery`."""
-    from ..features import FeatureSet
-
     q, g = validation_query_gallery(pids, camids)
     return StageValidator(FeatureSet(feats[q], pids[q], camids[q]),
                           FeatureSet(feats[g], pids[g], camids[g]), metric)
