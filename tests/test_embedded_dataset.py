@@ -348,14 +348,14 @@ def test_params_fields_describe_config_keys():
     for f in dataclasses.fields(EmbeddedParams):
         help_text = f.metadata.get("help", "")
         assert help_text and "\n" not in help_text, f.name
-        assert type(f.default) in (int, float), f.name
+        assert type(f.default) in (int, float, str), f.name
 
 
 def test_params_from_config_node_and_mappings():
-    node = SimpleNamespace(**{k.upper(): v for k, v in TINY.items()})
+    node = SimpleNamespace(**{k.upper(): v for k, v in TINY.items()}, DOMAIN="A")
     params = EmbeddedParams.from_config(node)
     assert params == EmbeddedParams(**TINY) == EmbeddedParams.coerce(TINY)
-    assert params.as_dict() == TINY
+    assert params.as_dict() == {**TINY, "domain": "A"}
     assert EmbeddedParams.coerce(params, seed=5) == EmbeddedParams(**{**TINY, "seed": 5})
     with pytest.raises(ValueError, match="HEIGHT"):
         EmbeddedParams.from_config(SimpleNamespace(SEED=0))
@@ -389,3 +389,55 @@ def test_embedded_package_is_pure():
             else:
                 continue
             assert set(roots) <= allowed, f"{path.name} imports {roots}"
+
+
+# ------------------------------------------------------------------ domains
+
+
+def test_domain_a_is_the_dataset_of_generator_version_1(tiny_root):
+    """Domain A (the default) keeps the bytes and the cache key it had before domains existed."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, data in sorted(_files(tiny_root).items()):
+        if os.path.basename(name) != MARKER:
+            digest.update(os.path.basename(name).encode())
+            digest.update(data)
+    assert digest.hexdigest() == "9850f17f201dfd7237a959425e50e1587f359411"
+    assert os.path.basename(dataset_cache_dir(TINY)) == "embedded-80aa53dab987"
+    assert dataset_cache_dir(TINY) == dataset_cache_dir({**TINY, "domain": "A"})
+    assert dataset_cache_dir(TINY) != dataset_cache_dir({**TINY, "domain": "B"})
+
+
+def _domain_stats(domain: str):
+    styles = [camera_style(s, c, domain) for s in range(20) for c in range(1, 7)]
+    cast = np.array([max(st.gains) - min(st.gains) for st in styles])
+    return styles, cast
+
+
+def test_domain_b_draws_nuisances_from_other_distributions():
+    a, cast_a = _domain_stats("A")
+    b, cast_b = _domain_stats("B")
+    assert cast_b.min() > cast_a.max() * 0.9 and np.median(cast_b) > 2 * np.median(cast_a)
+    assert max(st.brightness for st in b) < min(st.brightness for st in a) + 0.05
+    assert max(st.zoom for st in b) < min(st.zoom for st in a)
+    assert {st.scene for st in b} <= {"park", "plaza"} and len({st.scene for st in a}) == 4
+    assert np.mean([sum(st.wall) for st in b]) < np.mean([sum(st.wall) for st in a])
+    assert b[0].illum_range[1] - b[0].illum_range[0] > a[0].illum_range[1] - a[0].illum_range[0]
+    with pytest.raises(ValueError, match="domain"):
+        EmbeddedParams(domain="C")
+
+
+def test_domain_b_is_deterministic_and_darker(tmp_path, tiny_root):
+    r1 = generate_market_layout(str(tmp_path / "b1"), **TINY, domain="B")
+    r2 = generate_market_layout(str(tmp_path / "b2"), **TINY, domain="B")
+    files_a, files_b = _files(tiny_root), _files(r1)
+    assert files_b == _files(r2)
+    assert sorted(files_a) == sorted(files_b)  # same plan: names, identities, cameras
+    assert all(files_a[n] != files_b[n] for n in files_a if not n.endswith(MARKER))
+
+    def mean_level(root):
+        return np.mean([np.asarray(Image.open(os.path.join(root, n)), np.float64).mean()
+                        for n in sorted(_files(root)) if n.endswith(".jpg")])
+
+    assert mean_level(r1) < mean_level(tiny_root) - 10

@@ -17,11 +17,16 @@ distractors with pid 0), :mod:`.render` draws them and :mod:`.writer` writes the
 ``<out_dir>/Market-1501-v15.09.15/{bounding_box_train,bounding_box_test,query}/``.
 Deterministic: the same :class:`EmbeddedParams` give byte-identical JPEG files.
 
-Modules: params (parameters, cache key), sampling (colors and weighted draws), identities,
+Domains (:mod:`.domains`, ``EmbeddedParams.domain``): ``"A"`` (the default, unchanged) and ``"B"``
+draw the camera nuisances (colour cast, exposure, backgrounds, person scale, noise, illumination)
+from different distributions, for cross-domain tests.
+
+Modules: params (parameters, cache key), domains, sampling (colors and weighted draws), identities,
 cameras, shots, drawing, scene, render, plan, writer.
 """
 from .cameras import CameraStyle, camera_style
 from .identities import Identity, make_identities, random_identity
+from .domains import DOMAINS, DomainRanges, domain_ranges
 from .params import GENERATOR_VERSION, EmbeddedParams, ParamsLike, dataset_cache_dir
 from .plan import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, ImageSpec, num_distractors, plan_dataset
 from .render import Renderer, render_image
@@ -32,6 +37,9 @@ __all__ = [
     # parameters and the dataset
     "EmbeddedParams",
     "ParamsLike",
+    "DOMAINS",
+    "DomainRanges",
+    "domain_ranges",
     "GENERATOR_VERSION",
     "dataset_cache_dir",
     "generate_market_layout",

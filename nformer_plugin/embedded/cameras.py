@@ -11,6 +11,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .domains import domain_ranges
 from .sampling import Color, muted_color
 
 __all__ = ["SCENES", "CameraStyle", "camera_style"]
@@ -34,28 +35,32 @@ class CameraStyle:
     zoom: float  # typical person height / image height
     blur: float  # base blur sigma (pixels at height 64)
     noise: float  # sensor noise sigma (0..255)
+    illum_range: Tuple[float, float] = (0.85, 1.15)  # per-image illumination factor (domain)
 
 
-def camera_style(seed: int, cam: int) -> CameraStyle:
-    """The style of camera ``cam`` (1-based) under ``seed``."""
-    rng = np.random.default_rng([seed, 3, cam])
+def camera_style(seed: int, cam: int, domain: str = "A") -> CameraStyle:
+    """The style of camera ``cam`` (1-based) under ``seed``, drawn from ``domain``'s ranges
+    (:mod:`.domains`; domain A draws exactly what generator version 1 drew)."""
+    d = domain_ranges(domain)
+    rng = np.random.default_rng([seed, 3, cam, *d.rng_tag])
     tint = rng.normal(size=3)
     tint -= tint.mean()
     tint /= max(np.abs(tint).max(), 1e-6)
-    gains = 1.0 + rng.uniform(0.08, 0.18) * tint
+    gains = 1.0 + rng.uniform(*d.cast) * tint
     views = rng.dirichlet(np.ones(3)) * 0.7 + 0.1
     return CameraStyle(
         gains=tuple(float(g) for g in gains / gains.mean()),
-        brightness=float(rng.uniform(0.78, 1.18)),
-        gamma=float(rng.uniform(0.78, 1.3)),
-        scene=SCENES[int(rng.integers(len(SCENES)))],
-        wall=muted_color(rng, 70, 210, 0.45),
-        floor=muted_color(rng, 50, 170, 0.3),
-        clutter=tuple(muted_color(rng, 30, 230, 0.8) for _ in range(5)),
+        brightness=float(rng.uniform(*d.brightness)),
+        gamma=float(rng.uniform(*d.gamma)),
+        scene=d.scenes[int(rng.integers(len(d.scenes)))],
+        wall=muted_color(rng, *d.wall),
+        floor=muted_color(rng, *d.floor),
+        clutter=tuple(muted_color(rng, *d.clutter) for _ in range(5)),
         horizon=float(rng.uniform(0.45, 0.7)),
         view_probs=tuple(float(v) for v in views / views.sum()),
-        zoom=float(rng.uniform(0.84, 0.96)),
+        zoom=float(rng.uniform(*d.zoom)),
         blur=float(rng.uniform(0.0, 0.6)),
-        noise=float(rng.uniform(1.5, 6.0)),
+        noise=float(rng.uniform(*d.noise)),
+        illum_range=d.illum,
     )
 

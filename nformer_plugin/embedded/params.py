@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, Mapping, Tuple, Union
 
+from .domains import DOMAINS
+
 __all__ = ["GENERATOR_VERSION", "EmbeddedParams", "ParamsLike", "dataset_cache_dir", "params_key"]
 
 GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of the cache key and the marker
@@ -36,10 +38,11 @@ class EmbeddedParams:
     queries_per_id: int = _field(2, "query images per test identity (distinct cameras)")
     height: int = _field(64, "generated image height (width = height / 2)")
     outlier_ratio: float = _field(0.08, "share of hard outlier images (heavy occlusion/blur)")
+    domain: str = _field("A", "camera world: A (default) | B (other casts, exposure, scenes, scale, light)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            kind = type(f.default)  # int or float
+            kind = type(f.default)  # int, float or str
             value = getattr(self, f.name)
             try:
                 object.__setattr__(self, f.name, kind(value))
@@ -65,6 +68,7 @@ class EmbeddedParams:
         need(self.images_per_id <= 999, "images_per_id must be <= 999")
         need(self.height >= 16, "height must be >= 16")
         need(0.0 <= self.outlier_ratio <= 0.5, "outlier_ratio must be in [0, 0.5]")
+        need(self.domain in DOMAINS, f"domain must be one of {sorted(DOMAINS)}")
 
     @property
     def min_cameras(self) -> int:
@@ -109,8 +113,13 @@ ParamsLike = Union[EmbeddedParams, Mapping[str, Any], None]
 
 
 def params_key(params: ParamsLike = None) -> Dict[str, Any]:
-    """What the cache key and the ``.complete`` marker hold: parameters plus generator version."""
-    return {**EmbeddedParams.coerce(params).as_dict(), "generator_version": GENERATOR_VERSION}
+    """What the cache key and the ``.complete`` marker hold: parameters plus generator version.
+    Domain ``"A"`` is left out, so its key (and cache folder) is the one it had before domains
+    existed; other domains are part of the key."""
+    values = EmbeddedParams.coerce(params).as_dict()
+    if values["domain"] == "A":
+        del values["domain"]
+    return {**values, "generator_version": GENERATOR_VERSION}
 
 
 def dataset_cache_dir(params: ParamsLike = None) -> str:

@@ -61,7 +61,7 @@ class Renderer:
     def __init__(self, p: EmbeddedParams):
         self.p = p
         self.identities = make_identities(p.seed, split_pids(p))
-        self.styles = {c: camera_style(p.seed, c) for c in range(1, p.num_cameras + 1)}
+        self.styles = {c: camera_style(p.seed, c, p.domain) for c in range(1, p.num_cameras + 1)}
 
     def __call__(self, spec: ImageSpec) -> Image.Image:
         style = self.styles[spec.cam]

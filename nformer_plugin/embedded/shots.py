@@ -91,7 +91,7 @@ def draw_shot(rng: np.random.Generator, style: CameraStyle, outlier: str = "") -
         cx = 0.5 + random_sign(rng) * float(rng.uniform(0.45, 0.7))
         top = float(rng.uniform(-0.15, 0.35))
     return Shot(pose=pose, scale=scale, top=top, cx=cx, occluder=occluder, occ_amount=amount,
-                illum=float(rng.uniform(0.85, 1.15)),
+                illum=float(rng.uniform(*style.illum_range)),
                 cast=tuple(float(c) for c in np.exp(rng.normal(0.0, 0.03, 3))),
                 blur=blur, outlier=outlier)
 
