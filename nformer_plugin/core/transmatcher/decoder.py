@@ -84,14 +84,14 @@ class MatchingDecoderLayer(nn.Module):
         if aligned:
             sims = torch.bmm(query, gallery.transpose(1, 2))  # (B, t, s)
             if weights is not None:
-                sims = sims * weights
+                sims = _weighted(sims, weights)
             return sims.amax(dim=2), sims.amax(dim=1)
         nq, length, dim = query.shape
         ng = gallery.shape[0]
         sims = (query.reshape(nq * length, dim) @ gallery.reshape(ng * length, dim).t())
         sims = sims.view(nq, length, ng, length)  # (query, t, gallery, s)
         if weights is not None:
-            sims = sims * weights[None, :, None, :]
+            sims = _weighted(sims, weights[None, :, None, :])
         per_query_location = sims.amax(dim=3).transpose(1, 2)  # (Nq, Ng, t)
         per_gallery_location = sims.amax(dim=1)  # (Nq, Ng, s)
         return per_query_location, per_gallery_location
@@ -118,3 +118,11 @@ class MatchingDecoderLayer(nn.Module):
         ``query`` and ``gallery`` are projected encodings (see :meth:`project`).
         """
         return self.head(*self.pooled_similarities(query, gallery, aligned))
+
+
+def _weighted(sims: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sims * weights`` (Eq. 6); in place when no gradient is recorded, to spare a copy of the
+    largest tensor of the evaluation (pairs x hw x hw)."""
+    if torch.is_grad_enabled():
+        return sims * weights
+    return sims.mul_(weights)
