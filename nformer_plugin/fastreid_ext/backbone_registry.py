@@ -4,7 +4,9 @@ Registers into FastReID's ``BACKBONE_REGISTRY`` (selected with ``MODEL.BACKBONE.
 
 * ``build_nformer_resnet_backbone`` - the NFormer paper's ResNet with a dilated last stage;
 * ``build_abd_backbone`` - ABD-Net (``MODEL.BACKBONE.ABD.*``);
-* ``build_apnet_backbone`` - APNet-C (``MODEL.BACKBONE.APNET.*``).
+* ``build_apnet_backbone`` - APNet-C (``MODEL.BACKBONE.APNET.*``);
+* ``build_resnet_ibn_b_backbone`` - ResNet with IBN-Net-b instance normalisation (TransMatcher's
+  backbone; FastReID ships only IBN-a, ``WITH_IBN``).
 
 They read FastReID's own keys ``MODEL.BACKBONE.{DEPTH, LAST_STRIDE, NORM, PRETRAIN,
 PRETRAIN_PATH}`` (``WITH_IBN``/``WITH_SE``/``WITH_NL`` are not supported and raise). ``NORM``
@@ -27,7 +29,7 @@ from torch import nn
 from fastreid.layers import get_norm
 from fastreid.modeling.backbones import BACKBONE_REGISTRY
 
-from ..core.backbones import ABDNet, APNet, DilatedResNet
+from ..core.backbones import ABDNet, APNet, DilatedResNet, ResNetIBNb
 
 logger = logging.getLogger(__name__)
 
@@ -129,4 +131,15 @@ def build_apnet_backbone(cfg) -> APNet:
         groups=ap.GROUPS, sams_reduction=ap.SAMS_REDUCTION, stem_relu=ap.STEM_RELU,
         norm_layer=_norm_layer(cfg),
     )
+    return _maybe_load_pretrained(model, cfg)
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_ibn_b_backbone(cfg) -> ResNetIBNb:
+    """ResNet-IBN-b from ``MODEL.BACKBONE.{DEPTH, LAST_STRIDE, NORM}`` returning ``layer4``
+    (``TransMatcherReID`` cuts it at ``MODEL.TRANSMATCHER.FEATURE_LAYER``). ``PRETRAIN_PATH``
+    takes IBN-Net's ImageNet IBN-b weights or a torchvision ResNet state dict."""
+    _check_cfg(cfg)
+    bb = cfg.MODEL.BACKBONE
+    model = ResNetIBNb(bb.DEPTH, bb.LAST_STRIDE, "layer4", _norm_layer(cfg))
     return _maybe_load_pretrained(model, cfg)
