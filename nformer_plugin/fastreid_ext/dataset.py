@@ -19,7 +19,7 @@ from fastreid.data.datasets.market1501 import Market1501
 
 from ..embedded import EmbeddedParams, dataset_cache_dir, generate_market_layout
 
-__all__ = ["EmbeddedReID"]
+__all__ = ["EmbeddedReID", "EmbeddedReIDDomainA", "EmbeddedReIDDomainB"]
 
 MARKET_MAX_CAMERAS = 6  # Market1501.process_dir asserts 1 <= camid <= 6
 MARKET_MAX_PID = 1501  # ... and 0 <= pid <= 1501
@@ -63,3 +63,33 @@ class EmbeddedReID(Market1501):
         """Constructor keywords (one per :class:`EmbeddedParams` field) from
         ``cfg.DATASETS.EMBEDDED`` (keys: the field names in upper case)."""
         return EmbeddedParams.from_config(cfg.DATASETS.EMBEDDED).as_dict()
+
+
+class _FixedDomain(EmbeddedReID):
+    """``EmbeddedReID`` with ``DATASETS.EMBEDDED.DOMAIN`` replaced by the class's ``domain``, so
+    one config can train on one domain and test on another through FastReID's own
+    ``DATASETS.NAMES`` / ``DATASETS.TESTS`` (the cross-dataset protocol, on generated data)."""
+
+    domain = "A"
+
+    def __init__(self, root: str = "datasets", params: Optional[EmbeddedParams] = None,
+                 **kwargs: Any):
+        kwargs["domain"] = self.domain
+        super().__init__(root=root, params=params, **kwargs)
+
+
+@DATASET_REGISTRY.register()
+class EmbeddedReIDDomainA(_FixedDomain):
+    """The embedded dataset in domain A (the default world; same files as ``EmbeddedReID``)."""
+
+    dataset_name = "embedded"
+    domain = "A"
+
+
+@DATASET_REGISTRY.register()
+class EmbeddedReIDDomainB(_FixedDomain):
+    """The embedded dataset in domain B: other colour casts, exposure, backgrounds, person scale
+    and illumination (``nformer_plugin.embedded.domains``); same identities and plan."""
+
+    dataset_name = "embeddedB"
+    domain = "B"
