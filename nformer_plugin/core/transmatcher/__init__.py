@@ -1,5 +1,8 @@
 """TransMatcher (Liao & Shao, NeurIPS 2021), pure torch: the matcher, its pairwise matching
 loss and bounded-memory query x gallery scoring. Never imports FastReID."""
+from .loss import pairwise_matching_loss
 from .matcher import TransMatcher
+from .scoring import MapStore, match_scores, scores_to_distances
 
-__all__ = ["TransMatcher"]
+__all__ = ["MapStore", "TransMatcher", "match_scores", "pairwise_matching_loss",
+           "scores_to_distances"]
