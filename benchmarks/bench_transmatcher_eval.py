@@ -1,0 +1,134 @@
+"""Benchmark: TransMatcher query x gallery evaluation at Market-1501 size, in bounded memory.
+
+Market-1501's test set is 3,368 queries x 15,913 gallery images; TransMatcher (default config:
+d = 512, D = 2048, 3 layers, 2 encoders, prior embedding) scores every pair of their 24 x 8
+maps with 512 channels (the 3x3 neck output of the paper's layer3, 384 x 128 inputs, sec. 6.2).
+Random identity-structured maps (a prototype per identity plus noise, about 20 images per
+identity) stand in for backbone maps; an untrained matcher scores them. Prints:
+
+* pairs per second of ``match_scores`` (maps stored in float16, encoded per chunk in float32);
+* peak memory: process RSS (must stay below 8 GB at full scale) and, on CUDA, the allocator's
+  peak;
+* float16 vs float32 map storage: ranking agreement (top-1 and top-10 identical) and the
+  largest score difference, on the first ``--compare-queries`` queries against the first
+  ``--compare-gallery`` gallery images.
+
+    python benchmarks/bench_transmatcher_eval.py --scale 0.02          # quick check (CPU)
+    python benchmarks/bench_transmatcher_eval.py --device cuda          # the full size
+
+This is a script, not a test; timings depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from nformer_plugin.core.transmatcher import MapStore, TransMatcher, match_scores  # noqa: E402
+
+MARKET_QUERY, MARKET_GALLERY = 3368, 15913
+HEIGHT, WIDTH, CHANNELS = 24, 8, 512
+IMAGES_PER_ID = 20
+GENERATION_BATCH = 256
+
+
+def identity_maps(first: int, count: int, seed: int, dtype: torch.dtype) -> MapStore:
+    """Maps ``first:first + count`` of a deterministic identity-structured set, as a MapStore.
+
+    Image ``i`` is ``prototype[i // IMAGES_PER_ID] + noise_i``; generated in batches, so only
+    one float32 batch exists at a time whatever ``dtype`` stores them.
+    """
+    store = MapStore(dtype)
+    for start in range(first, first + count, GENERATION_BATCH):
+        stop = min(start + GENERATION_BATCH, first + count)
+        batch = []
+        for index in range(start, stop):
+            identity = torch.Generator().manual_seed(seed * 1_000_003 + index // IMAGES_PER_ID)
+            noise = torch.Generator().manual_seed(seed * 7_000_001 + index + 1_000_000_000)
+            proto = torch.randn(CHANNELS, HEIGHT, WIDTH, generator=identity)
+            batch.append(proto + 1.5 * torch.randn(CHANNELS, HEIGHT, WIDTH, generator=noise))
+        store.append(torch.stack(batch))
+    return store
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of Market-1501's query and gallery counts (default 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--query-chunk", type=int, default=512)
+    parser.add_argument("--gallery-chunk", type=int, default=128)
+    parser.add_argument("--pair-block-cells", type=int, default=None,
+                        help="similarity values formed at once (default 2^26 CPU, 2^28 CUDA)")
+    parser.add_argument("--compare-queries", type=int, default=16)
+    parser.add_argument("--compare-gallery", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not 0 < args.scale <= 1:
+        parser.error("--scale must lie in (0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cells = args.pair_block_cells or (1 << 28 if device.type == "cuda" else 1 << 26)
+    num_query = max(1, round(MARKET_QUERY * args.scale))
+    num_gallery = max(1, round(MARKET_GALLERY * args.scale))
+
+    torch.manual_seed(args.seed)
+    matcher = TransMatcher(HEIGHT * WIDTH, CHANNELS).to(device).eval()
+    print(f"TransMatcher eval benchmark: {num_query} queries x {num_gallery} gallery = "
+          f"{num_query * num_gallery:,} pairs; maps {CHANNELS}x{HEIGHT}x{WIDTH}; device "
+          f"{device}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}")
+    start = time.perf_counter()
+    query = identity_maps(0, num_query, args.seed, torch.float16)
+    gallery = identity_maps(num_query, num_gallery, args.seed, torch.float16)
+    print(f"maps generated (float16 storage) in {time.perf_counter() - start:.1f} s; "
+          f"peak RSS so far {peak_rss_gb():.2f} GB")
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    scores = match_scores(matcher, query, gallery, query_chunk=args.query_chunk,
+                          gallery_chunk=args.gallery_chunk, pair_block_cells=cells,
+                          device=device, progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(f"scores {tuple(scores.shape)} in {seconds:.1f} s: "
+          f"{num_query * num_gallery / seconds:,.0f} pairs/s")
+    print(f"peak RSS {peak_rss_gb():.2f} GB (limit 8 GB)")
+    if device.type == "cuda":
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f} GB")
+
+    cq = min(args.compare_queries, num_query)
+    cg = min(args.compare_gallery, num_gallery)
+    compare = dict(query_chunk=args.query_chunk, gallery_chunk=args.gallery_chunk,
+                   pair_block_cells=cells, device=device, progress=False)
+    half = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float16),
+                        identity_maps(num_query, cg, args.seed, torch.float16), **compare)
+    full = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float32),
+                        identity_maps(num_query, cg, args.seed, torch.float32), **compare)
+    top1 = (half.argmax(1) == full.argmax(1)).float().mean().item()
+    k = min(10, cg)
+    top10 = (half.topk(k).indices == full.topk(k).indices).all(1).float().mean().item()
+    print(f"float16 vs float32 map storage ({cq} queries x {cg} gallery): top-1 identical "
+          f"{top1:.1%}, top-{k} lists identical {top10:.1%}, max |score diff| "
+          f"{(half - full).abs().max().item():.2e} (score range "
+          f"{full.min().item():.2f} .. {full.max().item():.2f})")
+
+
+if __name__ == "__main__":
+    main()
