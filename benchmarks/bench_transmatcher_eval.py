@@ -9,12 +9,13 @@ identity) stand in for backbone maps; an untrained matcher scores them. Prints:
 * pairs per second of ``match_scores`` (maps stored in float16, encoded per chunk in float32);
 * peak memory: process RSS (must stay below 8 GB at full scale) and, on CUDA, the allocator's
   peak;
-* float16 vs float32 map storage: ranking agreement (top-1 and top-10 identical) and the
+* float16 vs float32 map storage (both computed in float32): ranking agreement (top-1 and top-10 identical) and the
   largest score difference, on the first ``--compare-queries`` queries against the first
   ``--compare-gallery`` gallery images.
 
     python benchmarks/bench_transmatcher_eval.py --scale 0.02          # quick check (CPU)
     python benchmarks/bench_transmatcher_eval.py --device cuda          # the full size
+    python benchmarks/bench_transmatcher_eval.py --device cuda --autocast float16
 
 This is a script, not a test; timings depend on the machine and its load.
 """
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--gallery-chunk", type=int, default=128)
     parser.add_argument("--pair-block-cells", type=int, default=None,
                         help="similarity values formed at once (default 2^26 CPU, 2^28 CUDA)")
+    parser.add_argument("--autocast", choices=["none", "float16", "bfloat16"], default="none",
+                        help="compute the main run under torch.autocast in this dtype")
     parser.add_argument("--compare-queries", type=int, default=16)
     parser.add_argument("--compare-gallery", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -83,6 +86,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cells = args.pair_block_cells or (1 << 28 if device.type == "cuda" else 1 << 26)
+    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
     num_query = max(1, round(MARKET_QUERY * args.scale))
     num_gallery = max(1, round(MARKET_GALLERY * args.scale))
 
@@ -90,7 +94,8 @@ def main() -> None:
     matcher = TransMatcher(HEIGHT * WIDTH, CHANNELS).to(device).eval()
     print(f"TransMatcher eval benchmark: {num_query} queries x {num_gallery} gallery = "
           f"{num_query * num_gallery:,} pairs; maps {CHANNELS}x{HEIGHT}x{WIDTH}; device "
-          f"{device}; {torch.get_num_threads()} CPU threads; torch {torch.__version__}")
+          f"{device}; autocast {args.autocast}; {torch.get_num_threads()} CPU threads; "
+          f"torch {torch.__version__}")
     start = time.perf_counter()
     query = identity_maps(0, num_query, args.seed, torch.float16)
     gallery = identity_maps(num_query, num_gallery, args.seed, torch.float16)
@@ -103,7 +108,7 @@ def main() -> None:
     start = time.perf_counter()
     scores = match_scores(matcher, query, gallery, query_chunk=args.query_chunk,
                           gallery_chunk=args.gallery_chunk, pair_block_cells=cells,
-                          device=device, progress=True)
+                          device=device, autocast_dtype=autocast, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -8,7 +8,8 @@ from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank
 from nformer_plugin.core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
 from nformer_plugin.core.training.graph_sampler import GraphSampler
 from nformer_plugin.core.transmatcher import (MapStore, TransMatcher, match_scores,
-                                              pairwise_matching_loss, scores_to_distances)
+                                              pairwise_matching_loss, reranked_distances,
+                                              scores_to_distances)
 
 H, W, C = 4, 2, 16  # 8 locations
 SMALL = dict(seq_len=H * W, in_dim=C, d_model=16, dim_feedforward=32)
@@ -190,6 +191,16 @@ def test_float16_storage_keeps_the_ranking():
     assert top1_agreement == 1.0 and top10_agreement > 0.97
 
 
+def test_autocast_scores_stay_close():
+    matcher = small_matcher().eval()
+    query, gallery = maps(10, 3), maps(30, 4)
+    full = match_scores(matcher, query, gallery, progress=False)
+    low = match_scores(matcher, query, gallery, autocast_dtype=torch.bfloat16, progress=False)
+    assert low.dtype == torch.float32 and low.shape == full.shape
+    correlation = np.corrcoef(full.reshape(-1).numpy(), low.reshape(-1).numpy())[0, 1]
+    assert correlation > 0.99
+
+
 def test_match_scores_rejects_bad_input():
     matcher = small_matcher().eval()
     with pytest.raises(ValueError, match="do not fit"):
@@ -369,6 +380,9 @@ def test_rerank_of_matcher_distances_runs_and_rejects_bad_blocks():
     gg = scores_to_distances(match_scores(matcher, gallery, progress=False))
     result = k_reciprocal_rerank_distances(qg, qq, gg, k1=5, k2=3)
     assert result.shape == (6, 20) and np.isfinite(result).all()
+    one_call = reranked_distances(matcher, query, gallery, k1=5, k2=3, query_chunk=4,
+                                  gallery_chunk=5, progress=False)
+    np.testing.assert_allclose(one_call, result, atol=1e-5)
     with pytest.raises(ValueError, match="negative"):
         k_reciprocal_rerank_distances(-qg, qq, gg, k1=5, k2=3)
     with pytest.raises(ValueError, match="do not fit"):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..retrieval.rerank_precomputed import k_reciprocal_rerank_distances
 from .matcher import TransMatcher
 
 logger = logging.getLogger("fastreid.nformer")
@@ -102,15 +103,18 @@ class MapStore:
 def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional[Maps] = None,
                  *, query_chunk: int = 512, gallery_chunk: int = 128,
                  pair_block_cells: int = PAIR_BLOCK_CELLS, device: Optional[torch.device] = None,
-                 progress: bool = True, desc: str = "TransMatcher scores") -> torch.Tensor:
+                 autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                 desc: str = "TransMatcher scores") -> torch.Tensor:
     """Scores (Nq, Ng) float32 (CPU) of every query map against every gallery map.
 
     ``query_maps`` / ``gallery_maps`` are (N, C, H, W) tensors, numpy arrays (memory maps
     too) or :class:`MapStore` s. Without ``gallery_maps`` the queries are scored against
     themselves and, the score being symmetric, only blocks on or above the diagonal are
     computed and mirrored. The matcher runs in eval mode (its mode is restored afterwards) on
-    ``device`` (default: where its parameters are). ``progress`` shows a bar with an ETA (tqdm,
-    or the ``fastreid.nformer`` logger every 30 s when tqdm is missing).
+    ``device`` (default: where its parameters are). ``autocast_dtype`` (e.g. ``torch.float16``
+    on a GPU, as the authors evaluate) runs the matcher under ``torch.autocast``; the default
+    computes in float32. ``progress`` shows a bar with an ETA (tqdm, or the ``fastreid.nformer``
+    logger every 30 s when tqdm is missing).
     """
     for name, value in (("query_chunk", query_chunk), ("gallery_chunk", gallery_chunk),
                         ("pair_block_cells", pair_block_cells)):
@@ -127,7 +131,8 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
     was_training = matcher.training
     matcher.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
             for q0 in range(0, num_query, query_chunk):
                 q1 = min(q0 + query_chunk, num_query)
                 query_mem = matcher.encode(_rows(query_maps, q0, q1).to(device))
@@ -146,6 +151,28 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
         matcher.train(was_training)
         meter.close()
     return scores
+
+
+def reranked_distances(matcher: TransMatcher, query_maps: Maps, gallery_maps: Maps,
+                       query_gallery_scores: Optional[torch.Tensor] = None, k1: int = 20,
+                       k2: int = 6, lambda_value: float = 0.3, **scoring) -> np.ndarray:
+    """k-reciprocal re-ranked (Q, G) distances of TransMatcher scores (``TEST.RERANK``).
+
+    Scores the query-query and gallery-gallery pairs (only here: they are needed for
+    re-ranking alone; each set once, using the score's symmetry), converts all three blocks with
+    :func:`scores_to_distances` and re-ranks them with
+    :func:`~nformer_plugin.core.retrieval.rerank_precomputed.k_reciprocal_rerank_distances`.
+    ``query_gallery_scores`` reuses an already computed (Q, G) block; ``scoring`` passes
+    keyword arguments on to :func:`match_scores`.
+    """
+    if query_gallery_scores is None:
+        query_gallery_scores = match_scores(matcher, query_maps, gallery_maps, **scoring)
+    query_query = match_scores(matcher, query_maps, desc="TransMatcher query-query", **scoring)
+    gallery_gallery = match_scores(matcher, gallery_maps, desc="TransMatcher gallery-gallery",
+                                   **scoring)
+    return k_reciprocal_rerank_distances(
+        scores_to_distances(query_gallery_scores), scores_to_distances(query_query),
+        scores_to_distances(gallery_gallery), k1=k1, k2=k2, lambda_value=lambda_value)
 
 
 def scores_to_distances(scores: Union[torch.Tensor, np.ndarray]) -> Union[torch.Tensor,
