@@ -60,6 +60,23 @@ def identity_maps(first: int, count: int, seed: int, dtype: torch.dtype) -> MapS
     return store
 
 
+def memory_estimate_gb(num_query: int, num_gallery: int, matcher: TransMatcher,
+                       args: argparse.Namespace, cells: int) -> dict:
+    """The big buffers of an evaluation, in GB (an estimate: allocator overheads not counted)."""
+    hw, d, layers = matcher.seq_len, matcher.d_model, matcher.num_layers
+    feedforward = matcher.decoders[0].mlp_head1[0].out_features
+    block = min(args.query_chunk, num_query)
+    parts = {
+        "maps (float16)": (num_query + num_gallery) * CHANNELS * hw * 2,
+        "scores": num_query * num_gallery * 4,
+        "query block memories": block * layers * hw * d * 4,
+        "gallery chunk memories": min(args.gallery_chunk, num_gallery) * layers * hw * d * 4,
+        "encoder activations": args.encode_chunk * hw * (feedforward + 4 * d) * 4,
+        "pair similarities": 2 * cells * 4,
+    }
+    return {name: size / 1024 ** 3 for name, size in parts.items()}
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
 
@@ -72,6 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--query-chunk", type=int, default=512)
     parser.add_argument("--gallery-chunk", type=int, default=128)
+    parser.add_argument("--encode-chunk", type=int, default=64)
     parser.add_argument("--pair-block-cells", type=int, default=None,
                         help="similarity values formed at once (default 2^26 CPU, 2^28 CUDA)")
     parser.add_argument("--autocast", choices=["none", "float16", "bfloat16"], default="none",
@@ -102,12 +120,18 @@ def main() -> None:
     print(f"maps generated (float16 storage) in {time.perf_counter() - start:.1f} s; "
           f"peak RSS so far {peak_rss_gb():.2f} GB")
 
+    for label, (nq, ng) in (("this run", (num_query, num_gallery)),
+                            ("full Market-1501", (MARKET_QUERY, MARKET_GALLERY))):
+        parts = memory_estimate_gb(nq, ng, matcher, args, cells)
+        print(f"estimated buffers, {label}: {sum(parts.values()):.2f} GB (" + ", ".join(
+            f"{name} {size:.2f}" for name, size in parts.items()) + ") + the process itself")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     scores = match_scores(matcher, query, gallery, query_chunk=args.query_chunk,
-                          gallery_chunk=args.gallery_chunk, pair_block_cells=cells,
+                          gallery_chunk=args.gallery_chunk, encode_chunk=args.encode_chunk,
+                          pair_block_cells=cells,
                           device=device, autocast_dtype=autocast, progress=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -121,7 +145,7 @@ def main() -> None:
     cq = min(args.compare_queries, num_query)
     cg = min(args.compare_gallery, num_gallery)
     compare = dict(query_chunk=args.query_chunk, gallery_chunk=args.gallery_chunk,
-                   pair_block_cells=cells, device=device, progress=False)
+                   encode_chunk=args.encode_chunk, pair_block_cells=cells, device=device, progress=False)
     half = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float16),
                         identity_maps(num_query, cg, args.seed, torch.float16), **compare)
     full = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float32),

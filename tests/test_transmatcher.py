@@ -7,7 +7,8 @@ import torch
 from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank
 from nformer_plugin.core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
 from nformer_plugin.core.training.graph_sampler import GraphSampler
-from nformer_plugin.core.transmatcher import (MapStore, TransMatcher, match_scores,
+from nformer_plugin.core.transmatcher import (MapStore, TransMatcher, encode_in_chunks,
+                                              match_scores,
                                               pairwise_matching_loss, reranked_distances,
                                               scores_to_distances)
 
@@ -166,7 +167,7 @@ def test_bounded_scores_equal_dense_scores():
         dense = matcher(query, gallery)
         dense_self = matcher(query)
     chunked = match_scores(matcher, query, gallery, query_chunk=4, gallery_chunk=3,
-                           pair_block_cells=64 * 5, progress=False)
+                           encode_chunk=2, pair_block_cells=64 * 5, progress=False)
     torch.testing.assert_close(chunked, dense, atol=1e-5, rtol=1e-5)
     store = MapStore(torch.float32).extend([query[:5], query[5:6], query[6:]])
     mirrored = match_scores(matcher, store, query_chunk=5, gallery_chunk=2, progress=False)
@@ -174,6 +175,13 @@ def test_bounded_scores_equal_dense_scores():
     as_numpy = match_scores(matcher, query.numpy(), gallery.numpy(), progress=False)
     torch.testing.assert_close(as_numpy, dense, atol=1e-5, rtol=1e-5)
     assert matcher.training is False
+    with torch.no_grad():
+        pieces = encode_in_chunks(matcher, store, 2, 11, chunk=3)
+        whole = matcher.encode(query[2:11])
+    for piece, full in zip(pieces, whole):
+        torch.testing.assert_close(piece, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-empty range"):
+        encode_in_chunks(matcher, store, 5, 5)
     matcher.train()
     match_scores(matcher, query, gallery, progress=False)
     assert matcher.training  # the caller's mode is restored

@@ -6,7 +6,8 @@ memories (9.4 GB in float16), and the (hw x hw) similarities of every pair are f
 So only the backbone maps are stored (one (C, hw) array per image: 3.8 GB in float16 for all
 of Market-1501's query + gallery at C = 512), and memories are encoded chunk by chunk:
 
-* the queries are taken ``query_chunk`` at a time and encoded once per block;
+* the queries are taken ``query_chunk`` at a time and encoded once per block
+  (``encode_chunk`` images at a time, which bounds the encoders' activations);
 * for each block the gallery is walked ``gallery_chunk`` images at a time; each chunk is
   encoded (in float32), scored against the block, and dropped. Re-encoding the gallery once
   per query block costs ``1 / query_chunk`` of the matching work per encoded image: about 2 %
@@ -101,7 +102,7 @@ class MapStore:
 
 
 def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional[Maps] = None,
-                 *, query_chunk: int = 512, gallery_chunk: int = 128,
+                 *, query_chunk: int = 512, gallery_chunk: int = 128, encode_chunk: int = 64,
                  pair_block_cells: int = PAIR_BLOCK_CELLS, device: Optional[torch.device] = None,
                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
                  desc: str = "TransMatcher scores") -> torch.Tensor:
@@ -110,14 +111,15 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
     ``query_maps`` / ``gallery_maps`` are (N, C, H, W) tensors, numpy arrays (memory maps
     too) or :class:`MapStore` s. Without ``gallery_maps`` the queries are scored against
     themselves and, the score being symmetric, only blocks on or above the diagonal are
-    computed and mirrored. The matcher runs in eval mode (its mode is restored afterwards) on
+    computed and mirrored. Memories are encoded ``encode_chunk`` images at a time (the
+    encoders' feed-forward activations, images x hw x D, are the largest encoding buffer). The matcher runs in eval mode (its mode is restored afterwards) on
     ``device`` (default: where its parameters are). ``autocast_dtype`` (e.g. ``torch.float16``
     on a GPU, as the authors evaluate) runs the matcher under ``torch.autocast``; the default
     computes in float32. ``progress`` shows a bar with an ETA (tqdm, or the ``fastreid.nformer``
     logger every 30 s when tqdm is missing).
     """
     for name, value in (("query_chunk", query_chunk), ("gallery_chunk", gallery_chunk),
-                        ("pair_block_cells", pair_block_cells)):
+                        ("encode_chunk", encode_chunk), ("pair_block_cells", pair_block_cells)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     same_set = gallery_maps is None
@@ -135,10 +137,11 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
                                                     enabled=autocast_dtype is not None):
             for q0 in range(0, num_query, query_chunk):
                 q1 = min(q0 + query_chunk, num_query)
-                query_mem = matcher.encode(_rows(query_maps, q0, q1).to(device))
+                query_mem = encode_in_chunks(matcher, query_maps, q0, q1, encode_chunk, device)
                 for g0 in range(q0 if same_set else 0, num_gallery, gallery_chunk):
                     g1 = min(g0 + gallery_chunk, num_gallery)
-                    gallery_mem = matcher.encode(_rows(gallery_maps, g0, g1).to(device))
+                    gallery_mem = encode_in_chunks(matcher, gallery_maps, g0, g1, encode_chunk,
+                                                   device)
                     rows_per_block = max(1, pairs_per_block // (g1 - g0))
                     for r0 in range(0, q1 - q0, rows_per_block):
                         r1 = min(r0 + rows_per_block, q1 - q0)
@@ -151,6 +154,29 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
         matcher.train(was_training)
         meter.close()
     return scores
+
+
+def encode_in_chunks(matcher: TransMatcher, maps: Maps, start: int = 0,
+                     stop: Optional[int] = None, chunk: int = 64,
+                     device: Optional[torch.device] = None) -> List[torch.Tensor]:
+    """The per-layer memories (stop - start, hw, d_model) of ``maps[start:stop]`` on ``device``.
+
+    Maps are widened to float32 and encoded ``chunk`` images at a time, so neither a float32
+    copy of the whole set nor the encoder activations of more than ``chunk`` images exist at
+    once. Call it under ``torch.no_grad()`` / ``inference_mode`` (as :func:`match_scores`
+    does) unless gradients are wanted.
+    """
+    stop = len(maps) if stop is None else stop
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    if not 0 <= start < stop <= len(maps):
+        raise ValueError(f"rows {start}:{stop} are not a non-empty range of the {len(maps)} maps")
+    device = next(matcher.parameters()).device if device is None else torch.device(device)
+    pieces = [matcher.encode(_rows(maps, s, min(s + chunk, stop)).to(device))
+              for s in range(start, stop, chunk)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return [torch.cat(layer) for layer in zip(*pieces)]
 
 
 def reranked_distances(matcher: TransMatcher, query_maps: Maps, gallery_maps: Maps,
