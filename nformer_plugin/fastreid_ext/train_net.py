@@ -111,9 +111,57 @@ def with_num_classes_from_weights(cfg):
     return cfg
 
 
+def trainer_class(cfg):
+    """The trainer of ``MODEL.META_ARCHITECTURE``: TransMatcher's recipe for
+    ``TransMatcherReID``, the two-stage NFormer trainer otherwise."""
+    if cfg.MODEL.META_ARCHITECTURE == "TransMatcherReID":
+        from .transmatcher_trainer import TransMatcherTrainer
+
+        return TransMatcherTrainer
+    return Trainer
+
+
+def write_results(cfg, results) -> None:
+    """``OUTPUT_DIR/final_results.json``: the metrics the run ended with (what the last table
+    printed; per test dataset when there are several), for tools such as
+    ``tools/cross_domain_table.py``."""
+    if not results or not cfg.OUTPUT_DIR or not comm.is_main_process():
+        return
+    import json
+
+    from ..core.io import save_text
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    save_text(json.dumps(plain(results), indent=1), os.path.join(cfg.OUTPUT_DIR,
+                                                                 "final_results.json"))
+
+
 def main(args):
     cfg = setup(args)
+    results = run(cfg, args)
+    write_results(cfg, results)
+    return results
+
+
+def run(cfg, args):
+    """Train (or evaluate, ``--eval-only``) as the config says; returns the final metrics."""
+    trainer_cls = trainer_class(cfg)
     if args.eval_only:
+        if trainer_cls is not Trainer:  # no classifier: nothing to read from the weights
+            model = trainer_cls.build_model(cfg)
+            if cfg.MODEL.WEIGHTS:
+                AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+            return trainer_cls.test(cfg, model)
         cfg = with_num_classes_from_weights(cfg)
         model = Trainer.build_model(cfg)
         if cfg.MODEL.WEIGHTS:
@@ -121,7 +169,7 @@ def main(args):
         results = Trainer.test(cfg, model)
         export_training_features(cfg, model)  # train.npz beside query/gallery, as in training
         return results
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

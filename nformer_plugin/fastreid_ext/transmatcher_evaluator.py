@@ -1,0 +1,163 @@
+"""FastReID glue: ``TransMatcherEvaluator``, query x gallery matching in bounded memory.
+
+The model returns one feature map per image. The evaluator stores the maps (``float16`` by
+default, ``MODEL.TRANSMATCHER.TEST_STORAGE``: the ranking changes by a few ties at most, see
+``benchmarks/bench_transmatcher_eval.py``), then scores every query against every gallery map
+with ``core.transmatcher.scoring.match_scores`` (gallery maps encoded in chunks, a progress bar
+with an ETA) and ranks by ``softplus(-score)``. ``TEST.RERANK.ENABLED`` applies k-reciprocal
+re-ranking to those matching distances (``core.retrieval.rerank_precomputed``); only then are
+the query x query and gallery x gallery scores computed.
+
+The table has the NFormer evaluator's format (``core.retrieval.comparison.format_table``) with
+the rows: ``global`` (cosine distance between the global-average-pooled maps of the same
+network, a reference row, ``MODEL.TRANSMATCHER.GLOBAL_ROW``), ``+KR`` on it, ``TransMatcher``
+and ``TransMatcher+KR``. Every row's metrics also go to ``OUTPUT_DIR/metrics_<dataset>.json``
+(read by ``tools/cross_domain_table.py``). Single process only (maps are not gathered across
+ranks).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Dict
+
+import numpy as np
+import torch
+
+from fastreid.evaluation.evaluator import DatasetEvaluator
+from fastreid.utils import comm
+
+from ..core.io import save_text
+from ..core.retrieval import comparison
+from ..core.retrieval.comparison import distances, format_table, metrics_only
+from ..core.retrieval.metrics import evaluate_ranking, l2_normalize
+from ..core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
+from ..core.transmatcher.scoring import MapStore, match_scores, scores_to_distances
+from ..evaluate import rerank_params
+
+logger = logging.getLogger("fastreid.nformer")
+
+ROWS = {"global": "global (GAP)", "global_kr": "global+KR", "transmatcher": "TransMatcher",
+        "transmatcher_kr": "TransMatcher+KR"}
+for _name, _label in ROWS.items():  # the shared table's row labels
+    comparison.ROW_NAMES.setdefault(_name, _label)
+
+STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _storage_dtype(name: str) -> torch.dtype:
+    try:
+        return STORAGE[name]
+    except KeyError:
+        raise ValueError(f"MODEL.TRANSMATCHER.TEST_STORAGE must be one of {sorted(STORAGE)}, "
+                         f"got {name!r}") from None
+
+
+class TransMatcherEvaluator(DatasetEvaluator):
+    """Stores maps, then reports global / +KR / TransMatcher / TransMatcher+KR."""
+
+    def __init__(self, cfg, num_query: int, model=None, output_dir: str = None,
+                 dataset_name: str = ""):
+        if comm.get_world_size() > 1:
+            raise ValueError("TransMatcherEvaluator runs in one process (--num-gpus 1)")
+        self.cfg = cfg
+        self._num_query = num_query
+        self._model = model
+        self._output_dir = output_dir or cfg.OUTPUT_DIR
+        self._dataset_name = dataset_name
+        self._dtype = _storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
+        self.reset()
+
+    def reset(self):
+        self._query, self._gallery = MapStore(self._dtype), MapStore(self._dtype)
+        self._pids, self._camids, self._global = [], [], []
+
+    def process(self, inputs, outputs):
+        maps = outputs.detach()
+        seen = len(self._query) + len(self._gallery)
+        split = max(0, min(len(maps), self._num_query - seen))
+        if split:
+            self._query.append(maps[:split])
+        if split < len(maps):
+            self._gallery.append(maps[split:])
+        self._global.append(maps.float().mean(dim=(2, 3)).cpu())
+        self._pids.append(inputs["targets"].cpu())
+        self._camids.append(inputs["camids"].cpu())
+
+    def _matcher(self):
+        model = getattr(self._model, "module", self._model)
+        if model is None or not hasattr(model, "matcher"):
+            raise ValueError("TransMatcherEvaluator needs the TransMatcherReID model")
+        return model.matcher
+
+    def evaluate(self) -> Dict:
+        nq = self._num_query
+        pids = torch.cat(self._pids).numpy()
+        camids = torch.cat(self._camids).numpy()
+        labels = (pids[:nq], pids[nq:], camids[:nq], camids[nq:])
+        t = self.cfg.MODEL.TRANSMATCHER
+        rerank = rerank_params(self.cfg)
+        rows: "OrderedDict[str, Dict]" = OrderedDict()
+
+        def add(name: str, dist: np.ndarray, seconds: float, **extra) -> None:
+            result = evaluate_ranking(dist, *labels)
+            result["seconds"] = seconds
+            result.update(extra)
+            rows[name] = result
+            logger.info("%s: mAP %.2f Rank-1 %.2f (%.1f s)", ROWS[name], result["mAP"],
+                        result["Rank-1"], seconds)
+
+        if t.GLOBAL_ROW:
+            feats = l2_normalize(torch.cat(self._global).numpy())
+            start = time.perf_counter()
+            add("global", distances(feats[:nq], feats[nq:], "cosine"),
+                time.perf_counter() - start)
+            if rerank is not None:
+                start = time.perf_counter()
+                add("global_kr", comparison.rerank_distances(feats[:nq], feats[nq:], "cosine",
+                                                             rerank),
+                    time.perf_counter() - start)
+
+        matcher = self._matcher()
+        chunks = dict(query_chunk=t.TEST_QUERY_CHUNK, gallery_chunk=t.TEST_GALLERY_CHUNK)
+        start = time.perf_counter()
+        qg = scores_to_distances(match_scores(matcher, self._query, self._gallery, **chunks,
+                                              desc="TransMatcher query x gallery")).numpy()
+        seconds = time.perf_counter() - start
+        pairs = qg.size
+        add("transmatcher", qg, seconds, pairs_per_second=pairs / max(seconds, 1e-9))
+        if rerank is not None:
+            start = time.perf_counter()
+            qq = scores_to_distances(match_scores(matcher, self._query, **chunks,
+                                                  desc="TransMatcher query x query")).numpy()
+            gg = scores_to_distances(match_scores(matcher, self._gallery, **chunks,
+                                                  desc="TransMatcher gallery x gallery")).numpy()
+            add("transmatcher_kr", k_reciprocal_rerank_distances(
+                qg, qq, gg, k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value),
+                time.perf_counter() - start)
+            del qq, gg
+
+        title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
+        logger.info("\n" + format_table(rows, title))
+        headline = "transmatcher_kr" if "transmatcher_kr" in rows else "transmatcher"
+        results = OrderedDict(metrics_only(rows[headline]))
+        results["metric"] = (results["mAP"] + results["Rank-1"]) / 2
+        for name, row in rows.items():
+            results[name] = metrics_only(row)
+        self._write_json(rows)
+        return copy.deepcopy(results)
+
+    def _write_json(self, rows) -> None:
+        if not self._output_dir or not comm.is_main_process():
+            return
+        payload = {name: {**metrics_only(row), "seconds": float(row["seconds"])}
+                   for name, row in rows.items()}
+        payload["num_query"], payload["num_gallery"] = self._num_query, len(self._gallery)
+        path = os.path.join(self._output_dir, f"metrics_{self._dataset_name or 'test'}.json")
+        os.makedirs(self._output_dir, exist_ok=True)
+        save_text(json.dumps(payload, indent=1, sort_keys=True), path)
+        logger.info("Metrics written to %s", path)

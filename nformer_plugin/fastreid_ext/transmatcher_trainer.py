@@ -1,0 +1,264 @@
+"""FastReID glue: ``TransMatcherTrainer``, TransMatcher's training recipe (sec. 6.2, after QAConv-GS).
+
+FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
+
+* the **graph sampler** (``core.training.graph_sampler``, ``MODEL.TRANSMATCHER.SAMPLER GS``): at
+  the start of every epoch one random image per class is scored against the others by the
+  *current* model's own matcher (test transforms, eval mode, ``GS_CHUNK`` images at a time), and
+  the epoch's batches are each a class with its nearest classes, ``DATALOADER.NUM_INSTANCE`` = K
+  images each; one batch per class, so an epoch is ``num_classes`` iterations;
+* the **pairwise matching loss** of the model (``TransMatcherReID``) over all pairs of a batch;
+* **gradient clipping** by norm ``MODEL.TRANSMATCHER.GRAD_CLIP`` = T (4), applied separately to
+  backbone + neck and to the matcher, as the authors clip model and criterion;
+* **two learning rates**: ``SOLVER.BASE_LR`` (0.0005) for the backbone, ``MODEL.TRANSMATCHER.
+  NEW_LR`` (0.005) for neck + matcher; SGD (momentum ``SOLVER.MOMENTUM``, Nesterov
+  ``SOLVER.NESTEROV``, weight decay ``SOLVER.WEIGHT_DECAY``) or Adam; the schedule is FastReID's
+  (``MultiStepLR``, ``STEPS [10]``, ``GAMMA 0.1``, ``MAX_EPOCH 15``: x0.1 after 10 of 15 epochs);
+* ``TransMatcherEvaluator`` (bounded-memory query x gallery scores, the shared table).
+
+With data-loader workers the sampler is iterated ahead of training by the prefetch depth, so an
+epoch's graph is built a few batches before the previous epoch ends (with ``NUM_WORKERS 0``:
+exactly at the epoch boundary). Checkpoints and ``--resume`` as the NFormer trainer's (the
+epoch's graph depends only on (SEED, epoch) and the restored model).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import List
+
+import numpy as np
+import torch
+from torch.nn.utils import clip_grad_norm_
+
+from fastreid.data.build import fast_batch_collator
+from fastreid.engine import DefaultTrainer, hooks
+from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
+from fastreid.evaluation import inference_on_dataset
+from fastreid.evaluation.evaluator import inference_context
+from fastreid.utils import comm
+from fastreid.utils.logger import setup_logger
+
+from ..core.training.graph_sampler import GraphSampler
+from ..core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
+                                          set_rng_state)
+from ..core.transmatcher.scoring import MapStore, match_scores
+from . import loaders as data_build
+from .trainer import AtomicCheckpointer, EpochSetter, Stage1Checkpointer
+from .transmatcher_evaluator import TransMatcherEvaluator, _storage_dtype
+
+logger = logging.getLogger("fastreid.nformer")
+
+SAMPLERS = ("GS", "identity")
+
+
+class ClippedTrainer(SimpleTrainer):
+    """FastReID's SimpleTrainer step with gradient-norm clipping of each parameter group in
+    ``clip_groups`` (``max_norm`` <= 0: no clipping) between backward and step."""
+
+    def __init__(self, model, data_loader, optimizer, clip_groups: List[List[torch.nn.Parameter]],
+                 max_norm: float):
+        super().__init__(model, data_loader, optimizer, None)
+        self.clip_groups, self.max_norm = clip_groups, float(max_norm)
+
+    def run_step(self):
+        assert self.model.training, "[ClippedTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.max_norm > 0:
+            for params in self.clip_groups:
+                clip_grad_norm_(params, self.max_norm)
+        self.optimizer.step()
+
+
+class GraphBatches:
+    """Endless batch sampler over epochs: at each epoch start the graph sampler's class graph is
+    rebuilt from ``score_fn`` (the current model), then that epoch's batches are yielded."""
+
+    def __init__(self, sampler: GraphSampler, score_fn, start_epoch: int = 0):
+        self.sampler, self.score_fn, self.start_epoch = sampler, score_fn, int(start_epoch)
+
+    def __iter__(self):
+        epoch = self.start_epoch
+        while True:
+            self.sampler.set_epoch(epoch)
+            start = time.perf_counter()
+            self.sampler.update_graph(self.score_fn)
+            logger.info("Graph sampler: epoch %d graph of %d classes built in %.1f s", epoch + 1,
+                        self.sampler.num_classes, time.perf_counter() - start)
+            for batch in self.sampler.batches():
+                yield batch.tolist()
+            epoch += 1
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+class TransMatcherTrainer(DefaultTrainer):
+    """Trains ``TransMatcherReID`` as sec. 6.2 of the paper (see module doc)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
+            setup_logger()
+        if comm.get_world_size() > 1:
+            raise ValueError("TransMatcherTrainer runs in one process (--num-gpus 1)")
+        t = cfg.MODEL.TRANSMATCHER
+        if t.SAMPLER not in SAMPLERS:
+            raise ValueError(f"MODEL.TRANSMATCHER.SAMPLER must be one of {SAMPLERS}, got "
+                             f"{t.SAMPLER!r}")
+        train_set = data_build.build_train_set(cfg)
+        cfg = self.auto_scale_hyperparams(cfg, train_set.num_classes)
+        model = self.build_model(cfg)
+        self.cfg = cfg
+        self._model_ref = model
+        self.train_set = train_set
+        optimizer, _ = self.build_optimizer(cfg, model)
+        if cfg.SOLVER.AMP.ENABLED:
+            logger.warning("SOLVER.AMP.ENABLED ignored by TransMatcherTrainer (float32 training)")
+        if t.SAMPLER == "GS":
+            self.iters_per_epoch = train_set.num_classes
+        else:
+            self.iters_per_epoch = max(1, len(train_set) // cfg.SOLVER.IMS_PER_BATCH)
+        data_loader = self.build_transmatcher_loader(0)
+        clip_groups = [model.backbone_parameters() + list(model.neck.parameters()),
+                       list(model.matcher.parameters())]
+        self._trainer = ClippedTrainer(model, data_loader, optimizer, clip_groups, t.GRAD_CLIP)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR,
+                                               save_to_disk=comm.is_main_process(),
+                                               optimizer=optimizer, **self.scheduler)
+        self.start_epoch = 0
+        self.max_epoch = cfg.SOLVER.MAX_EPOCH
+        self.max_iter = self.max_epoch * self.iters_per_epoch
+        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
+        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        self.register_hooks(self.build_hooks())
+        logger.info("TransMatcher training: %d images, %d classes, %d iterations per epoch "
+                    "(sampler %s), backbone LR %g, new-layer LR %g, grad clip %g",
+                    len(train_set), train_set.num_classes, self.iters_per_epoch, t.SAMPLER,
+                    cfg.SOLVER.BASE_LR, t.NEW_LR, t.GRAD_CLIP)
+
+    # ------------------------------------------------------------------ data
+    def build_transmatcher_loader(self, start_epoch: int):
+        """The training loader from ``start_epoch`` on (GS or FastReID's identity sampler)."""
+        cfg = self.cfg
+        if cfg.MODEL.TRANSMATCHER.SAMPLER != "GS":
+            return data_build.build_train_loader(cfg, start_batch=start_epoch * self.iters_per_epoch)
+        labels = [self.train_set.pid_dict[item[1]] for item in self.train_set.img_items]
+        sampler = GraphSampler(labels, cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE,
+                               seed=cfg.SEED)
+        batches = GraphBatches(sampler, self.graph_scores, start_epoch)
+        return torch.utils.data.DataLoader(
+            PositionSeededDataset(self.train_set),
+            batch_sampler=_OffsetBatches(batches, cfg.SEED, start_epoch * self.iters_per_epoch),
+            num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=fast_batch_collator)
+
+    @torch.no_grad()
+    def graph_scores(self, indices: np.ndarray) -> torch.Tensor:
+        """(C, C) matcher scores of the training images ``indices`` (one per class), with the
+        current model, test transforms, in eval mode (the training mode is restored)."""
+        cfg, model = self.cfg, self._model_ref
+        t = cfg.MODEL.TRANSMATCHER
+        if getattr(self, "_plain_train_set", None) is None:  # same items and order, test transforms
+            self._plain_train_set = data_build.build_train_set(cfg, is_train=False)
+        dataset = self._plain_train_set
+        subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+        loader = torch.utils.data.DataLoader(subset, batch_size=t.GS_CHUNK, shuffle=False,
+                                             num_workers=0, collate_fn=fast_batch_collator)
+        store = MapStore(_storage_dtype(t.TEST_STORAGE))
+        with inference_context(model):
+            for batch in loader:
+                store.append(model(batch))
+        return match_scores(model.matcher, store, query_chunk=t.TEST_QUERY_CHUNK,
+                            gallery_chunk=t.TEST_GALLERY_CHUNK, progress=False)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Two groups (sec. 6.2): backbone at SOLVER.BASE_LR, neck + matcher at NEW_LR."""
+        model = _unwrap(model)
+        groups = [{"params": model.backbone_parameters(), "lr": cfg.SOLVER.BASE_LR,
+                   "name": "backbone"},
+                  {"params": model.new_parameters(), "lr": cfg.MODEL.TRANSMATCHER.NEW_LR,
+                   "name": "new"}]
+        groups = [g for g in groups if g["params"]]
+        s = cfg.SOLVER
+        if s.OPT == "SGD":
+            optimizer = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM,
+                                        weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        elif s.OPT == "Adam":
+            optimizer = torch.optim.Adam(groups, lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY)
+        else:
+            raise ValueError(f"TransMatcherTrainer: SOLVER.OPT must be SGD or Adam, got {s.OPT!r}")
+        return optimizer, None
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return data_build.build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_dir=None, model=None):
+        data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
+        return data_loader, TransMatcherEvaluator(cfg, num_query, model, output_dir, dataset_name)
+
+    def build_hooks(self):
+        ret = [Stage1Checkpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in super().build_hooks()]
+        ret.insert(0, EpochSetter())
+        return ret
+
+    @classmethod
+    def test(cls, cfg, model):
+        """Evaluate on every ``DATASETS.TESTS`` entry; returns FastReID's results dict."""
+        results = OrderedDict()
+        for name in cfg.DATASETS.TESTS:
+            logger.info("Prepare testing set %s", name)
+            data_loader, evaluator = cls.build_evaluator(cfg, name, model=model)
+            results[name] = inference_on_dataset(model, data_loader, evaluator, flip_test=False)
+        return list(results.values())[0] if len(results) == 1 else results
+
+    # ------------------------------------------------------------------ resume / train
+    def resume_or_load(self, resume: bool = True) -> None:
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if not (resume and self.checkpointer.has_checkpoint()):
+            return
+        epoch = int(checkpoint.get("epoch", -1))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        self.start_epoch = epoch + 1
+        if self.start_epoch < self.max_epoch:
+            loader = self.build_transmatcher_loader(self.start_epoch)
+            self._trainer.data_loader = loader
+            self._trainer._data_loader_iter = iter(loader)
+        logger.info("Resuming after epoch %d", epoch)
+
+    def train(self):
+        results = None
+        if self.start_epoch < self.max_epoch:
+            results = super().train()
+        self.checkpointer.save("model_final", epoch=self.max_epoch - 1, stage=1, rng=rng_state())
+        if results is None or not results:
+            results = self.test(self.cfg, self._model_ref)
+        return results
+
+
+class _OffsetBatches:
+    """``[(index, sample_seed), ...]`` batches numbered from ``offset``, so a resumed run keeps
+    each sample's augmentation seed (as ``PositionSeededBatches``)."""
+
+    def __init__(self, batches, seed: int, offset: int):
+        self.batches, self.seed, self.offset = batches, int(seed), int(offset)
+
+    def __iter__(self):
+        for b, batch in enumerate(self.batches):
+            yield [(int(i), sample_seed(self.seed, b + self.offset, j))
+                   for j, i in enumerate(batch)]

@@ -1,0 +1,296 @@
+"""TransMatcher in FastReID: IBN-b backbone, TransMatcherReID meta-architecture, trainer (graph
+sampler, pairwise loss, clipping, LR groups), evaluator, embedded domains, cross-dataset configs."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, run_train
+
+from nformer_plugin.core.backbones import ResNetIBNb, freeze_bn_stats, instance_norm_count
+
+TM_CONFIGS = os.path.join(REPO, "configs", "TransMatcher")
+
+# A tiny TransMatcher run: ResNet-18 IBN-b cut at layer2 (a 4x2 map at 32x16), d = 16.
+TINY_TM = [
+    "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.PRETRAIN", "False",
+    "MODEL.TRANSMATCHER.FEATURE_LAYER", "layer2", "MODEL.TRANSMATCHER.NECK", "16",
+    "MODEL.TRANSMATCHER.D_MODEL", "16", "MODEL.TRANSMATCHER.DIM_FEEDFORWARD", "32",
+    "MODEL.TRANSMATCHER.NUM_LAYERS", "2", "MODEL.TRANSMATCHER.FREEZE_BN", "False",
+    "MODEL.TRANSMATCHER.NEW_LR", "0.002",
+    "DATASETS.NAMES", '("EmbeddedReIDDomainA",)', "DATASETS.TESTS", '("EmbeddedReIDDomainB",)',
+    "DATASETS.EMBEDDED.NUM_TRAIN_IDS", "16", "DATASETS.EMBEDDED.NUM_TEST_IDS", "16",
+    "DATASETS.EMBEDDED.NUM_CAMERAS", "3", "DATASETS.EMBEDDED.IMAGES_PER_ID", "8",
+    "DATASETS.EMBEDDED.QUERIES_PER_ID", "1", "DATASETS.EMBEDDED.HEIGHT", "32",
+    "INPUT.SIZE_TRAIN", "[32, 16]", "INPUT.SIZE_TEST", "[32, 16]", "INPUT.PADDING.SIZE", "2",
+    "INPUT.CJ.ENABLED", "False", "INPUT.REA.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.OPT", "Adam", "SOLVER.BASE_LR", "0.002", "SOLVER.IMS_PER_BATCH", "16",
+    "SOLVER.MAX_EPOCH", "8", "SOLVER.STEPS", "[6]", "SOLVER.CHECKPOINT_PERIOD", "4",
+    "TEST.EVAL_PERIOD", "8", "TEST.IMS_PER_BATCH", "64", "CUDNN_BENCHMARK", "False",
+]
+
+
+def tm_config(opts=(), base="embedded_cross_domain.yml"):
+    from nformer_plugin.fastreid_ext import load_config
+
+    return load_config(os.path.join(TM_CONFIGS, base), list(TINY_TM) + list(opts))
+
+
+# ------------------------------------------------------------------ IBN-b backbone (pure torch)
+
+
+def test_ibn_b_has_three_instance_norms_where_ibn_net_b_puts_them():
+    net = ResNetIBNb(50, final_layer="layer3")
+    assert instance_norm_count(net) == 3
+    assert isinstance(net.bn1, nn.InstanceNorm2d) and net.bn1.affine
+    assert isinstance(net.layer1[-1].IN, nn.InstanceNorm2d)
+    assert isinstance(net.layer2[-1].IN, nn.InstanceNorm2d)
+    assert not any(hasattr(b, "IN") for b in list(net.layer1[:-1]) + list(net.layer3))
+    assert not hasattr(net, "layer4")  # stages after final_layer are not built
+    out = net(torch.zeros(2, 3, 384, 128))
+    assert out.shape == (2, 1024, 24, 8)  # the paper's 24 x 8 layer3 map
+
+
+def test_ibn_b_in_follows_the_residual_sum():
+    """The IN normalises (per image and channel) the block's output before its ReLU."""
+    net = ResNetIBNb(18, final_layer="layer1").eval()
+    block = net.layer1[-1]
+    captured = {}
+
+    def keep(module, inputs, output):  # a copy: the block's ReLU then runs in place
+        captured["out"] = output.detach().clone()
+
+    block.IN.register_forward_hook(keep)
+    net(torch.randn(2, 3, 64, 32))
+    x = captured["out"]  # affine = identity at init: zero mean, unit variance per channel
+    assert x.mean(dim=(2, 3)).abs().max() < 1e-4
+    assert (x.var(dim=(2, 3), unbiased=False) - 1).abs().max() < 1e-2
+
+
+def test_ibn_b_loads_a_torchvision_state_dict(tmp_path):
+    from torchvision.models import resnet18
+
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    net = ResNetIBNb(18, final_layer="layer4")
+    report = net.load_pretrained(str(path))
+    assert set(report.missing_keys) == {"layer1.1.IN.weight", "layer1.1.IN.bias",
+                                        "layer2.1.IN.weight", "layer2.1.IN.bias"}
+    assert torch.equal(net.conv1.weight, torch.load(path)["conv1.weight"])
+
+
+def test_freeze_bn_stats_keeps_running_statistics():
+    net = ResNetIBNb(18, final_layer="layer2").train()
+    assert freeze_bn_stats(net) > 0
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    net(torch.randn(4, 3, 64, 32) * 3 + 1).sum().backward()
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert net.layer1[0].bn1.weight.grad is not None  # affine parameters still train
+
+
+# ------------------------------------------------------------------ meta-architecture
+
+
+@pytest.mark.parametrize("backbone", [
+    ["MODEL.BACKBONE.NAME", "build_resnet_ibn_b_backbone"],
+    ["MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.BACKBONE.WITH_IBN", "True"],
+    ["MODEL.BACKBONE.NAME", "build_osnet_backbone", "MODEL.BACKBONE.DEPTH", "x0_25",
+     "MODEL.TRANSMATCHER.FEATURE_LAYER", "conv3"],
+])
+def test_meta_arch_builds_with_ibn_b_and_fastreid_backbones(backbone):
+    from fastreid.modeling import build_model
+
+    from nformer_plugin.fastreid_ext.transmatcher_arch import TransMatcherReID
+
+    model = build_model(tm_config(backbone))
+    assert isinstance(model, TransMatcherReID)
+    model.eval()
+    maps = model({"images": torch.rand(3, 3, 32, 16) * 255})
+    assert maps.shape[:2] == (3, 16) and maps.shape[2] * maps.shape[3] == model.matcher.seq_len
+    model.train()
+    out = model({"images": torch.rand(8, 3, 32, 16) * 255,
+                 "targets": torch.arange(4).repeat_interleave(2)})
+    assert set(out) == {"loss_pairwise"} and torch.isfinite(out["loss_pairwise"])
+
+
+def test_meta_arch_freezes_backbone_bn_statistics():
+    from fastreid.modeling import build_model
+
+    model = build_model(tm_config(["MODEL.TRANSMATCHER.FREEZE_BN", "True"])).train()
+    running = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    assert running
+    batch = {"images": torch.rand(8, 3, 32, 16) * 255, "targets": torch.arange(4).repeat(2)}
+    model(batch)["loss_pairwise"].backward()
+    model.train()  # train() must not unfreeze them
+    model(batch)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in running.items())
+    assert all(not m.training for m in model.backbone.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert model.matcher.training and model.matcher.score_norm.training
+
+
+def test_meta_arch_rejects_bad_settings():
+    from fastreid.modeling import build_model
+
+    with pytest.raises(ValueError, match="FEATURE_LAYER"):
+        build_model(tm_config(["MODEL.TRANSMATCHER.FEATURE_LAYER", "layer9"]))
+    with pytest.raises(ValueError, match="FLIP"):
+        build_model(tm_config(["TEST.FLIP.ENABLED", "True"]))
+
+
+def test_optimizer_groups_and_clipping_follow_sec_6_2():
+    from fastreid.modeling import build_model
+
+    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+
+    cfg = tm_config(["SOLVER.OPT", "SGD", "SOLVER.BASE_LR", "0.0005",
+                     "MODEL.TRANSMATCHER.NEW_LR", "0.005"])
+    model = build_model(cfg)
+    optimizer, _ = TransMatcherTrainer.build_optimizer(cfg, model)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"backbone": 0.0005, "new": 0.005}
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+    ids = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    assert ids[0] == {id(p) for p in model.backbone.parameters()}
+    assert ids[1] == {id(p) for m in (model.neck, model.matcher) for p in m.parameters()}
+    cfg = tm_config()
+    assert cfg.MODEL.TRANSMATCHER.GRAD_CLIP == 4.0 and cfg.DATALOADER.NUM_INSTANCE == 4
+
+
+# ------------------------------------------------------------------ training + evaluation
+
+
+def test_short_training_lowers_loss_and_beats_untrained_matcher_across_domains(
+        monkeypatch, tmp_path):
+    """Train on domain A (graph sampler, pairwise loss), test on domain B: loss goes down and
+    cross-domain mAP ends above the same network untrained."""
+    monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+
+    cfg = tm_config(["OUTPUT_DIR", str(tmp_path / "out"), "SEED", "1"])
+    cfg.freeze()
+    untrained = TransMatcherTrainer.test(cfg, TransMatcherTrainer.build_model(cfg))
+    trainer = TransMatcherTrainer(cfg)
+    assert trainer.iters_per_epoch == 16  # graph sampler: one batch per class
+    results = trainer.train()
+    print("untrained", untrained["transmatcher"], "trained", results["transmatcher"])
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 8 * 16
+    # GS batches get harder as the model improves (the graph comes from its own scores)
+    assert np.mean(losses[-16:]) < 0.92 * np.mean(losses[:16])
+    assert results["transmatcher"]["mAP"] > untrained["transmatcher"]["mAP"] + 5
+    assert set(results) >= {"global", "transmatcher"}
+    saved = json.loads(open(tmp_path / "out" / "metrics_EmbeddedReIDDomainB.json").read())
+    assert saved["transmatcher"]["mAP"] == pytest.approx(results["transmatcher"]["mAP"])
+    sampler_graph = trainer._trainer.data_loader.batch_sampler.batches.sampler
+    assert sampler_graph.epoch == 7 and sampler_graph.nearest_classes.shape == (16, 3)
+    assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
+        monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
+    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+
+    cfg = tm_config(["OUTPUT_DIR", str(tmp_path), "TEST.RERANK.ENABLED", "True",
+                     "TEST.RERANK.K1", "5", "TEST.RERANK.K2", "2",
+                     "MODEL.TRANSMATCHER.TEST_GALLERY_CHUNK", "7"])
+    with caplog.at_level("INFO", logger="fastreid.nformer"):
+        results = TransMatcherTrainer.test(cfg, TransMatcherTrainer.build_model(cfg))
+    assert list(k for k in results if isinstance(results[k], dict)) == [
+        "global", "global_kr", "transmatcher", "transmatcher_kr"]
+    table = next(r.getMessage() for r in caplog.records if "| Pipeline" in r.getMessage())
+    for label in ("global (GAP)", "global+KR", "TransMatcher ", "TransMatcher+KR"):
+        assert label in table
+    assert "| Rank-1 " in table and "| mINP " in table
+
+
+# ------------------------------------------------------------------ datasets and configs
+
+
+def test_domain_datasets_are_registered_and_differ(monkeypatch, tmp_path):
+    monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
+    from nformer_plugin.fastreid_ext.dataset import EmbeddedReIDDomainA, EmbeddedReIDDomainB
+
+    cfg = tm_config()
+    a = EmbeddedReIDDomainA(**EmbeddedReIDDomainA.kwargs_from_config(cfg))
+    b = EmbeddedReIDDomainB(**EmbeddedReIDDomainB.kwargs_from_config(cfg))
+    assert a.generator_params.domain == "A" and b.generator_params.domain == "B"
+    assert a.data_dir != b.data_dir
+    names = lambda ds: sorted(os.path.basename(p) for p, _, _ in ds.query)  # noqa: E731
+    assert names(a) == names(b)  # same plan; different pictures
+    assert open(a.query[0][0], "rb").read() != open(
+        os.path.join(os.path.dirname(b.query[0][0]), os.path.basename(a.query[0][0])), "rb").read()
+    assert all(str(pid).startswith("embeddedB_") for _, pid, _ in b.train)
+
+
+REAL_CONFIGS = ["market_to_cuhk03np_msmt17.yml", "msmt17_to_market_cuhk03np.yml",
+                "msmt17all_to_market_cuhk03np.yml"]
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_real_dataset_configs_stop_at_missing_data(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTREID_DATASETS", str(tmp_path / "datasets"))
+    from nformer_plugin.fastreid_ext import load_config
+    from nformer_plugin.fastreid_ext.train_net import preflight
+
+    cfg = load_config(os.path.join(TM_CONFIGS, name), ["MODEL.DEVICE", "cpu"])
+    assert cfg.MODEL.META_ARCHITECTURE == "TransMatcherReID"
+    assert tuple(cfg.INPUT.SIZE_TRAIN) == (384, 128) and cfg.SOLVER.IMS_PER_BATCH == 64
+    with pytest.raises(ValueError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    for dataset in list(cfg.DATASETS.NAMES) + list(cfg.DATASETS.TESTS):
+        assert f"dataset {dataset!r} not found" in message
+    assert "FASTREID_DATASETS" in message and "PRETRAIN_PATH" in message
+
+
+def test_real_config_builds_paper_model():
+    from fastreid.modeling import build_model
+
+    from nformer_plugin.fastreid_ext import load_config
+
+    cfg = load_config(os.path.join(TM_CONFIGS, REAL_CONFIGS[0]),
+                      ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False"])
+    model = build_model(cfg)
+    assert model.matcher.seq_len == 24 * 8 and model.matcher.d_model == 512
+    assert model.matcher.num_layers == 3 and model.matcher.num_encoder_layers == 2
+    assert instance_norm_count(model.backbone) == 3 and model.neck.kernel_size == (3, 3)
+
+
+def test_cuhk03np_reads_the_market_style_release(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from nformer_plugin.fastreid_ext.cross_datasets import CUHK03NP
+
+    root = tmp_path / "cuhk03-np" / "detected"
+    for sub, names in (("bounding_box_train", ["0001_c1_1.png", "0001_c2_2.png"]),
+                       ("query", ["0700_c1_1.png"]),
+                       ("bounding_box_test", ["0700_c2_3.png", "0701_c1_1.png"])):
+        (root / sub).mkdir(parents=True)
+        for n in names:
+            Image.new("RGB", (8, 16)).save(root / sub / n)
+    ds = CUHK03NP(root=str(tmp_path))
+    assert sorted((pid, cam) for _, pid, cam in ds.train) == [("cuhk03np_1", "cuhk03np_0"),
+                                                              ("cuhk03np_1", "cuhk03np_1")]
+    assert [(pid, cam) for _, pid, cam in ds.query] == [(700, 0)]
+    assert len(ds.gallery) == 2
+    with pytest.raises(RuntimeError, match="not found"):
+        CUHK03NP(root=str(tmp_path / "nothing"))
+
+
+def test_fastreid_train_real_config_exits_with_one_message(isolated_env):
+    proc = run_train(["--config-file", os.path.join(TM_CONFIGS, REAL_CONFIGS[0]),
+                      "MODEL.DEVICE", "cpu"], isolated_env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dataset 'CUHK03NP' not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
