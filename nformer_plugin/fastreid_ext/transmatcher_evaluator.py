@@ -5,8 +5,8 @@ default, ``MODEL.TRANSMATCHER.TEST_STORAGE``: the ranking changes by a few ties 
 ``benchmarks/bench_transmatcher_eval.py``), then scores every query against every gallery map
 with ``core.transmatcher.scoring.match_scores`` (gallery maps encoded in chunks, a progress bar
 with an ETA) and ranks by ``softplus(-score)``. ``TEST.RERANK.ENABLED`` applies k-reciprocal
-re-ranking to those matching distances (``core.retrieval.rerank_precomputed``); only then are
-the query x query and gallery x gallery scores computed.
+re-ranking to those matching distances (``scoring.reranked_distances``); only then are the
+query x query and gallery x gallery scores computed.
 
 The table has the NFormer evaluator's format (``core.retrieval.comparison.format_table``) with
 the rows: ``global`` (cosine distance between the global-average-pooled maps of the same
@@ -35,8 +35,8 @@ from ..core.io import save_text
 from ..core.retrieval import comparison
 from ..core.retrieval.comparison import distances, format_table, metrics_only
 from ..core.retrieval.metrics import evaluate_ranking, l2_normalize
-from ..core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
-from ..core.transmatcher.scoring import MapStore, match_scores, scores_to_distances
+from ..core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
+                                          scores_to_distances)
 from ..evaluate import rerank_params
 
 logger = logging.getLogger("fastreid.nformer")
@@ -125,21 +125,18 @@ class TransMatcherEvaluator(DatasetEvaluator):
         matcher = self._matcher()
         chunks = dict(query_chunk=t.TEST_QUERY_CHUNK, gallery_chunk=t.TEST_GALLERY_CHUNK)
         start = time.perf_counter()
-        qg = scores_to_distances(match_scores(matcher, self._query, self._gallery, **chunks,
-                                              desc="TransMatcher query x gallery")).numpy()
+        scores = match_scores(matcher, self._query, self._gallery, **chunks,
+                              desc="TransMatcher query x gallery")
         seconds = time.perf_counter() - start
-        pairs = qg.size
-        add("transmatcher", qg, seconds, pairs_per_second=pairs / max(seconds, 1e-9))
-        if rerank is not None:
+        add("transmatcher", scores_to_distances(scores).numpy(), seconds,
+            pairs_per_second=scores.numel() / max(seconds, 1e-9))
+        if rerank is not None:  # query-query and gallery-gallery scores: only here
             start = time.perf_counter()
-            qq = scores_to_distances(match_scores(matcher, self._query, **chunks,
-                                                  desc="TransMatcher query x query")).numpy()
-            gg = scores_to_distances(match_scores(matcher, self._gallery, **chunks,
-                                                  desc="TransMatcher gallery x gallery")).numpy()
-            add("transmatcher_kr", k_reciprocal_rerank_distances(
-                qg, qq, gg, k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value),
+            add("transmatcher_kr", reranked_distances(
+                matcher, self._query, self._gallery, query_gallery_scores=scores,
+                k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value, **chunks),
                 time.perf_counter() - start)
-            del qq, gg
+        del scores
 
         title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
         logger.info("\n" + format_table(rows, title))
