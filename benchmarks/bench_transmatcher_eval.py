@@ -62,7 +62,7 @@ def identity_maps(first: int, count: int, seed: int, dtype: torch.dtype) -> MapS
 
 def memory_estimate_gb(num_query: int, num_gallery: int, matcher: TransMatcher,
                        args: argparse.Namespace, cells: int) -> dict:
-    """The big buffers of an evaluation, in GB (an estimate: allocator overheads not counted)."""
+    """The big buffers of an evaluation, in GiB (an estimate: allocator overheads not counted)."""
     hw, d, layers = matcher.seq_len, matcher.d_model, matcher.num_layers
     feedforward = matcher.decoders[0].mlp_head1[0].out_features
     block = min(args.query_chunk, num_query)
@@ -118,12 +118,12 @@ def main() -> None:
     query = identity_maps(0, num_query, args.seed, torch.float16)
     gallery = identity_maps(num_query, num_gallery, args.seed, torch.float16)
     print(f"maps generated (float16 storage) in {time.perf_counter() - start:.1f} s; "
-          f"peak RSS so far {peak_rss_gb():.2f} GB")
+          f"peak RSS so far {peak_rss_gb():.2f} GiB")
 
     for label, (nq, ng) in (("this run", (num_query, num_gallery)),
                             ("full Market-1501", (MARKET_QUERY, MARKET_GALLERY))):
         parts = memory_estimate_gb(nq, ng, matcher, args, cells)
-        print(f"estimated buffers, {label}: {sum(parts.values()):.2f} GB (" + ", ".join(
+        print(f"estimated buffers, {label}: {sum(parts.values()):.2f} GiB (" + ", ".join(
             f"{name} {size:.2f}" for name, size in parts.items()) + ") + the process itself")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -138,9 +138,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"scores {tuple(scores.shape)} in {seconds:.1f} s: "
           f"{num_query * num_gallery / seconds:,.0f} pairs/s")
-    print(f"peak RSS {peak_rss_gb():.2f} GB (limit 8 GB)")
+    print(f"peak RSS {peak_rss_gb():.2f} GiB (limit 8 GB = 7.45 GiB)")
     if device.type == "cuda":
-        print(f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f} GB")
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f} GiB")
 
     cq = min(args.compare_queries, num_query)
     cg = min(args.compare_gallery, num_gallery)
