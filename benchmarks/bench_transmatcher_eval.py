@@ -9,9 +9,10 @@ identity) stand in for backbone maps; an untrained matcher scores them. Prints:
 * pairs per second of ``match_scores`` (maps stored in float16, encoded per chunk in float32);
 * peak memory: process RSS (must stay below 8 GB at full scale) and, on CUDA, the allocator's
   peak;
-* float16 vs float32 map storage (both computed in float32): ranking agreement (top-1 and top-10 identical) and the
-  largest score difference, on the first ``--compare-queries`` queries against the first
-  ``--compare-gallery`` gallery images.
+* float16 vs float32 map storage (both computed in float32): ranking agreement (top-1 and
+  top-10 identical) and the largest score difference, on the first ``--compare-queries``
+  queries against the first ``--compare-gallery`` gallery images;
+* an estimate of the big buffers, for this run and for full Market-1501.
 
     python benchmarks/bench_transmatcher_eval.py --scale 0.02          # quick check (CPU)
     python benchmarks/bench_transmatcher_eval.py --device cuda          # the full size
@@ -145,7 +146,8 @@ def main() -> None:
     cq = min(args.compare_queries, num_query)
     cg = min(args.compare_gallery, num_gallery)
     compare = dict(query_chunk=args.query_chunk, gallery_chunk=args.gallery_chunk,
-                   encode_chunk=args.encode_chunk, pair_block_cells=cells, device=device, progress=False)
+                   encode_chunk=args.encode_chunk, pair_block_cells=cells, device=device,
+                   progress=False)
     half = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float16),
                         identity_maps(num_query, cg, args.seed, torch.float16), **compare)
     full = match_scores(matcher, identity_maps(0, cq, args.seed, torch.float32),

@@ -22,7 +22,7 @@ Pure numpy: importing this module does not import FastReID.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,7 +31,10 @@ from .rerank import (_blend_with_jaccard, _check_parameters, _expanded_reciproca
                      _local_query_expansion)
 from .rerank_distances import BLOCK_CELLS, NearestLists, _smallest_per_row
 
-DistanceBlock = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 (torch is optional here)
+if TYPE_CHECKING:  # blocks may be torch tensors; numpy alone is needed at run time
+    import torch
+
+DistanceBlock = Union[np.ndarray, "torch.Tensor"]
 
 
 def k_reciprocal_rerank_distances(

@@ -112,7 +112,8 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
     too) or :class:`MapStore` s. Without ``gallery_maps`` the queries are scored against
     themselves and, the score being symmetric, only blocks on or above the diagonal are
     computed and mirrored. Memories are encoded ``encode_chunk`` images at a time (the
-    encoders' feed-forward activations, images x hw x D, are the largest encoding buffer). The matcher runs in eval mode (its mode is restored afterwards) on
+    encoders' feed-forward activations, images x hw x D, are the largest encoding buffer).
+    The matcher runs in eval mode (its mode is restored afterwards) on
     ``device`` (default: where its parameters are). ``autocast_dtype`` (e.g. ``torch.float16``
     on a GPU, as the authors evaluate) runs the matcher under ``torch.autocast``; the default
     computes in float32. ``progress`` shows a bar with an ETA (tqdm, or the ``fastreid.nformer``
