@@ -2,7 +2,6 @@
 sampler, pairwise loss, clipping, LR groups), evaluator, embedded domains, cross-dataset configs."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 

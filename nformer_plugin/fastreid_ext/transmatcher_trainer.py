@@ -1,4 +1,4 @@
-"""FastReID glue: ``TransMatcherTrainer``, TransMatcher's training recipe (sec. 6.2, after QAConv-GS).
+"""FastReID glue: ``TransMatcherTrainer``, TransMatcher's training recipe (sec. 6.2, as QAConv-GS).
 
 FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
 
@@ -152,7 +152,8 @@ class TransMatcherTrainer(DefaultTrainer):
         """The training loader from ``start_epoch`` on (GS or FastReID's identity sampler)."""
         cfg = self.cfg
         if cfg.MODEL.TRANSMATCHER.SAMPLER != "GS":
-            return data_build.build_train_loader(cfg, start_batch=start_epoch * self.iters_per_epoch)
+            return data_build.build_train_loader(
+                cfg, start_batch=start_epoch * self.iters_per_epoch)
         labels = [self.train_set.pid_dict[item[1]] for item in self.train_set.img_items]
         sampler = GraphSampler(labels, cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE,
                                seed=cfg.SEED)
