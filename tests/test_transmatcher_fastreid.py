@@ -2,6 +2,7 @@
 sampler, pairwise loss, clipping, LR groups), evaluator, embedded domains, cross-dataset configs."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -293,3 +294,20 @@ def test_fastreid_train_real_config_exits_with_one_message(isolated_env):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dataset 'CUHK03NP' not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(TM_CONFIGS, "*.yml"))
+    if not os.path.basename(p).startswith("Base")))
+def test_every_transmatcher_config_builds_its_model(name):
+    from fastreid.modeling import build_model
+
+    from nformer_plugin.fastreid_ext import load_config
+
+    cfg = load_config(os.path.join(TM_CONFIGS, name), [
+        "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.HEADS.NUM_CLASSES", "8"])
+    model = build_model(cfg)
+    assert any(p.requires_grad for p in model.parameters())
+    if name.startswith("embedded"):  # the cross-domain runs train on A and test on B
+        assert tuple(cfg.DATASETS.NAMES) == ("EmbeddedReIDDomainA",)
+        assert cfg.DATASETS.TESTS[0] == "EmbeddedReIDDomainB"
