@@ -71,7 +71,7 @@ def table(rows) -> str:
     from tabulate import tabulate
 
     headers = ["Method (trained on A)", "B Rank-1", "B Rank-5", "B mAP", "B mINP", "A Rank-1",
-               "A mAP", "train min"]
+               "A mAP", "run min"]
     body = [[r["method"]] + [f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in
                              ("B Rank-1", "B Rank-5", "B mAP", "B mINP", "A Rank-1", "A mAP")]
             + [f"{r['minutes']:.1f}" if r.get("minutes") else "-"] for r in rows]
