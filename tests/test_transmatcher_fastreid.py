@@ -311,3 +311,27 @@ def test_every_transmatcher_config_builds_its_model(name):
     if name.startswith("embedded"):  # the cross-domain runs train on A and test on B
         assert tuple(cfg.DATASETS.NAMES) == ("EmbeddedReIDDomainA",)
         assert cfg.DATASETS.TESTS[0] == "EmbeddedReIDDomainB"
+
+
+def test_resume_continues_at_the_next_epoch_and_ends_identically(monkeypatch, tmp_path):
+    """--resume from an epoch checkpoint rebuilds that epoch's graph-sampler batches and ends
+    with the uninterrupted run's metrics."""
+    monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
+    from nformer_plugin.core.io import save_text
+    from nformer_plugin.fastreid_ext.trainer import AtomicCheckpointer
+    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+
+    out = tmp_path / "out"
+    out.mkdir()  # fastreid-train's default_setup makes it
+    cfg = tm_config(["OUTPUT_DIR", str(out), "SOLVER.MAX_EPOCH", "4", "SOLVER.STEPS", "[3]",
+                     "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4"])
+    cfg.freeze()
+    full = TransMatcherTrainer(cfg).train()
+    assert os.path.isfile(out / "model_0001.pth")
+    save_text("model_0001.pth", str(out / "last_checkpoint"))
+    trainer = TransMatcherTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_epoch == 2
+    resumed = trainer.train()
+    assert resumed["transmatcher"] == pytest.approx(full["transmatcher"])
+    assert isinstance(trainer.checkpointer, AtomicCheckpointer)
