@@ -23,7 +23,8 @@ STYLE = """body{font-family:sans-serif;margin:16px;background:#fafafa}
 .row{display:flex;align-items:center;margin:3px 0}.lab{width:170px;font-size:12px}
 .row img{height:96px;width:48px;object-fit:cover;margin-right:3px;border:3px solid #999}
 img.ok{border-color:#1a1}img.bad{border-color:#d22}img.qimg{border-color:#333}
-.head{font-size:13px;margin-bottom:4px}.fixed{color:#1a1}.broke{color:#d22}"""
+.head{font-size:13px;margin-bottom:4px}.body{display:flex;align-items:center}
+.body>img.qimg{height:140px;width:70px;margin-right:14px;border:3px solid #333}.fixed{color:#1a1}.broke{color:#d22}"""
 
 SCRIPT = """function show(f){var n=0;document.querySelectorAll('.q').forEach(function(q){
 var on=f==='all'||q.dataset.category===f;q.classList.toggle('hidden',!on);if(on)n++;});
@@ -92,8 +93,7 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
                 f"<b>{100 * delta[i]:+.1f}</b>" + (f' <span class="{cat}">NFormer '
                                                     f'{"fixed" if cat == "fixed" else "broke"} '
                                                     f'it</span>' if cat != "same" else ""))
-        rows = [f'<div class="row"><span class="lab">query</span><img class="qimg" '
-                f'src="{image("q", i, query.paths)}" alt="query"></div>']
+        rows = []
         for name in dists:
             r = ranks[name][i]
             imgs = "".join(
@@ -104,7 +104,9 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
                         f'{ROW_LABELS.get(name, name)}<br>AP {100 * r["ap"]:.1f}, first true '
                         f'match #{r["first"]}</span>{imgs}</div>')
         blocks.append(f'<div class="q" data-category="{cat}" data-delta="{delta[i]:.4f}">'
-                      f'<div class="head">{head}</div>{"".join(rows)}</div>')
+                      f'<div class="head">{head}</div><div class="body"><img class="qimg" '
+                      f'src="{image("q", i, query.paths)}" alt="query"><div>{"".join(rows)}'
+                      f'</div></div></div>')
     buttons = "".join(f'<button data-filter="{f}">{text}</button>' for f, text in (
         ("all", "all"), ("fixed", f"NFormer fixed it ({counts['fixed']})"),
         ("broke", f"NFormer broke it ({counts['broke']})")))
