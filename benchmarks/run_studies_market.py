@@ -5,7 +5,7 @@ images of 751 identities, 3,368 queries (at most one per camera and identity) an
 images of 750 test identities. Each study runs in its own process (``nformer study``), so its
 peak RSS is its own; the trained variants are shared across the points of each sweep.
 
-    python benchmarks/run_studies_market.py [--studies table1 tsne ...] [--out DIR] [KEY VALUE ...]
+    python benchmarks/run_studies_market.py [--studies table1 tsne ...] [--out DIR] [--opts KEY VALUE ...]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", nargs="+", default=ALL, choices=ALL)
     parser.add_argument("--out", default="logs/studies_market")
-    parser.add_argument("opts", nargs="*", help="KEY VALUE overrides for every study")
+    parser.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides, every study")
     args = parser.parse_args()
     paths = market_features(os.path.join(args.out, "features"))
     nformer = [sys.executable, "-c", "import sys; from nformer_plugin.cli import main; "

@@ -41,7 +41,14 @@ def table1(ctx: StudyContext):
         row.update({"paper_Rank-1": paper["Rank-1"], "paper_mAP": paper["mAP"],
                     "paper_gflops": paper["gflops"]})
     ratio = rows[1]["gflops_per_image"] / max(rows[2]["gflops_per_image"], 1e-30)
+    market = dict(dim=256, num_layers=4, num_heads=2, ffn_dim=1024, num_landmarks=5, topk=20)
+    paper_setting = {  # the paper's Market-1501 setting (N = 3,368 + 15,913), same counter
+        "+Transformer": gflops_per_image(19281, mask="none", exact_affinity=True, **market),
+        "+NFormer (neighbors from A~, paper)": gflops_per_image(19281, neighbors="affinity",
+                                                                **market),
+        "+NFormer (neighbors layer, pool 64)": gflops_per_image(19281, **market)}
     summary = {"test_set_size": n, "transformer_over_nformer_gflops": ratio,
+               "gflops_paper_setting": paper_setting,
                "paper": {"market1501": PAPER_TABLE1, "transformer_over_nformer_gflops": 35.2},
                "notes": ["GFLOPs: 2 x multiply-adds of the set-level module per image at the "
                          "test-set size (Q+G rows), counted from the configuration "
