@@ -154,6 +154,8 @@ def test_every_study_writes_its_three_files(feature_files, tmp_path):
     lm = results["landmarks"]
     assert [r["landmarks"] for r in lm["rows"]] == [1, 2, 5] and "exact_affinity" in lm
     assert {r["N"] for r in lm["gflops_vs_n"]} == {100, 1000}
+    affinity = {r["landmarks"]: r["affinity_gflops"] for r in lm["gflops_vs_n"] if r["N"] == 1000}
+    assert affinity[1] < affinity[2] < affinity[5] < affinity["exact"]  # A~ grows with l
     assert [(r["k"], r["mask"]) for r in results["topk"]["rows"]] == [
         (2, "RNS"), (2, "RNS-M^k"), (5, "RNS"), (5, "RNS-M^k")]
     ipi = {r["subset"]: r for r in results["images-per-id"]["rows"]}
