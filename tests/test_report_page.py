@@ -162,3 +162,41 @@ def test_report_page_in_headless_chromium(report_inputs, tmp_path):
     subprocess.run(flags + ["--window-size=1000,700", f"--screenshot={shot}",
                             f"file://{page}#filter=all"], capture_output=True, timeout=120)
     assert shot.stat().st_size > 1000
+
+
+def test_evaluator_exports_paths_and_writes_the_report_page(report_inputs, tmp_path):
+    """``fastreid-train --eval-only ... TEST.REPORT.ENABLED True``: the evaluator exports
+    ``paths`` with the features and writes OUTPUT_DIR/report_<dataset>/index.html."""
+    import torch
+
+    pytest.importorskip("fastreid")
+    from nformer_plugin.core.nformer import NFormer, NFormerStage
+    from nformer_plugin.fastreid_ext.config import default_config
+    from nformer_plugin.fastreid_ext.evaluator import NFormerEvaluator
+
+    root, query, gallery, _ = report_inputs
+    cfg = default_config()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.TEST.REPORT.ENABLED = True
+    cfg.TEST.REPORT.IMAGES_ROOT = root
+    cfg.TEST.EXPORT_FEATURES = str(tmp_path / "features")
+
+    class Model:  # what the evaluator reads of NFormerReID
+        nformer_stage = NFormerStage(NFormer(dim=16, num_layers=1, ffn_dim=32, topk=4), 5).eval()
+        nformer_trained = torch.tensor(True)
+
+    ev = NFormerEvaluator(cfg, len(query), Model(), str(tmp_path / "out"), "Tiny")
+    ev.reset()
+    feats = np.concatenate([query.feats, gallery.feats])
+    paths = list(query.paths) + list(gallery.paths)
+    for start in range(0, len(feats), 16):
+        sl = slice(start, start + 16)
+        ev.process({"targets": torch.from_numpy(np.concatenate([query.pids, gallery.pids])[sl]),
+                    "camids": torch.from_numpy(np.concatenate([query.camids,
+                                                               gallery.camids])[sl]),
+                    "img_paths": paths[sl]}, torch.from_numpy(feats[sl]))
+    ev.evaluate()
+    exported = load_feature_file(str(tmp_path / "features/query.npz"))
+    assert exported.paths.tolist() == list(query.paths)
+    text = (tmp_path / "out/report_Tiny/index.html").read_text()
+    assert text.count('<div class="q" ') == len(query) and "+NFormer" in text
