@@ -13,7 +13,7 @@ FASTREID ?= fastreid==1.4.0
 FAISS ?= faiss-cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench cross-domain clean-venv
+.PHONY: install demo test bench chromium cross-domain clean-venv
 
 install: $(STAMP)
 
@@ -34,8 +34,17 @@ demo: $(STAMP)
 cross-domain: $(STAMP)
 	$(PY) tools/cross_domain_table.py
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
+
+# headless Chromium for tests/test_report_page.py (Debian's chromium, with apt-get when missing;
+# never fails the build: without it that test skips with a message)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    >/dev/null 2>&1 && echo "chromium installed"; } || \
+	  echo "chromium not installed (no apt-get or not root): the report-page browser test will skip"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_rerank.py

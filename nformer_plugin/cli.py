@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--output-dir", required=True, help="folder for *_refined.npz")
         p.set_defaults(func=func)
+    from .cli_study import add_study_parsers  # study, report (the paper's ablations; the page)
+    add_study_parsers(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

@@ -158,6 +158,23 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
     _C.TEST.NFORMER_TABLE = True  # report baseline and refined features side by side
     _C.TEST.RANKED_LIST_QUERIES = 0  # queries drawn as ranked lists (PNG) at evaluation
     _C.TEST.RANKED_LIST_PNG = 0  # deprecated: renamed TEST.RANKED_LIST_QUERIES
+    _C.TEST.REPORT = CN()  # ranked-list report page (nformer report; fastreid-train --eval-only)
+    _C.TEST.REPORT.ENABLED = False  # write OUTPUT_DIR/report/index.html at evaluation
+    _C.TEST.REPORT.QUERIES = 200  # queries shown, those with the largest |change in AP| (0: all)
+    _C.TEST.REPORT.IMAGES_ROOT = ""  # folder relative image paths are resolved against
+    _C.TEST.REPORT.RERANK = False  # also show the re-ranked (+KR, +NFormer+KR) rows
+
+    # ---------------------------------------------------------------- studies (nformer study)
+    _C.STUDY = CN()  # the paper's ablations on any features (nformer_plugin/studies)
+    _C.STUDY.LANDMARKS = [1, 2, 5, 10, 20, 50]  # l swept by 'landmarks' (Fig. 6a-b)
+    _C.STUDY.FLOPS_SIZES = [1000, 5000, 10000, 19281, 50000]  # N for GFLOPs vs N (Fig. 6c)
+    _C.STUDY.COS_ROWS = 2000  # test rows sampled for cos(vec(A), vec(A~)) (0: all)
+    _C.STUDY.COS_DRAWS = 5  # landmark draws averaged per l for cos(vec(A), vec(A~))
+    _C.STUDY.TOPKS = [2, 5, 10, 20, 50, 100]  # k swept by 'topk' (Fig. 7)
+    _C.STUDY.IMAGES_PER_ID = [20, 15, 10, 5]  # images per identity of 'images-per-id' (Table 3)
+    _C.STUDY.SEEDS = [0, 1, 2, 3, 4]  # landmark seeds of 'landmark-seeds' (supplementary C)
+    _C.STUDY.TSNE_IDS = 10  # identities drawn for 'tsne' (Fig. 5)
+    _C.STUDY.RETRAIN = False  # True: train a model per sweep point instead of sharing one
     return cfg
 
 

@@ -63,10 +63,11 @@ def export_features(out_dir: str, query: FeatureSet, gallery: FeatureSet,
     features, ``query_refined.npz`` / ``gallery_refined.npz`` to ``out_dir``."""
     if inputs:
         for name, fs in (("query", query), ("gallery", gallery)):
-            save_feature_file(os.path.join(out_dir, f"{name}.npz"), fs.feats, fs.pids, fs.camids)
+            save_feature_file(os.path.join(out_dir, f"{name}.npz"), fs.feats, fs.pids, fs.camids,
+                              fs.paths)
     if refined is not None:
         nq = len(query)
         for name, fs, part in (("query", query, refined[:nq]), ("gallery", gallery, refined[nq:])):
             save_feature_file(os.path.join(out_dir, f"{name}_refined.npz"), part, fs.pids,
-                              fs.camids)
+                              fs.camids, fs.paths)
     logger.info("Features written to %s", out_dir)

@@ -1,7 +1,8 @@
 """Feature arrays: validation and the ``.npz`` exchange format.
 
 A feature file is an ``.npz`` archive with ``feats`` (float32, N x d), ``pids`` (int, N) and
-``camids`` (int, N). Every entry point that accepts features (the ``nformer`` command, the
+``camids`` (int, N), and optionally ``paths`` (N image paths, strings; ``nformer report`` needs
+them). Every entry point that accepts features (the ``nformer`` command, the
 re-ranking function, the refiner) validates them here so that bad input fails with an error
 that names the problem instead of producing NaN metrics.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -66,6 +67,7 @@ class FeatureSet:
     feats: np.ndarray
     pids: np.ndarray
     camids: np.ndarray
+    paths: Optional[np.ndarray] = None  # image path per row (optional)
 
     def __post_init__(self):
         self.feats = as_numpy_features(self.feats, "feats")
@@ -77,15 +79,30 @@ class FeatureSet:
                 f"feature-file shape mismatch: feats has {n} rows but pids has "
                 f"{self.pids.shape[0]} and camids has {self.camids.shape[0]}"
             )
+        if self.paths is not None:
+            self.paths = np.asarray([str(p) for p in self.paths], dtype=str).reshape(-1)
+            if self.paths.shape[0] != n:
+                raise ValueError(f"feature-file shape mismatch: feats has {n} rows but paths "
+                                 f"has {self.paths.shape[0]}")
+
+    def subset(self, index) -> "FeatureSet":
+        """The rows ``index`` (indices or a boolean mask), paths included."""
+        return FeatureSet(self.feats[index], self.pids[index], self.camids[index],
+                          None if self.paths is None else self.paths[index])
 
     def __len__(self) -> int:
         return self.feats.shape[0]
 
 
-def save_feature_file(path: str, feats: ArrayLike, pids, camids) -> None:
-    """Write a feature file atomically (a temporary file renamed into place)."""
-    fs = FeatureSet(feats, pids, camids)
-    atomic_write(path, lambda tmp: np.savez(tmp, feats=fs.feats, pids=fs.pids, camids=fs.camids))
+def save_feature_file(path: str, feats: ArrayLike, pids, camids,
+                      paths: Optional[Sequence[str]] = None) -> None:
+    """Write a feature file atomically (a temporary file renamed into place); ``paths`` (one
+    image path per row) is stored when given."""
+    fs = FeatureSet(feats, pids, camids, paths)
+    arrays = dict(feats=fs.feats, pids=fs.pids, camids=fs.camids)
+    if fs.paths is not None:
+        arrays["paths"] = fs.paths
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_feature_file(path: str) -> FeatureSet:
@@ -106,6 +123,7 @@ def load_feature_file(path: str) -> FeatureSet:
             f"'pids' (N) and 'camids' (N)"
         )
     try:
-        return FeatureSet(data["feats"], data["pids"], data["camids"])
+        paths = data["paths"] if "paths" in data.files else None
+        return FeatureSet(data["feats"], data["pids"], data["camids"], paths)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

@@ -74,17 +74,26 @@ class NFormerEvaluator(DatasetEvaluator):
             return {}
         feats, pids, camids, paths = gathered
         nq = self._num_query
-        query = FeatureSet(feats[:nq], pids[:nq], camids[:nq])
-        gallery = FeatureSet(feats[nq:], pids[nq:], camids[nq:])
-        draw = self.cfg.TEST.RANKED_LIST_QUERIES > 0 and len(paths) == len(feats)
+        has_paths = len(paths) == len(feats)  # exported with the features (nformer report)
+        query = FeatureSet(feats[:nq], pids[:nq], camids[:nq], paths[:nq] if has_paths else None)
+        gallery = FeatureSet(feats[nq:], pids[nq:], camids[nq:],
+                             paths[nq:] if has_paths else None)
+        draw = self.cfg.TEST.RANKED_LIST_QUERIES > 0 and has_paths
         stage = self._nformer_stage()
+        report = self.cfg.TEST.REPORT.ENABLED and has_paths and stage is not None
+        if self.cfg.TEST.REPORT.ENABLED and not report:
+            logger.warning("TEST.REPORT.ENABLED: no report page (%s)", "NFormer is not trained"
+                           if has_paths else "the data loader gave no image paths")
         device = next(stage.parameters()).device if stage is not None else None
-        rows = evaluate_pipelines(self.cfg, query, gallery, stage, device, keep_distances=draw)
+        rows = evaluate_pipelines(self.cfg, query, gallery, stage, device,
+                                  keep_distances=draw or report)
         title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
         logger.info("\n" + format_table(rows, title))
         self._export(query, gallery, rows)
         if draw:
             self._draw(rows, paths, query, gallery)
+        if report:
+            self._report(rows, query, gallery)
 
         results = OrderedDict(metrics_only(rows[headline(rows)]))
         results["metric"] = (results["mAP"] + results["Rank-1"]) / 2
@@ -99,6 +108,17 @@ class NFormerEvaluator(DatasetEvaluator):
         if self.cfg.TEST.EXPORT_FEATURES:
             refined = rows["nformer"]["refined"] if "nformer" in rows else None
             export_features(self.cfg.TEST.EXPORT_FEATURES, query, gallery, refined)
+
+    def _report(self, rows, query: FeatureSet, gallery: FeatureSet) -> None:
+        from ..report import write_report
+
+        names = [n for n in rows if self.cfg.TEST.REPORT.RERANK or n in ("baseline", "nformer")]
+        out = os.path.join(self._output_dir, "report" + (f"_{self._dataset_name}"
+                                                         if self._dataset_name else ""))
+        path = write_report(out, query, gallery, OrderedDict((n, rows[n]["dist"]) for n in names),
+                            self.cfg.TEST.REPORT.IMAGES_ROOT, self.cfg.TEST.REPORT.QUERIES,
+                            title=f"NFormer ranked lists on {self._dataset_name}")
+        logger.info("Report page written to %s", path)
 
     def _draw(self, rows, paths, query: FeatureSet, gallery: FeatureSet) -> None:
         from ..core.visualize import save_ranked_lists
