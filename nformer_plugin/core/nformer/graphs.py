@@ -189,14 +189,29 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     q_scores, order = q_scores.sort(dim=1, descending=True)
     q_nbrs = q_nbrs.gather(1, order)
     self_scores = (queries[:nq] * keys[:nq]).sum(-1)
-    keep = torch.ones_like(q_nbrs, dtype=torch.bool)
-    keep[:, -1] = self_scores <= q_scores[:, -1]  # self takes the k-th slot of top-k(G u {i})
+    back = None
     if settings.mask == "reciprocal":
         query_rows = torch.arange(nq, device=queries.device)[:, None].expand_as(q_nbrs)
         back = q_scores if symmetric else pair_scores(queries, keys, q_nbrs, query_rows,
                                                       settings.chunk_size)
-        keep &= back >= kth_score[q_nbrs - nq]
+    keep = isolated_query_keep(q_scores, self_scores, back, kth_score[q_nbrs - nq])
     return set_graph, _with_self_loop(0, q_nbrs, keep)
+
+
+def isolated_query_keep(q_scores: Tensor, self_scores: Tensor, back_scores: Optional[Tensor],
+                        kth_scores: Tensor) -> Tensor:
+    """Which of a query's sorted top-k set neighbors it keeps (sec. 4.2 isolation, eqs. 6-7).
+
+    ``q_scores`` (Q, k) descending; ``self_scores`` (Q,) the query's own affinity: when it beats
+    the k-th set score the query itself takes that slot of ``top-k(G u {i})``. ``back_scores``
+    (``A~_ji``, ``None`` for ``mask="topk"``) against ``kth_scores`` (``j``'s k-th set score):
+    the reciprocal test of eq. (7) - ``i`` would enter ``j``'s top-k.
+    """
+    keep = torch.ones_like(q_scores, dtype=torch.bool)
+    keep[:, -1] = self_scores <= q_scores[:, -1]
+    if back_scores is not None:
+        keep &= back_scores >= kth_scores
+    return keep
 
 
 class CandidatePool:
