@@ -36,6 +36,7 @@ from .index import GalleryIndex, split_model
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 1
 FILES = ("arrays.npz", "model.pth", "search.faiss")
+RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth")
 
 
@@ -176,10 +177,16 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
             model = NFormerStage(model, num_classes=1, test_feat="after_bn")
             model.bottleneck.load_state_dict(ckpt["head"])
         model.eval()
+    nformer, _ = split_model(model)
+    given = model_config(nformer)
+    differ = [f"{k}: {manifest['model_config'].get(k)!r} vs {given[k]!r}" for k in given
+              if k not in RUNTIME_OPTIONS and manifest["model_config"].get(k) != given[k]]
+    if differ:
+        raise ValueError(f"{directory}: the given model's config differs from the one the index "
+                         f"was built with ({'; '.join(differ)})")
     if weights_hash(model) != manifest["weights_sha256"]:
         raise ValueError(f"{directory}: weights hash mismatch - the index was built with another "
                          f"model than the one given")
-    nformer, _ = split_model(model)
     device = next(nformer.parameters()).device
     with np.load(os.path.join(folder, "arrays.npz")) as data:
         arrays = {k: data[k] for k in data.files}
