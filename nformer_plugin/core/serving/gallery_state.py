@@ -97,7 +97,8 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
         if lm is not None:
             layer.landmark_proj = landmark_projections(block.attn, record["x"][lm.to(inputs.device)])
         if masked and source == "layer":
-            layer.normed = normalized_rows(record["x"], chunk)
+            same_rows = i == 0 and state.input_normed is not None  # layer 0's input: shared
+            layer.normed = state.input_normed if same_rows else normalized_rows(record["x"], chunk)
             if reciprocal:
                 layer.kth = _feature_kth(record, layer.normed, i == 0, settings)[None]
         elif masked and source == "affinity" and reciprocal:

@@ -86,6 +86,8 @@ def _arrays(index: GalleryIndex) -> Dict[str, np.ndarray]:
     for i, layer in enumerate(state.layers):
         for name in LAYER_FIELDS:
             out[f"layer{i}_{name}"] = getattr(layer, name)
+        if layer.normed is not None and layer.normed is state.input_normed:  # stored once
+            out[f"layer{i}_normed"], out[f"layer{i}_normed_is_input"] = None, np.ones(1)
         if layer.landmark_proj is not None:
             out[f"layer{i}_landmark_q"], out[f"layer{i}_landmark_k"] = layer.landmark_proj
         if index.landmark_ids[i] is not None:
@@ -190,9 +192,11 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
     device = next(nformer.parameters()).device
     with np.load(os.path.join(folder, "arrays.npz")) as data:
         arrays = {k: data[k] for k in data.files}
-    layers = []
+    layers, input_normed = [], _tensor(arrays, "input_normed", device)
     for i in range(manifest["num_layers"]):
         fields = {name: _tensor(arrays, f"layer{i}_{name}", device) for name in LAYER_FIELDS}
+        if f"layer{i}_normed_is_input" in arrays:
+            fields["normed"] = input_normed
         proj = None
         if f"layer{i}_landmark_q" in arrays:
             proj = (_tensor(arrays, f"layer{i}_landmark_q", device),
@@ -201,7 +205,7 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
     inputs = _tensor(arrays, "inputs", device)
     settings = nformer.sparse_settings(len(inputs))
     state = GalleryState(inputs=inputs, outputs=_tensor(arrays, "outputs", device), layers=layers,
-                         settings=settings, input_normed=_tensor(arrays, "input_normed", device),
+                         settings=settings, input_normed=input_normed,
                          input_kth=_tensor(arrays, "input_kth", device),
                          pool_size=candidate_pool_size(settings, len(inputs)))
     landmark_ids = [arrays.get(f"layer{i}_landmark_ids") for i in range(manifest["num_layers"])]
