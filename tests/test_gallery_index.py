@@ -70,6 +70,15 @@ def test_refine_equals_batch_forward(kind, mask, source, exact):
     assert torch.allclose(index.refine(queries[3:4]), expected[3:4], atol=1e-5)
 
 
+@pytest.mark.parametrize("neighbors", ["layer", "affinity"])
+def test_refine_is_exact_across_chunk_boundaries(neighbors):
+    """Chunks of 7 rows: the batch set (Q + G) and the gallery alone are cut differently."""
+    model = make_model(chunk_size=7, neighbors=neighbors)
+    gallery, queries = world("clustered", (NG, NQ), 21)
+    index = GalleryIndex.build(model, gallery)
+    assert torch.allclose(index.refine(queries), batch(model, queries, gallery)[:NQ], atol=1e-5)
+
+
 def test_approximate_search_gallery_is_served_as_batch():
     """With ann_threshold the batch path searches an IVF index over the gallery; the index
     searches the same IVF index (trained on the same gallery), so the guarantee still holds."""

@@ -12,6 +12,7 @@ Pure torch / numpy / faiss; must not import FastReID.
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -122,7 +123,10 @@ class GalleryIndex:
         landmark_ids = [None if r is None else ids[r.cpu().numpy()] for r in rows]
         logger.info("Building a gallery index: %d items, d=%d, %d layers", len(inputs),
                     nformer.dim, nformer.num_layers)
-        return cls(model, inputs, ids, landmark_ids, metric, labels=labels)
+        start = time.perf_counter()
+        index = cls(model, inputs, ids, landmark_ids, metric, labels=labels)
+        logger.info("Gallery refined and indexed in %.1f s", time.perf_counter() - start)
+        return index
 
     @classmethod
     def from_weights(cls, path: str, gallery_feats: Features, ids=None,
