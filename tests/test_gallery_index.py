@@ -252,6 +252,8 @@ def test_bad_input_is_named():
         GalleryIndex.build(model, gallery, ids=[7] * 2 + list(range(100, 198)))
     with pytest.raises(ValueError, match="topk=5 is larger than the gallery"):
         GalleryIndex.build(model, gallery[:4])
+    with pytest.raises(ValueError, match="labels 'pids': expected 100"):
+        GalleryIndex.build(model, gallery, labels={"pids": np.arange(3)})
     index = GalleryIndex.build(model, gallery)
     with pytest.raises(ValueError, match="query features.*d=32"):
         index.refine(torch.randn(3, 8))

@@ -70,6 +70,7 @@ def as_features(feats: Features, dim: int, name: str, device: torch.device) -> T
 
 
 def as_ids(ids, count: int, name: str = "ids") -> np.ndarray:
+    """``count`` unique integer ids as int64; a clear error otherwise."""
     ids = np.asarray(ids).reshape(-1)
     if len(ids) != count:
         raise ValueError(f"{name}: expected {count} ids (one per feature), got {len(ids)}")
@@ -101,7 +102,7 @@ class GalleryIndex:
         self.nformer, self.head = split_model(model)
         check_servable(self.nformer, self.head)
         self.metric, self.ids, self.landmark_ids = metric, ids, landmark_ids
-        self.labels = labels or {}  # optional per-item pids / camids (metrics in the CLI)
+        self.labels = check_labels(labels, len(ids))  # optional pids / camids (CLI metrics)
         self.device = next(self.nformer.parameters()).device
         self.state = state if state is not None else self._refine_gallery(inputs)
         self.refined = refined if refined is not None else self._apply_head(self.state.outputs)
@@ -230,6 +231,18 @@ class GalleryIndex:
         from .persistence import load_index
 
         return load_index(directory, model)
+
+
+def check_labels(labels: Optional[dict], count: int) -> dict:
+    """Per-item label arrays (e.g. ``pids``, ``camids``), one entry per gallery item."""
+    out = {}
+    for name, values in (labels or {}).items():
+        values = np.asarray(values).reshape(-1)
+        if len(values) != count:
+            raise ValueError(f"labels {name!r}: expected {count} values (one per gallery item), "
+                             f"got {len(values)}")
+        out[name] = values
+    return out
 
 
 def check_gallery_size(nformer: NFormer, size: int) -> None:

@@ -22,7 +22,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .index import GalleryIndex, as_features, as_ids, check_gallery_size
+from .index import GalleryIndex, as_features, as_ids, check_gallery_size, check_labels
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -58,8 +58,8 @@ def _merge_labels(index: GalleryIndex, labels: Optional[dict], count: int) -> di
         logger.warning("added items have no %s: the index drops its labels",
                        "/".join(sorted(index.labels)))
         return {}
-    return {k: np.concatenate([index.labels[k], np.asarray(labels[k]).reshape(-1)[:count]])
-            for k in index.labels}
+    labels = check_labels(labels, count)
+    return {k: np.concatenate([index.labels[k], labels[k]]) for k in index.labels}
 
 
 def _rebuild(index: GalleryIndex, inputs: torch.Tensor, ids: np.ndarray, what: str,
