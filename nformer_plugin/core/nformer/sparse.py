@@ -30,7 +30,7 @@ This module must not import FastReID (nor ``model``, which imports it).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -166,14 +166,14 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
 
 def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
                            landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
-                           records: Optional[List[dict]] = None
+                           on_layer: Optional[Callable[[int, dict], None]] = None
                            ) -> Tuple[Tensor, List[Dict[str, float]]]:
     """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
 
-    Returns the refined (N, d) and, per layer, the neighbor statistics. ``records`` (a list)
-    receives one dict per layer: its input ``x``, the candidate ``pool`` and what
-    :func:`sparse_block_forward` records.
+    Returns the refined (N, d) and, per layer, the neighbor statistics. ``on_layer(i, record)``
+    is called after each layer with its input ``x``, the candidate ``pool`` and what
+    :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
     """
     x = feats.contiguous()
     masked = settings.mask != "none"
@@ -188,10 +188,11 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):
         if settings.neighbors == "layer" and masked:
             graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0)
-        record = None
-        if records is not None:
-            record = dict(x=x, pool=pool)
-            records.append(record)
-        x, layer_stats = sparse_block_forward(block, x, lm, num_query, settings, graphs, record)
+        record = None if on_layer is None else dict(x=x, pool=pool)
+        x_in = x
+        x, layer_stats = sparse_block_forward(block, x_in, lm, num_query, settings, graphs, record)
+        if on_layer is not None:
+            on_layer(i, record)
+        del x_in, record
         stats.append(layer_stats)
     return x, stats

@@ -83,16 +83,17 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
                    landmarks: Sequence[Optional[Tensor]], settings: SparseSettings
                    ) -> GalleryState:
     """Refine the gallery alone (sec. 4.2: it never sees a query) with the batch sparse path and
-    keep what a query needs per layer (see the module docstring)."""
-    records: List[dict] = []
-    outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, records)
+    keep what a query needs per layer (see the module docstring), layer by layer as the forward
+    goes (so that no layer's transient state outlives it)."""
     masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
     source, chunk = settings.neighbors, settings.chunk_size
-    state = GalleryState(inputs=inputs, outputs=outputs, layers=[], settings=settings)
-    if masked and (source == "input" or records[0]["pool"] is not None):
-        state.input_normed = normalized_rows(inputs, chunk)
+    state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=settings)
     state.pool_size = candidate_pool_size(settings, len(inputs))
-    for i, (block, record, lm) in enumerate(zip(blocks, records, landmarks)):
+    if masked and (source == "input" or state.pool_size):
+        state.input_normed = normalized_rows(inputs, chunk)
+
+    def keep_layer(i: int, record: dict) -> None:
+        block, lm = blocks[i], landmarks[i]
         layer = GalleryLayer(keys=torch.stack(record["ks"]), values=record["v"])
         if lm is not None:
             layer.landmark_proj = landmark_projections(block.attn, record["x"][lm.to(inputs.device)])
@@ -108,6 +109,7 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
                 for h, graphs in enumerate(record["graphs"])])
         if i == 0 and masked and source == "input" and reciprocal:
             state.input_kth = _feature_kth(record, state.input_normed, True, settings)[None]
-        record.clear()
         state.layers.append(layer)
+
+    state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
     return state
