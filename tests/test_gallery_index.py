@@ -79,10 +79,11 @@ def test_refine_is_exact_across_chunk_boundaries(neighbors):
     assert torch.allclose(index.refine(queries), batch(model, queries, gallery)[:NQ], atol=1e-5)
 
 
-def test_approximate_search_gallery_is_served_as_batch():
+@pytest.mark.parametrize("neighbors", ["layer", "affinity"])
+def test_approximate_search_gallery_is_served_as_batch(neighbors):
     """With ann_threshold the batch path searches an IVF index over the gallery; the index
     searches the same IVF index (trained on the same gallery), so the guarantee still holds."""
-    model = make_model(ann_threshold=50, ann_nlist=4, ann_nprobe=2, neighbors="affinity")
+    model = make_model(ann_threshold=50, ann_nlist=4, ann_nprobe=2, neighbors=neighbors)
     gallery, queries = world("clustered", (NG, NQ), 1)
     index = GalleryIndex.build(model, gallery)
     assert index.state.settings.approximate

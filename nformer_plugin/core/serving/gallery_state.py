@@ -73,8 +73,8 @@ def _feature_kth(record: dict, normed: Tensor, first_layer: bool, settings: Spar
     if pool is None:
         set_nbrs = record["graphs"][0][0].index[:, :-1]
         return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
-    if first_layer and pool.set_scores is not None:
-        return pool.set_scores[:, :k].min(dim=1).values
+    if first_layer and pool.set_scores is not None:  # faiss scores: on the CPU
+        return pool.set_scores[:, :k].min(dim=1).values.to(normed.device)
     return row_scores(normed, normed, pool.set_pool, settings.chunk_size).topk(k, dim=1).values[:, -1]
 
 

@@ -198,6 +198,7 @@ class GalleryIndex:
 
     def search_refined(self, refined_queries: np.ndarray, topk: int
                        ) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for queries already refined by :meth:`refine`."""
         q = np.ascontiguousarray(refined_queries, dtype=np.float32)
         if self.metric == "cosine":
             scores, rows = self.search_index().search(normalize_rows(q), topk)
