@@ -9,6 +9,10 @@ top-k lists - or, with ``layer_pool``, the candidate pools - of its neighbors, t
 and each further layer widens the changed set by another neighborhood, so after a few layers
 most rows (and almost surely a landmark row) have changed (see the README, "Serving").
 
+The old state is dropped before the new one is built (only a 4-wide fingerprint per row and
+layer is kept to measure the reach), so an update needs no more memory than a build; every input
+is checked before anything changes.
+
 A removed landmark row is replaced by the first gallery row of the model's seeded landmark
 permutation that is not a landmark of that layer yet (logged).
 
@@ -27,19 +31,29 @@ from .index import GalleryIndex, as_features, as_ids, check_gallery_size, check_
 logger = logging.getLogger("fastreid.nformer")
 
 
-def changed_rows(old: torch.Tensor, new: torch.Tensor, atol: float = 1e-6) -> np.ndarray:
-    """Which rows differ (row-aligned (N, d) tensors)."""
-    return ((old - new).abs().amax(dim=1) > atol).cpu().numpy()
+FINGERPRINT_WIDTH = 4
 
 
-def log_reach(index: GalleryIndex, old_state, old_rows: np.ndarray, new_rows: np.ndarray,
-              what: str) -> List[int]:
-    """Log, per layer, how many kept rows' layer inputs changed and whether a landmark row did;
-    returns the changed counts (layer inputs: the values ``v`` are a row-wise map of them)."""
+def fingerprints(state) -> List[torch.Tensor]:
+    """Per layer, a random projection (G, 4) of every row's values ``v`` (a row-wise map of the
+    layer input): enough to tell which rows changed without keeping the old state (memory)."""
+    out = []
+    for layer in state.layers:
+        values = layer.values
+        g = torch.Generator().manual_seed(0)
+        projection = torch.randn(values.shape[1], FINGERPRINT_WIDTH, generator=g)
+        out.append((values @ projection.to(values.device)).cpu())
+    return out
+
+
+def log_reach(index: GalleryIndex, old_prints: List[torch.Tensor], old_rows: np.ndarray,
+              new_rows: np.ndarray, what: str, atol: float = 1e-5) -> List[int]:
+    """Log, per layer, how many kept rows' layer inputs changed and whether a landmark row did
+    (then every row's ``q~, k~`` changed with it, eq. 4); returns the changed counts."""
     counts = []
     landmark_pos = index.landmark_rows()
-    for i, (old_layer, new_layer) in enumerate(zip(old_state.layers, index.state.layers)):
-        changed = changed_rows(old_layer.values[old_rows], new_layer.values[new_rows])
+    for i, (old, new) in enumerate(zip(old_prints, fingerprints(index.state))):
+        changed = ((old[old_rows] - new[new_rows]).abs().amax(dim=1) > atol).numpy()
         counts.append(int(changed.sum()))
         lm = landmark_pos[i]
         touched = np.zeros(len(index), bool)
@@ -47,7 +61,8 @@ def log_reach(index: GalleryIndex, old_state, old_rows: np.ndarray, new_rows: np
         landmark_changed = lm is not None and bool(touched[lm.numpy()].any())
         logger.info("%s: layer %d input changed for %d of %d kept rows%s", what, i + 1,
                     counts[-1], len(new_rows),
-                    "; a landmark row changed: whole layer recomputed" if landmark_changed else "")
+                    " (a landmark row changed: so did every row's q~, k~)" if landmark_changed
+                    else "")
     return counts
 
 
@@ -64,12 +79,11 @@ def _merge_labels(index: GalleryIndex, labels: Optional[dict], count: int) -> di
 
 def _rebuild(index: GalleryIndex, inputs: torch.Tensor, ids: np.ndarray, what: str,
              old_rows: np.ndarray, new_rows: np.ndarray) -> GalleryIndex:
-    old_state = index.state
-    index.ids = ids
+    old_prints = fingerprints(index.state)
+    index.ids, index.state, index.refined, index._search_index = ids, None, None, None  # free
     index.state = index._refine_gallery(inputs)
     index.refined = index._apply_head(index.state.outputs)
-    index._search_index = None
-    index.last_update_reach = log_reach(index, old_state, old_rows, new_rows, what)
+    index.last_update_reach = log_reach(index, old_prints, old_rows, new_rows, what)
     return index
 
 
