@@ -13,6 +13,7 @@ Pure torch / faiss; must not import FastReID.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from ..nformer.graphs import SparseSettings, normalized_rows, row_scores
 from ..nformer.sparse import landmark_projections, sparse_nformer_forward
+
+logger = logging.getLogger("fastreid.nformer")
 
 
 @dataclass
@@ -110,6 +113,7 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
         if i == 0 and masked and source == "input" and reciprocal:
             state.input_kth = _feature_kth(record, state.input_normed, True, settings)[None]
         state.layers.append(layer)
+        logger.info("Gallery index: layer %d of %d refined and kept", i + 1, len(blocks))
 
     state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
     return state
