@@ -77,26 +77,39 @@ def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, h
     return nbrs, scores, (q_agent * k_agent).sum(-1), back
 
 
-def masked_head(layer: GalleryLayer, head: int, lists: QueryLists, gallery_kth: Optional[Tensor],
-                q_agent: Tensor, k_agent: Tensor, values: Tensor, cols: slice, scale: float,
-                chunk_size: int) -> Tensor:
-    """RNS over each query's kept gallery neighbors plus itself (its self loop) -> (Q, d_h);
+def masked_heads(layer: GalleryLayer, head_lists: Sequence[QueryLists],
+                 gallery_kth: Optional[Tensor], qs: Tensor, ks: Tensor, values: Tensor,
+                 scale: float, chunk_size: int) -> Tensor:
+    """RNS over each query's kept gallery neighbors plus itself (its self loop), all heads at
+    once -> (Q, d). ``head_lists``: one entry per head (the same object when shared);
     ``gallery_kth`` (h or 1, G): the gallery rows' k-th scores (reciprocal mask)."""
-    nbrs, scores, self_scores, back = lists
-    kth = None
-    if back is not None:
-        kth = gallery_kth[min(head, gallery_kth.shape[0] - 1)][nbrs]
-    keep = isolated_query_keep(scores, self_scores, back, kth)
-    keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)
-    keys, gallery_values = layer.keys[head], layer.values[:, cols]
-    out = torch.empty(q_agent.shape[0], cols.stop - cols.start, dtype=values.dtype,
+    heads, num_query, _ = qs.shape
+    keeps, nbrs = [], []
+    for h, (nbrs_h, scores, self_scores, back) in enumerate(head_lists):
+        if h and head_lists[h] is head_lists[0]:  # shared lists: the same keep
+            keeps.append(keeps[0])
+        else:
+            kth = gallery_kth[min(h, gallery_kth.shape[0] - 1)][nbrs_h] if back is not None \
+                else None
+            keeps.append(isolated_query_keep(scores, self_scores, back, kth))
+        nbrs.append(nbrs_h)
+    keep = torch.stack(keeps)  # (h, Q, k)
+    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+    nbrs_all = torch.stack(nbrs)  # (h, Q, k)
+    head_rows = torch.arange(heads, device=qs.device)[:, None, None]
+    gallery_values = layer.values.view(layer.values.shape[0], heads, -1)  # (G, h, d_h)
+    own_values = values.view(num_query, heads, -1).transpose(0, 1)  # (h, Q, d_h)
+    out = torch.empty(heads, num_query, gallery_values.shape[-1], dtype=values.dtype,
                       device=values.device)
-    for c in chunks(q_agent.shape[0], gather_rows(chunk_size, keep.shape[1] * out.shape[1])):
-        idx = nbrs[c]
-        key_rows = torch.cat([keys[idx], k_agent[c, None, :]], dim=1)
-        value_rows = torch.cat([gallery_values[idx], values[c, None, cols]], dim=1)
-        out[c] = rns_aggregate(q_agent[c], key_rows, value_rows, keep[c], scale)
-    return out
+    per_row = heads * keep.shape[-1] * values.shape[1]
+    for c in chunks(num_query, gather_rows(chunk_size, per_row)):
+        idx = nbrs_all[:, c]
+        key_rows = torch.cat([layer.keys[head_rows, idx], ks[:, c, None, :]], dim=2)
+        value_rows = torch.cat([gallery_values[idx, head_rows], own_values[:, c, None, :]], dim=2)
+        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (h, R, ...) -> (h R, ...)
+        out[:, c] = rns_aggregate(flat(qs[:, c]), flat(key_rows), flat(value_rows),
+                                  flat(keep[:, c]), scale).view(heads, -1, out.shape[-1])
+    return out.transpose(0, 1).reshape(num_query, -1)
 
 
 def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, values: Tensor,
@@ -129,18 +142,19 @@ def refine_queries(blocks: Sequence[nn.Module], state: GalleryState, feats: Tens
         scale = 1.0 / math.sqrt(attn.head_dim)
         if masked and (settings.neighbors == "layer" or (settings.neighbors == "input" and i == 0)):
             lists = feature_lists(state, i, x, pool)
-        heads_out = torch.empty_like(x)
-        for h in range(attn.num_heads):
-            cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
-            if not masked:
+        if masked:
+            head_lists = [affinity_lists(state, layer, i, h, qs[h], ks[h])
+                          if settings.neighbors == "affinity" else lists
+                          for h in range(attn.num_heads)]
+            kth = state.input_kth if settings.neighbors == "input" else layer.kth
+            heads_out = masked_heads(layer, head_lists, kth, torch.stack(qs), torch.stack(ks), v,
+                                     scale, settings.chunk_size)
+        else:
+            heads_out = torch.empty_like(x)
+            for h in range(attn.num_heads):
+                cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
                 heads_out[:, cols] = full_head(layer, h, qs[h], ks[h], v, cols, scale,
                                                settings.full_attention_budget, settings.chunk_size)
-                continue
-            if settings.neighbors == "affinity":
-                lists = affinity_lists(state, layer, i, h, qs[h], ks[h])
-            kth = state.input_kth if settings.neighbors == "input" else layer.kth
-            heads_out[:, cols] = masked_head(layer, h, lists, kth, qs[h], ks[h], v, cols, scale,
-                                             settings.chunk_size)
         for c in chunks(x.shape[0], settings.chunk_size):
             heads_out[c] = block.residual_tail(x[c], attn.out_proj(heads_out[c]))
         x = heads_out
