@@ -120,8 +120,6 @@ def worker_batch(args) -> Dict:
 
 
 def worker_index(args) -> Dict:
-    import torch
-
     from nformer_plugin.core.serving import GalleryIndex
 
     model, gallery, queries = _setup(args)
@@ -156,7 +154,7 @@ def worker_index(args) -> Dict:
         index.save(tmp)
         result["disk_mb"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
                                 os.walk(tmp) for f in files) / 2 ** 20
-    del index
+    index = None  # free it before the update measurement
     if args.no_add:
         return result
     cut = len(gallery) - max(1, len(gallery) // 100)
@@ -164,7 +162,7 @@ def worker_index(args) -> Dict:
     _, result["add_seconds"] = _timed(lambda: partial.add(gallery[cut:]))
     result["add_rows"] = len(gallery) - cut
     result["add_changed_rows_per_layer"] = partial.last_update_reach
-    del partial
+    partial = None  # free it before the rebuild
     _, result["rebuild_seconds"] = _timed(lambda: GalleryIndex.build(model, gallery))
     return result
 

@@ -1,11 +1,12 @@
 """What an isolated query needs from the gallery, per layer and head (sec. 4.2), from one forward.
 
-In the isolated query mode the gallery is refined as a set of its own (``masks.build_neighbor_mask``),
-so its per-layer states do not depend on any query. A query at layer ``L`` needs from the gallery's
+In the isolated query mode the gallery is refined as a set of its own
+(``masks.build_neighbor_mask``), so its per-layer states do not depend on any query. A query at layer ``L`` needs from the gallery's
 layer-``L`` input: the landmark projections ``q_l, k_l`` (eq. 4) to form its own ``q~, k~``; the
 gallery's ``k~`` (its keys) and values ``v`` for the aggregation (eqs. 2, 8); and, for the neighbor
-lists (eqs. 6-7), the search base (``k~`` for ``neighbors="affinity"``, the unit-length layer input
-for ``"layer"``, the unit-length NFormer input for ``"input"`` and for the ``layer_pool`` candidates),
+lists (eqs. 6-7), the search base (``k~`` for ``neighbors="affinity"``, the unit-length layer
+input for ``"layer"``, the unit-length NFormer input for ``"input"`` and for the ``layer_pool``
+candidates),
 the gallery's ``q~`` (the reverse affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's
 ``k``-th neighbor score (the query-side reciprocal test). All float32 (exact refinement).
 
@@ -78,7 +79,8 @@ def _feature_kth(record: dict, normed: Tensor, first_layer: bool, settings: Spar
         return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
     if first_layer and pool.set_scores is not None:  # faiss scores: on the CPU
         return pool.set_scores[:, :k].min(dim=1).values.to(normed.device)
-    return row_scores(normed, normed, pool.set_pool, settings.chunk_size).topk(k, dim=1).values[:, -1]
+    scores = row_scores(normed, normed, pool.set_pool, settings.chunk_size)
+    return scores.topk(k, dim=1).values[:, -1]
 
 
 @torch.no_grad()
@@ -99,7 +101,8 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
         block, lm = blocks[i], landmarks[i]
         layer = GalleryLayer(keys=torch.stack(record["ks"]), values=record["v"])
         if lm is not None:
-            layer.landmark_proj = landmark_projections(block.attn, record["x"][lm.to(inputs.device)])
+            x_land = record["x"][lm.to(inputs.device)]
+            layer.landmark_proj = landmark_projections(block.attn, x_land)
         if masked and source == "layer":
             same_rows = i == 0 and state.input_normed is not None  # layer 0's input: shared
             layer.normed = state.input_normed if same_rows else normalized_rows(record["x"], chunk)

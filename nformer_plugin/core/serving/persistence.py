@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write, save_text
+from ..io import save_text
 from ..nformer.model import NFormer
 from ..nformer.stage import NFormerStage
 from .gallery_state import GalleryLayer, GalleryState, candidate_pool_size

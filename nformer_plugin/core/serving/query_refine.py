@@ -5,15 +5,15 @@ landmark rows (eq. 4), takes its top-k over ``G u {i}`` (eq. 6), keeps a gallery
 under the reciprocal mask when ``A~_ji`` reaches ``j``'s own k-th gallery score (eq. 7 with
 isolation, ``graphs.isolated_query_keep``), and aggregates the gallery values with RNS (eq. 8,
 ``sparse.rns_aggregate``). The neighbor search, scores, keep rule and aggregation are the batch
-sparse path's own functions, so ``refine_queries`` reproduces ``NFormer(cat([Q, G]), num_query=|Q|)``
-row for row; queries never see each other.
+sparse path's own functions, so ``refine_queries`` reproduces
+``NFormer(cat([Q, G]), num_query=|Q|)`` row for row; queries never see each other.
 
 Pure torch / faiss; must not import FastReID.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
