@@ -1,14 +1,14 @@
 """What an isolated query needs from the gallery, per layer and head (sec. 4.2), from one forward.
 
 In the isolated query mode the gallery is refined as a set of its own
-(``masks.build_neighbor_mask``), so its per-layer states do not depend on any query. A query at layer ``L`` needs from the gallery's
-layer-``L`` input: the landmark projections ``q_l, k_l`` (eq. 4) to form its own ``q~, k~``; the
-gallery's ``k~`` (its keys) and values ``v`` for the aggregation (eqs. 2, 8); and, for the neighbor
-lists (eqs. 6-7), the search base (``k~`` for ``neighbors="affinity"``, the unit-length layer
-input for ``"layer"``, the unit-length NFormer input for ``"input"`` and for the ``layer_pool``
-candidates),
-the gallery's ``q~`` (the reverse affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's
-``k``-th neighbor score (the query-side reciprocal test). All float32 (exact refinement).
+(``masks.build_neighbor_mask``), so its per-layer states do not depend on any query. A query at
+layer ``L`` needs from the gallery's layer-``L`` input: the landmark projections ``q_l, k_l``
+(eq. 4) to form its own ``q~, k~``; the gallery's ``k~`` (its keys) and values ``v`` for the
+aggregation (eqs. 2, 8); and, for the neighbor lists (eqs. 6-7), the search base (``k~`` for
+``neighbors="affinity"``, the unit-length layer input for ``"layer"``, the unit-length NFormer
+input for ``"input"`` and for the ``layer_pool`` candidates), the gallery's ``q~`` (the reverse
+affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbor score (the
+query-side reciprocal test). All float32 (exact refinement).
 
 Pure torch / faiss; must not import FastReID.
 """
