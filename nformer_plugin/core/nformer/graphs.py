@@ -121,7 +121,8 @@ def row_scores(rows: Tensor, right: Tensor, right_rows: Tensor, chunk_size: int)
     out = torch.empty(right_rows.shape, dtype=rows.dtype, device=rows.device)
     step = gather_rows(chunk_size, right_rows.shape[1] * right.shape[1])
     for c in chunks(right_rows.shape[0], step):
-        out[c] = torch.bmm(right[right_rows[c]], rows[c].unsqueeze(-1)).squeeze(-1)
+        # F.embedding: the same row gather as right[right_rows[c]], several times faster
+        out[c] = torch.bmm(F.embedding(right_rows[c], right), rows[c].unsqueeze(-1)).squeeze(-1)
     return out
 
 

@@ -16,11 +16,10 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, chunks, gather_rows, isolated_query_keep,
-                              normalized_rows, row_scores)
-from ..nformer.sparse import project_heads, rns_aggregate
+from ..nformer.graphs import InnerProductSearcher, chunks, isolated_query_keep, row_scores
 from .gallery_state import GalleryLayer, GalleryState
 
 # (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
@@ -39,37 +38,13 @@ def _sorted(nbrs: Tensor, scores: Tensor) -> Tuple[Tensor, Tensor]:
     return nbrs.gather(1, order), scores
 
 
-def feature_lists(state: GalleryState, layer_index: int, x: Tensor,
-                  pool: Optional[Tuple[Optional[Tensor], Tensor]]) -> QueryLists:
-    """Top-k cosine lists of query rows ``x`` over the gallery (``neighbors`` input / layer),
-    among the ``layer_pool`` candidates ``pool`` = (scores, rows) when the gallery has a pool."""
-    settings, k = state.settings, state.settings.topk
-    normed = normalized_rows(x, settings.chunk_size)
-    layer = state.layers[layer_index]
-    is_layer = settings.neighbors == "layer"
-    base = layer.normed if is_layer else state.input_normed
-    if pool is not None:
-        pool_scores, pool_rows = pool
-        if layer_index == 0 and pool_scores is not None:
-            nbrs, scores = pool_rows[:, :k], pool_scores[:, :k].to(x.device)
-        else:
-            top = row_scores(normed, base, pool_rows, settings.chunk_size).topk(k, dim=1)
-            nbrs, scores = pool_rows.gather(1, top.indices), top.values
-    else:
-        key = ("feature", layer_index) if is_layer else ("input",)
-        nbrs = searcher(state, key, base).search(normed, k)
-        scores = row_scores(normed, base, nbrs, settings.chunk_size)
-    nbrs, scores = _sorted(nbrs, scores)
-    back = scores if settings.mask == "reciprocal" else None  # symmetric: A_ji = A_ij
-    return nbrs, scores, (normed * normed).sum(-1), back
-
-
 def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, head: int,
                    q_agent: Tensor, k_agent: Tensor) -> QueryLists:
     """Top-k lists of query rows under their own ``A~`` of one head (``neighbors="affinity"``)."""
     settings = state.settings
     keys = layer.keys[head]
-    nbrs = searcher(state, ("affinity", layer_index, head), keys).search(q_agent, settings.topk)
+    nbrs = top_inner_products(state, ("affinity", layer_index, head), keys, q_agent,
+                              settings.topk)[1]
     nbrs, scores = _sorted(nbrs, row_scores(q_agent, keys, nbrs, settings.chunk_size))
     back = None
     if settings.mask == "reciprocal":  # A~_ji = <q~_j, k~_i>, as graphs.pair_scores computes it
@@ -77,39 +52,42 @@ def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, h
     return nbrs, scores, (q_agent * k_agent).sum(-1), back
 
 
-def masked_heads(layer: GalleryLayer, head_lists: Sequence[QueryLists],
-                 gallery_kth: Optional[Tensor], qs: Tensor, ks: Tensor, values: Tensor,
-                 scale: float, chunk_size: int) -> Tensor:
-    """RNS over each query's kept gallery neighbors plus itself (its self loop), all heads at
-    once -> (Q, d). ``head_lists``: one entry per head (the same object when shared);
-    ``gallery_kth`` (h or 1, G): the gallery rows' k-th scores (reciprocal mask)."""
+def gallery_keys(state: GalleryState, layer_index: int) -> Tensor:
+    """The layer's gallery keys laid out (G, h, m), so that one gather of a neighbor list
+    fetches every head's keys (derived once per gallery state, not stored)."""
+    key = ("keys_ghm", layer_index)
+    if key not in state.searchers:
+        state.searchers[key] = state.layers[layer_index].keys.transpose(0, 1).contiguous()
+    return state.searchers[key]
+
+
+def masked_heads(keys_ghm: Tensor, gallery_values: Tensor, nbrs: Tensor, keep: Tensor,
+                 qs: Tensor, ks: Tensor, values: Tensor, scale: float) -> Tensor:
+    """RNS (eq. 8) over each query's kept gallery neighbors plus itself (its self loop) and
+    eq. (2) aggregation, all heads at once -> (Q, d).
+
+    ``keys_ghm`` (G, h, m) and ``gallery_values`` (G, d): the layer's gallery keys and values;
+    ``nbrs`` / ``keep`` (H, Q, k) with ``H`` = 1 (lists shared by the heads) or ``h``; ``qs``,
+    ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
+    """
     heads, num_query, _ = qs.shape
-    keeps, nbrs = [], []
-    for h, (nbrs_h, scores, self_scores, back) in enumerate(head_lists):
-        if h and head_lists[h] is head_lists[0]:  # shared lists: the same keep
-            keeps.append(keeps[0])
-        else:
-            kth = gallery_kth[min(h, gallery_kth.shape[0] - 1)][nbrs_h] if back is not None \
-                else None
-            keeps.append(isolated_query_keep(scores, self_scores, back, kth))
-        nbrs.append(nbrs_h)
-    keep = torch.stack(keeps)  # (h, Q, k)
-    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
-    nbrs_all = torch.stack(nbrs)  # (h, Q, k)
-    head_rows = torch.arange(heads, device=qs.device)[:, None, None]
-    gallery_values = layer.values.view(layer.values.shape[0], heads, -1)  # (G, h, d_h)
-    own_values = values.view(num_query, heads, -1).transpose(0, 1)  # (h, Q, d_h)
-    out = torch.empty(heads, num_query, gallery_values.shape[-1], dtype=values.dtype,
-                      device=values.device)
-    per_row = heads * keep.shape[-1] * values.shape[1]
-    for c in chunks(num_query, gather_rows(chunk_size, per_row)):
-        idx = nbrs_all[:, c]
-        key_rows = torch.cat([layer.keys[head_rows, idx], ks[:, c, None, :]], dim=2)
-        value_rows = torch.cat([gallery_values[idx, head_rows], own_values[:, c, None, :]], dim=2)
-        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (h, R, ...) -> (h R, ...)
-        out[:, c] = rns_aggregate(flat(qs[:, c]), flat(key_rows), flat(value_rows),
-                                  flat(keep[:, c]), scale).view(heads, -1, out.shape[-1])
-    return out.transpose(0, 1).reshape(num_query, -1)
+    head_dim = values.shape[1] // heads
+    if nbrs.shape[0] == 1:  # one gather of whole rows serves every head
+        idx = nbrs[0]  # F.embedding: a plain row gather, faster than indexing
+        key_rows = F.embedding(idx, keys_ghm.view(keys_ghm.shape[0], -1)).view(
+            num_query, -1, heads, keys_ghm.shape[-1])  # (Q, k, h, m)
+        value_rows = F.embedding(idx, gallery_values).view(num_query, -1, heads, head_dim)
+    else:
+        idx = nbrs.permute(1, 2, 0)  # (Q, k, h)
+        head_ids = torch.arange(heads, device=qs.device)
+        key_rows = keys_ghm[idx, head_ids]
+        value_rows = gallery_values.view(-1, heads, head_dim)[idx, head_ids]
+    key_rows = torch.cat([key_rows, ks.transpose(0, 1).unsqueeze(1)], dim=1)  # (Q, k+1, h, m)
+    value_rows = torch.cat([value_rows, values.view(num_query, 1, heads, head_dim)], dim=1)
+    scores = torch.einsum("qhm,qkhm->qkh", qs.transpose(0, 1), key_rows) * scale
+    keep = torch.cat([keep.permute(1, 2, 0), keep.new_ones(num_query, 1, keep.shape[0])], dim=1)
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=1)  # (Q, k+1, h)
+    return torch.einsum("qkh,qkhd->qhd", weights, value_rows).reshape(num_query, -1)
 
 
 def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, values: Tensor,
@@ -126,36 +104,117 @@ def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, 
     return out
 
 
-@torch.no_grad()
-def refine_queries(blocks: Sequence[nn.Module], state: GalleryState, feats: Tensor) -> Tensor:
-    """NFormer output (Q, d) of isolated queries ``feats`` against the gallery ``state``."""
+QUERY_CHUNK = 1024  # queries refined at once (bounds the (chunk, pool, d) gathers)
+SMALL_BATCH = 16  # fewer queries: faiss's own scan; more: one exact torch matmul and topk
+
+
+def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, k: int
+                       ) -> Tuple[Optional[Tensor], Tensor]:
+    """Each row's ``k`` largest inner products over ``base``, best first: ``(scores, indices)``
+    as ``InnerProductSearcher.search_with_scores`` gives them (exact search: the same lists up to
+    float rounding; for a handful of rows faiss's scan, else one matmul, which is faster there)."""
+    if state.settings.approximate or rows.shape[0] < SMALL_BATCH:
+        return searcher(state, key, base).search_with_scores(rows, k)
+    top = torch.mm(rows, base.T).topk(k, dim=1)
+    return top.values, top.indices
+
+
+def _lists(state: GalleryState, layer_index: int, normed: Tensor,
+           pool: Optional[Tuple[Optional[Tensor], Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Top-k cosine lists (rows, scores) of unit-length query rows over the gallery's
+    layer input (``neighbors`` "layer") or NFormer input ("input"), among the pool if any."""
+    settings, k = state.settings, state.settings.topk
+    is_layer = settings.neighbors == "layer"
+    base = state.layers[layer_index].normed if is_layer else state.input_normed
+    if pool is not None:
+        pool_scores, pool_rows = pool
+        if layer_index == 0 and pool_scores is not None:
+            return pool_rows[:, :k], pool_scores[:, :k].to(normed.device)
+        top = row_scores(normed, base, pool_rows, settings.chunk_size).topk(k, dim=1)
+        return pool_rows.gather(1, top.indices), top.values
+    key = ("feature", layer_index) if is_layer else ("input",)
+    nbrs = top_inner_products(state, key, base, normed, k)[1]
+    return nbrs, row_scores(normed, base, nbrs, settings.chunk_size)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` without the module call (its ``forward`` is this very op)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def residual_tail(block: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
+    """``NFormerBlock.residual_tail`` of an eval-mode block (dropout is the identity), op for op
+    the modules' own functional calls, without their per-call overhead (a single query runs
+    this 4 times: the module calls cost as much as the ops)."""
+    norm1, norm2 = block.norm1, block.norm2
+    ffn_in, activation, ffn_out = block.ffn
+    x = F.layer_norm(x + attn_out, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    hidden = _linear(ffn_in, x)
+    hidden = (F.gelu(hidden, approximate=activation.approximate)
+              if isinstance(activation, nn.GELU) else F.relu(hidden))
+    return F.layer_norm(x + _linear(ffn_out, hidden), norm2.normalized_shape, norm2.weight,
+                        norm2.bias, norm2.eps)
+
+
+def refine_chunk(blocks: Sequence[nn.Module], state: GalleryState, x: Tensor) -> Tensor:
+    """:func:`refine_queries` for one chunk of query rows."""
     settings = state.settings
-    masked = settings.mask != "none"
-    x, pool, lists = feats.contiguous(), None, None
+    masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
+    source = settings.neighbors
+    pool, keep, nbrs = None, None, None
     if masked and state.pool_size:
-        normed = normalized_rows(x, settings.chunk_size)
-        pool = searcher(state, ("input",), state.input_normed).search_with_scores(
-            normed, state.pool_size)
+        pool = top_inner_products(state, ("input",), state.input_normed,
+                                  F.normalize(x, dim=-1), state.pool_size)
     for i, block in enumerate(blocks):
         attn, layer = block.attn, state.layers[i]
-        qs, ks, v = project_heads(attn, x, None, settings.chunk_size, layer.landmark_proj)
-        scale = 1.0 / math.sqrt(attn.head_dim)
-        if masked and (settings.neighbors == "layer" or (settings.neighbors == "input" and i == 0)):
-            lists = feature_lists(state, i, x, pool)
-        if masked:
-            head_lists = [affinity_lists(state, layer, i, h, qs[h], ks[h])
-                          if settings.neighbors == "affinity" else lists
-                          for h in range(attn.num_heads)]
-            kth = state.input_kth if settings.neighbors == "input" else layer.kth
-            heads_out = masked_heads(layer, head_lists, kth, torch.stack(qs), torch.stack(ks), v,
-                                     scale, settings.chunk_size)
+        heads = attn.num_heads
+        q = _linear(attn.q_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)  # (h, Q, d_h)
+        k = _linear(attn.k_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)
+        v = _linear(attn.v_proj, x)
+        if attn.exact_affinity:
+            qs, ks = q, k
         else:
+            q_land, k_land = layer.landmark_proj
+            qs, ks = q @ k_land.transpose(-1, -2), k @ q_land.transpose(-1, -2)  # eq. (4)
+        scale = 1.0 / math.sqrt(attn.head_dim)
+        if not masked:
             heads_out = torch.empty_like(x)
-            for h in range(attn.num_heads):
+            for h in range(heads):
                 cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
                 heads_out[:, cols] = full_head(layer, h, qs[h], ks[h], v, cols, scale,
-                                               settings.full_attention_budget, settings.chunk_size)
-        for c in chunks(x.shape[0], settings.chunk_size):
-            heads_out[c] = block.residual_tail(x[c], attn.out_proj(heads_out[c]))
-        x = heads_out
+                                               settings.full_attention_budget, x.shape[0])
+        else:
+            if source == "affinity":
+                lists = [affinity_lists(state, layer, i, h, qs[h], ks[h]) for h in range(heads)]
+                kth = layer.kth
+            elif source == "layer" or i == 0:  # "input": one list for every layer
+                normed = F.normalize(x, dim=-1)
+                lists = [_sorted(*_lists(state, i, normed, pool))]
+                self_scores = (normed * normed).sum(-1)
+                lists = [(n, s, self_scores, s if reciprocal else None) for n, s in lists]
+                kth = state.input_kth if source == "input" else layer.kth
+            if source == "affinity" or source == "layer" or i == 0:
+                keep = torch.stack([
+                    isolated_query_keep(scores, self_scores, back,
+                                        kth[h][nbrs_h] if back is not None else None)
+                    for h, (nbrs_h, scores, self_scores, back) in enumerate(lists)])
+                nbrs = torch.stack([entry[0] for entry in lists])
+            heads_out = masked_heads(gallery_keys(state, i), layer.values, nbrs, keep, qs, ks,
+                                     v, scale)
+        x = residual_tail(block, x, _linear(attn.out_proj, heads_out))
     return x
+
+
+@torch.no_grad()
+def refine_queries(blocks: Sequence[nn.Module], state: GalleryState, feats: Tensor) -> Tensor:
+    """NFormer output (Q, d) of isolated queries ``feats`` against the gallery ``state``, in
+    chunks of :data:`QUERY_CHUNK` rows (queries never interact, so chunks are independent).
+    Runs under ``torch.inference_mode``; the result is an ordinary tensor."""
+    x = feats.contiguous()
+    with torch.inference_mode():
+        if x.shape[0] <= QUERY_CHUNK:
+            out = refine_chunk(blocks, state, x)
+        else:
+            out = torch.cat([refine_chunk(blocks, state, x[c])
+                             for c in chunks(x.shape[0], QUERY_CHUNK)])
+    return out.clone()  # outside inference mode: usable anywhere (Q x d, negligible)
