@@ -79,6 +79,27 @@ def test_refine_is_exact_across_chunk_boundaries(neighbors):
     assert torch.allclose(index.refine(queries), batch(model, queries, gallery)[:NQ], atol=1e-5)
 
 
+@pytest.mark.parametrize("source", range(len(SOURCES)))
+@pytest.mark.parametrize("small_batch,query_chunk", [(1, 5), (10 ** 6, 1024)])
+def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, monkeypatch):
+    """Batches use one torch matmul + topk instead of faiss (small_batch=1 forces it for every
+    call, 10**6 never), and large calls are cut in chunks of query rows: same rows either way."""
+    from nformer_plugin.core.serving import index as index_module, query_refine
+
+    monkeypatch.setattr(query_refine, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(index_module, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(query_refine, "QUERY_CHUNK", query_chunk)
+    stage = NFormerStage(make_model(**SOURCES[source]), num_classes=4).eval()
+    gallery, queries = world("clustered", (NG, NQ), 5)
+    index = GalleryIndex.build(stage, gallery)
+    refined = stage.refine(torch.cat([queries, gallery]), NQ)
+    assert torch.allclose(index.refine(queries), refined[:NQ], atol=1e-5)
+    dist = cosine_distance(refined[:NQ].numpy(), refined[NQ:].numpy())
+    dists, ids = index.search(queries, topk=30)
+    assert np.array_equal(ids, np.argsort(dist, axis=1, kind="stable")[:, :30])
+    assert np.allclose(dists, np.sort(dist, axis=1)[:, :30], atol=1e-4)
+
+
 @pytest.mark.parametrize("neighbors", ["layer", "affinity"])
 def test_approximate_search_gallery_is_served_as_batch(neighbors):
     """With ann_threshold the batch path searches an IVF index over the gallery; the index
