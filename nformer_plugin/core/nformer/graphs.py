@@ -80,12 +80,12 @@ class InnerProductSearcher:
         if settings.approximate:
             norms = (base_np.astype(np.float64) ** 2).sum(1)
             extra = np.sqrt(np.maximum(norms.max() - norms, 0.0)).astype(np.float32)
-            self.base = np.ascontiguousarray(np.hstack([base_np, extra[:, None]]))
-            self.index = build_index(self.base, metric="l2", exact=False, nlist=settings.nlist,
+            base_np = np.ascontiguousarray(np.hstack([base_np, extra[:, None]]))
+            self.index = build_index(base_np, metric="l2", exact=False, nlist=settings.nlist,
                                      nprobe=settings.nprobe)
         else:
-            self.base = base_np
-            self.index = build_index(self.base, metric="ip", exact=True)
+            self.index = build_index(base_np, metric="ip", exact=True)
+        del base_np  # the index holds its own copy (at 10^6 rows the extended base is 1 GB)
 
     def search(self, queries: Tensor, k: int) -> Tensor:
         """Indices (R, k) into ``base`` of each query's ``k`` largest inner products."""
@@ -99,7 +99,7 @@ class InnerProductSearcher:
         if self.settings.approximate:
             q = np.ascontiguousarray(np.hstack([q, np.zeros((q.shape[0], 1), np.float32)]))
             metric = "l2"
-        scores, idx = knn_search(q, self.base, k, metric=metric, index=self.index,
+        scores, idx = knn_search(q, None, k, metric=metric, index=self.index,
                                  chunk_size=self.settings.chunk_size)
         scores = None if self.settings.approximate else torch.from_numpy(scores)
         return scores, torch.from_numpy(idx).to(queries.device)

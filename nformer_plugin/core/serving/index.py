@@ -24,7 +24,7 @@ from ..nformer.stage import NFormerStage
 from ..retrieval.metrics import l2_normalize
 from ..retrieval.neighbors import build_index
 from .gallery_state import GalleryState, refine_gallery
-from .query_refine import SMALL_BATCH, refine_queries
+from .query_refine import SMALL_BATCH, faiss_threads, matmul_topk, refine_queries
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -216,10 +216,11 @@ class GalleryIndex:
             base = self._flat_base() if len(q) >= SMALL_BATCH else None
             if base is not None:  # a batch: one exact matmul and topk beat faiss's blocked scan
                 with torch.inference_mode():
-                    top = torch.mm(torch.from_numpy(q), base.T).topk(topk, dim=1)
-                scores, rows = top.values.numpy(), top.indices.numpy()
+                    scores, rows = matmul_topk(torch.from_numpy(q), base, topk)
+                scores, rows = scores.numpy(), rows.numpy()
             else:
-                scores, rows = self.search_index().search(q, topk)
+                with faiss_threads(1 if len(q) < SMALL_BATCH else faiss_max_threads()):
+                    scores, rows = self.search_index().search(q, topk)
             return (1.0 - scores).astype(np.float32), self.ids[rows]
         dist, rows = self.search_index().search(q, topk)
         return dist.astype(np.float32), self.ids[rows]
@@ -271,6 +272,12 @@ def check_gallery_size(nformer: NFormer, size: int) -> None:
     if not nformer.exact_affinity and nformer.num_landmarks > size:
         raise ValueError(f"num_landmarks={nformer.num_landmarks} is larger than the gallery "
                          f"({size} items)")
+
+
+def faiss_max_threads() -> int:
+    import faiss
+
+    return faiss.omp_get_max_threads()
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
