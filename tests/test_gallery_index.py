@@ -100,6 +100,28 @@ def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, m
     assert np.allclose(dists, np.sort(dist, axis=1)[:, :30], atol=1e-4)
 
 
+def test_fp16_prefilter_is_exact_or_declines():
+    """A handful of queries scan a float16 copy and rescore in float32: the exact top-k whenever
+    the scan's margin certifies it, else None (the float32 scan runs)."""
+    from nformer_plugin.core.serving.query_refine import fp16_prefiltered_topk
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(3000, DIM, generator=gen), dim=1)
+    rows = torch.nn.functional.normalize(torch.randn(20, DIM, generator=gen), dim=1)
+    taken, cache = 0, {}
+    for i in range(len(rows)):
+        found = fp16_prefiltered_topk(cache, ("t",), base, rows[i:i + 1], 10)
+        exact = (rows[i:i + 1] @ base.T).topk(10, dim=1)
+        if found is not None:
+            taken += 1
+            assert torch.equal(found[1], exact.indices)
+            assert torch.allclose(found[0], exact.values, atol=1e-6)
+    assert taken == len(rows)
+    near_ties = torch.nn.functional.normalize(
+        torch.ones(500, DIM) + 1e-6 * torch.randn(500, DIM, generator=gen), dim=1)
+    assert fp16_prefiltered_topk({}, ("t",), near_ties, rows[:1], 10) is None
+
+
 @pytest.mark.parametrize("neighbors", ["layer", "affinity"])
 def test_approximate_search_gallery_is_served_as_batch(neighbors):
     """With ann_threshold the batch path searches an IVF index over the gallery; the index

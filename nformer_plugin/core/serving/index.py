@@ -24,7 +24,8 @@ from ..nformer.stage import NFormerStage
 from ..retrieval.metrics import l2_normalize
 from ..retrieval.neighbors import build_index
 from .gallery_state import GalleryState, refine_gallery
-from .query_refine import SMALL_BATCH, faiss_threads, matmul_topk, refine_queries
+from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk, matmul_topk,
+                           refine_queries)
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -196,6 +197,15 @@ class GalleryIndex:
         topk = min(int(topk), len(self))
         return self.search_refined(self.refine(query_feats).numpy(), topk)
 
+    @property
+    def _search_cache(self) -> dict:
+        """Structures derived from the current search index (its float16 copy), rebuilt when the
+        search index is replaced (updates, load)."""
+        index = self.search_index()
+        if getattr(self, "_cache_owner", None) is not index:
+            self._cache_owner, self._cache = index, {}
+        return self._cache
+
     def _flat_base(self) -> Optional[Tensor]:
         """The cosine search index's own (G, d) rows as a tensor (no copy) when it is a CPU
         flat index, for one exact matmul over a batch of queries."""
@@ -219,8 +229,15 @@ class GalleryIndex:
                     scores, rows = matmul_topk(torch.from_numpy(q), base, topk)
                 scores, rows = scores.numpy(), rows.numpy()
             else:
-                with faiss_threads(1 if len(q) < SMALL_BATCH else faiss_max_threads()):
-                    scores, rows = self.search_index().search(q, topk)
+                found = None
+                if len(q) < SMALL_BATCH and self._flat_base() is not None:
+                    found = fp16_prefiltered_topk(self._search_cache, ("refined",),
+                                                  self._flat_base(), torch.from_numpy(q), topk)
+                if found is not None:
+                    scores, rows = found[0].numpy(), found[1].numpy()
+                else:
+                    with faiss_threads(1 if len(q) < SMALL_BATCH else faiss_max_threads()):
+                        scores, rows = self.search_index().search(q, topk)
             return (1.0 - scores).astype(np.float32), self.ids[rows]
         dist, rows = self.search_index().search(q, topk)
         return dist.astype(np.float32), self.ids[rows]
