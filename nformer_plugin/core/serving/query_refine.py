@@ -4,9 +4,15 @@ Query ``i`` at layer ``L`` forms ``q~_i = q_i k_l^T`` and ``k~_i = k_i q_l^T`` w
 landmark rows (eq. 4), takes its top-k over ``G u {i}`` (eq. 6), keeps a gallery neighbor ``j``
 under the reciprocal mask when ``A~_ji`` reaches ``j``'s own k-th gallery score (eq. 7 with
 isolation, ``graphs.isolated_query_keep``), and aggregates the gallery values with RNS (eq. 8,
-``sparse.rns_aggregate``). The neighbor search, scores, keep rule and aggregation are the batch
-sparse path's own functions, so ``refine_queries`` reproduces
-``NFormer(cat([Q, G]), num_query=|Q|)`` row for row; queries never see each other.
+as ``sparse.rns_aggregate``). The candidate pool, scores and keep rule are the batch sparse path's
+own (``graphs.row_scores``, ``isolated_query_keep``); searches and the aggregation compute the same
+sums in another order or layout, so ``refine_queries`` reproduces
+``NFormer(cat([Q, G]), num_query=|Q|)`` row for row to float rounding; queries never see each other.
+
+Speed (the README's "Serving"): the candidate pool is searched once on the input and each layer
+re-ranks only it; all heads share one gather per layer; gallery-only tensors are derived once; the
+module calls are replaced by their functional ops; exact search is faiss (float16 prefilter when
+certified) for a handful of queries, one torch matmul for a batch.
 
 Pure torch / faiss; must not import FastReID.
 """
