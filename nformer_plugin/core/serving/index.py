@@ -236,7 +236,7 @@ class GalleryIndex:
                 if found is not None:
                     scores, rows = found[0].numpy(), found[1].numpy()
                 else:
-                    with faiss_threads(1 if len(q) < SMALL_BATCH else faiss_max_threads()):
+                    with faiss_threads(len(q), self.search_index().ntotal * q.shape[1] * 4):
                         scores, rows = self.search_index().search(q, topk)
             return (1.0 - scores).astype(np.float32), self.ids[rows]
         dist, rows = self.search_index().search(q, topk)
@@ -289,12 +289,6 @@ def check_gallery_size(nformer: NFormer, size: int) -> None:
     if not nformer.exact_affinity and nformer.num_landmarks > size:
         raise ValueError(f"num_landmarks={nformer.num_landmarks} is larger than the gallery "
                          f"({size} items)")
-
-
-def faiss_max_threads() -> int:
-    import faiss
-
-    return faiss.omp_get_max_threads()
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

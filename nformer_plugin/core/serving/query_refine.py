@@ -125,7 +125,7 @@ def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tens
             found = fp16_prefiltered_topk(state.searchers, key, base, rows, k)
             if found is not None:
                 return found
-        with faiss_threads(1):
+        with faiss_threads(rows.shape[0], base.numel() * base.element_size()):
             return searcher(state, key, base).search_with_scores(rows, k)
     return matmul_topk(rows, base, k)
 
@@ -154,7 +154,7 @@ def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k
                                            faiss.METRIC_INNER_PRODUCT)
         index.add(base.contiguous().numpy())
         cache[("fp16",) + key] = index
-    with faiss_threads(1):
+    with faiss_threads(rows.shape[0], base.numel() * 2):
         approx, candidates = index.search(rows.contiguous().numpy(), count)
     approx, candidates = torch.from_numpy(approx), torch.from_numpy(candidates)
     margin = approx[:, k - 1] - approx[:, -1]
@@ -171,15 +171,20 @@ def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return top.values, top.indices
 
 
+SMALL_SCAN_BYTES = 64 << 20  # a scan of less than this for a handful of queries: one thread
+
+
 @contextlib.contextmanager
-def faiss_threads(count: int):
-    """faiss's OpenMP threads for the calling thread (a per-thread setting), restored after: a
-    handful of queries is a memory-bound scan that a second thread barely speeds up, while on a
-    busy machine waiting for it at each barrier costs milliseconds."""
+def faiss_threads(num_queries: int, scan_bytes: int):
+    """faiss's OpenMP threads for the calling thread (a per-thread setting), restored after: one
+    for a handful of queries over a base smaller than :data:`SMALL_SCAN_BYTES` (a memory-bound
+    scan of a few milliseconds that a second thread barely speeds up, while on a busy machine
+    waiting for it at each barrier costs milliseconds), else unchanged."""
     import faiss
 
     before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(count)
+    if num_queries < SMALL_BATCH and scan_bytes < SMALL_SCAN_BYTES:
+        faiss.omp_set_num_threads(1)
     try:
         yield
     finally:
