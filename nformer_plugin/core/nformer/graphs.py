@@ -267,15 +267,22 @@ def normalized_rows(x: Tensor, chunk_size: int) -> Tensor:
 
 
 def feature_graphs(x: Tensor, num_query: int, settings: SparseSettings,
-                   pool: Optional[CandidatePool] = None, first_layer: bool = False) -> Graphs:
+                   pool: Optional[CandidatePool] = None, first_layer: bool = False,
+                   record: Optional[dict] = None) -> Graphs:
     """Neighbor graphs from the cosine similarity of the rows of ``x`` (``neighbors`` input or
     layer): exact search, or the top-k among each row's candidates in ``pool`` (for the layer
-    the pool was searched on, ``first_layer``, its best ``k`` directly)."""
+    the pool was searched on, ``first_layer``, its best ``k`` directly). ``record`` (a dict)
+    receives the unit-length rows ``normed`` and, with a pool, the set rows' top-k scores
+    ``set_scores`` (best first), which ``core.serving`` keeps instead of recomputing them."""
     normed = normalized_rows(x, settings.chunk_size)
+    if record is not None:
+        record["normed"] = normed
     if pool is None:
         return build_neighbor_graphs(normed, normed, num_query, settings)
     lists = pool.first_layer(settings.topk) if first_layer else None
     set_nbrs, q_nbrs, scores = lists or pool.topk(normed, settings.topk, settings.chunk_size)
+    if record is not None:
+        record["set_scores"] = scores[0]
     return assemble_graphs(normed, normed, set_nbrs, q_nbrs, settings, symmetric=True,
                            scores=scores)
 

@@ -172,7 +172,8 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
 
     Returns the refined (N, d) and, per layer, the neighbor statistics. ``on_layer(i, record)``
-    is called after each layer with its input ``x``, the candidate ``pool`` and what
+    is called after each layer with its input ``x``, the candidate ``pool``, what
+    :func:`graphs.feature_graphs` records (``neighbors="layer"``) and what
     :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
     """
     x = feats.contiguous()
@@ -186,9 +187,10 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
                              max(settings.layer_pool, settings.topk), settings)
     stats = []
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):
-        if settings.neighbors == "layer" and masked:
-            graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0)
         record = None if on_layer is None else dict(x=x, pool=pool)
+        if settings.neighbors == "layer" and masked:
+            graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0,
+                                    record=record)
         x_in = x
         x, layer_stats = sparse_block_forward(block, x_in, lm, num_query, settings, graphs, record)
         if on_layer is not None:

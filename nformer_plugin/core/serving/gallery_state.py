@@ -74,6 +74,8 @@ def _feature_kth(record: dict, normed: Tensor, first_layer: bool, settings: Spar
                  ) -> Tensor:
     """k-th neighbor cosine score of every gallery row, as the batch path ranks it (pool or not)."""
     pool, k = record["pool"], settings.topk
+    if pool is not None and record.get("set_scores") is not None:  # the forward's own top-k
+        return record["set_scores"].min(dim=1).values.to(normed.device)
     if pool is None:
         set_nbrs = record["graphs"][0][0].index[:, :-1]
         return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
@@ -105,7 +107,9 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
             layer.landmark_proj = landmark_projections(block.attn, x_land)
         if masked and source == "layer":
             same_rows = i == 0 and state.input_normed is not None  # layer 0's input: shared
-            layer.normed = state.input_normed if same_rows else normalized_rows(record["x"], chunk)
+            layer.normed = state.input_normed if same_rows else record.get("normed")
+            if layer.normed is None:
+                layer.normed = normalized_rows(record["x"], chunk)
             if reciprocal:
                 layer.kth = _feature_kth(record, layer.normed, i == 0, settings)[None]
         elif masked and source == "affinity" and reciprocal:
