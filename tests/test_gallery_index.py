@@ -100,6 +100,31 @@ def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, m
     assert np.allclose(dists, np.sort(dist, axis=1)[:, :30], atol=1e-4)
 
 
+def test_small_calls_use_one_torch_thread_and_restore_it():
+    import threading
+
+    from nformer_plugin.core.serving.query_refine import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def work():
+            for _ in range(50):
+                with torch_threads(1, 1):
+                    seen.append(torch.get_num_threads())
+
+        workers = [threading.Thread(target=work) for _ in range(3)]
+        [w.start() for w in workers]
+        [w.join() for w in workers]
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        with torch_threads(64, 1):  # a batch keeps every thread
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fp16_prefilter_is_exact_or_declines():
     """A handful of queries scan a float16 copy and rescore in float32: the exact top-k whenever
     the scan's margin certifies it, else None (the float32 scan runs)."""

@@ -25,7 +25,7 @@ from ..retrieval.metrics import l2_normalize
 from ..retrieval.neighbors import build_index
 from .gallery_state import GalleryState, refine_gallery
 from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk, matmul_topk,
-                           refine_queries)
+                           refine_queries, torch_threads)
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -91,7 +91,13 @@ class GalleryIndex:
     ``build(model, gallery_feats, ids)`` / ``from_weights(path, gallery_feats, ids)``;
     ``refine(Q)`` -> refined queries; ``search(Q, topk)`` -> (distances, ids);
     ``add(feats, ids)`` / ``remove(ids)``; ``save(dir)`` / ``load(dir)`` (``persistence``).
+
+    ``small_call_threads``: torch's intra-op threads while a call refines fewer than
+    ``query_refine.SMALL_BATCH`` queries (``None``: leave torch's setting alone); see
+    ``query_refine.torch_threads``.
     """
+
+    small_call_threads: Optional[int] = 1
 
     def __init__(self, model: nn.Module, inputs: Tensor, ids: np.ndarray,
                  landmark_ids: List[Optional[np.ndarray]], metric: str = "cosine",
@@ -175,8 +181,9 @@ class GalleryIndex:
     def refine(self, query_feats: Features) -> Tensor:
         """The served refined features (Q, d) of the queries (CPU float32); queries never
         interact. Equals ``model(cat([Q, G]), num_query=len(Q))[:len(Q)]`` (sec. 4.2)."""
-        out = self.refine_nformer(query_feats)
-        return (self.head(out) if self.head is not None else out).cpu()
+        with torch_threads(len(query_feats), self.small_call_threads):
+            out = self.refine_nformer(query_feats)
+            return (self.head(out) if self.head is not None else out).cpu()
 
     def _search_base(self) -> np.ndarray:
         base = np.ascontiguousarray(self.refined, dtype=np.float32)
@@ -195,7 +202,8 @@ class GalleryIndex:
         if not isinstance(topk, (int, np.integer)) or topk < 1:
             raise ValueError(f"topk must be a positive integer, got {topk!r}")
         topk = min(int(topk), len(self))
-        return self.search_refined(self.refine(query_feats).numpy(), topk)
+        with torch_threads(len(query_feats), self.small_call_threads):
+            return self.search_refined(self.refine(query_feats).numpy(), topk)
 
     @property
     def _search_cache(self) -> dict:
