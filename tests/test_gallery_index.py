@@ -89,6 +89,8 @@ def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, m
     monkeypatch.setattr(query_refine, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(index_module, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(query_refine, "QUERY_CHUNK", query_chunk)
+    if small_batch == 1:  # score matrices of <= 1,000 entries: the matmul runs in row chunks
+        monkeypatch.setattr(query_refine, "MATMUL_SCORES", 1000)
     stage = NFormerStage(make_model(**SOURCES[source]), num_classes=4).eval()
     gallery, queries = world("clustered", (NG, NQ), 5)
     index = GalleryIndex.build(stage, gallery)

@@ -24,8 +24,8 @@ from ..nformer.stage import NFormerStage
 from ..retrieval.metrics import l2_normalize
 from ..retrieval.neighbors import build_index
 from .gallery_state import GalleryState, refine_gallery
-from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk, matmul_topk,
-                           refine_queries, torch_threads)
+from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
+                           matmul_topk, refine_queries, torch_threads)
 
 logger = logging.getLogger("fastreid.nformer")
 

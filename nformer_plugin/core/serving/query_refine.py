@@ -114,6 +114,7 @@ def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, 
 
 QUERY_CHUNK = 1024  # queries refined at once (bounds the (chunk, pool, d) gathers)
 SMALL_BATCH = 16  # fewer queries: faiss's own scan; more: one exact torch matmul and topk
+MATMUL_SCORES = 1 << 26  # largest (base x queries) score matrix of one matmul (256 MB)
 
 
 def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, k: int
@@ -167,9 +168,14 @@ def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k
 
 def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Exact ``(scores, indices)`` of each row's ``k`` largest inner products over ``base``, best
-    first: one matmul, laid out (G, Q) (faster than (Q, G) for a tall base, same values)."""
-    top = torch.mm(base, rows.T).T.topk(k, dim=1)
-    return top.values, top.indices
+    first: one matmul, laid out (G, Q) (faster than (Q, G) for a tall base, same values), in
+    chunks of rows that keep the score matrix under :data:`MATMUL_SCORES` entries."""
+    step = max(1, MATMUL_SCORES // max(1, base.shape[0]))
+    if rows.shape[0] <= step:
+        top = torch.mm(base, rows.T).T.topk(k, dim=1)
+        return top.values, top.indices
+    parts = [matmul_topk(rows[c], base, k) for c in chunks(rows.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 _THREADS_LOCK = threading.Lock()
