@@ -12,12 +12,13 @@
 import importlib.util as _importlib_util
 
 from .config import add_nformer_config
-from .core import FeatureSet, NFormer, k_reciprocal_rerank, load_feature_file, save_feature_file
+from .core import (FeatureSet, GalleryIndex, NFormer, k_reciprocal_rerank, load_feature_file,
+                   save_feature_file)
 
 __version__ = "0.2.0"
 
 __all__ = ["NFormer", "k_reciprocal_rerank", "FeatureSet", "load_feature_file",
-           "save_feature_file", "add_nformer_config"]
+           "save_feature_file", "add_nformer_config", "GalleryIndex"]
 
 if _importlib_util.find_spec("fastreid") is not None:
     from .fastreid_ext import Trainer, load_config  # noqa: F401  (applies compat, registers)

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    from .cli_index import add_index_parser  # nformer index {build,add,query}
+
+    add_index_parser(sub)
     return parser
 
 

@@ -312,16 +312,20 @@ class NFormer(nn.Module):
                              f"{tuple(feats.shape)}")
         self._check_input(feats, num_query)
         layer_landmarks = self._landmarks(feats.shape[0], num_query, landmarks)
-        n_set = feats.shape[0] - self._isolated_queries(num_query)
-        settings = SparseSettings(
-            topk=self.topk, mask=self.mask, neighbors=self.neighbors,
-            exact_affinity=self.exact_affinity, chunk_size=self.chunk_size,
-            approximate=self.ann_threshold is not None and n_set >= self.ann_threshold,
-            nlist=self.ann_nlist, nprobe=self.ann_nprobe, layer_pool=self.layer_pool,
-        )
+        settings = self.sparse_settings(feats.shape[0] - self._isolated_queries(num_query))
         out, self.neighbor_stats = sparse_nformer_forward(
             self.blocks, feats, self._isolated_queries(num_query), layer_landmarks, settings)
         return out
+
+    def sparse_settings(self, set_size: int) -> SparseSettings:
+        """The sparse path's settings for a set (the gallery, with isolated queries) of
+        ``set_size`` rows: approximate search from ``ann_threshold`` rows on."""
+        return SparseSettings(
+            topk=self.topk, mask=self.mask, neighbors=self.neighbors,
+            exact_affinity=self.exact_affinity, chunk_size=self.chunk_size,
+            approximate=self.ann_threshold is not None and set_size >= self.ann_threshold,
+            nlist=self.ann_nlist, nprobe=self.ann_nprobe, layer_pool=self.layer_pool,
+        )
 
     def describe_neighbors(self) -> str:
         """One line per layer: neighbors kept per row (mean, 5th percentile, self-only rows)."""

@@ -30,7 +30,7 @@ This module must not import FastReID (nor ``model``, which imports it).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,9 +51,16 @@ def aggregate_graph(graph: NeighborGraph, queries: Tensor, keys: Tensor, values:
     for c in chunks(len(graph), rows_per_chunk):
         idx, keep = graph.index[c], graph.keep[c]
         rows = slice(graph.first_row + c.start, graph.first_row + c.stop)
-        scores = torch.einsum("rm,rkm->rk", queries[rows], keys[idx]) * scale
-        weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-        out[rows] = torch.einsum("rk,rkd->rd", weights, values[idx])
+        out[rows] = rns_aggregate(queries[rows], keys[idx], values[idx], keep, scale)
+
+
+def rns_aggregate(query_rows: Tensor, key_rows: Tensor, value_rows: Tensor, keep: Tensor,
+                  scale: float) -> Tensor:
+    """RNS (eq. 8) and eq. (2) for rows (R, m) against their gathered neighbors: ``key_rows``
+    (R, K, m), ``value_rows`` (R, K, d_h), ``keep`` (R, K) -> (R, d_h)."""
+    scores = torch.einsum("rm,rkm->rk", query_rows, key_rows) * scale
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.einsum("rk,rkd->rd", weights, value_rows)
 
 
 def full_attention(queries: Tensor, keys: Tensor, values: Tensor, num_query: int, scale: float,
@@ -81,23 +88,31 @@ def _split(x: Tensor, heads: int) -> Tensor:
     return x.view(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def project_heads(attn: nn.Module, x: Tensor, landmarks: Optional[Tensor], chunk_size: int
+def landmark_projections(attn: nn.Module, x_land: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(q_l, k_l)``, each (h, l, d_h): the landmark rows' projections of eq. (4)."""
+    return _split(attn.q_proj(x_land), attn.num_heads), _split(attn.k_proj(x_land), attn.num_heads)
+
+
+def project_heads(attn: nn.Module, x: Tensor, landmarks: Optional[Tensor], chunk_size: int,
+                  landmark_proj: Optional[Tuple[Tensor, Tensor]] = None
                   ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """Per-head affinity factors and values, in chunks: ``A = Qs Ks^T / sqrt(d_h)``.
 
     Returns ``(Qs, Ks, v)``: lists of per-head (N, m) tensors - ``q~, k~`` (m = l, eq. 4) or
-    ``q, k`` (m = d_h, eq. 3, ``attn.exact_affinity``) - and ``v`` (N, d).
+    ``q, k`` (m = d_h, eq. 3, ``attn.exact_affinity``) - and ``v`` (N, d). ``landmark_proj``
+    (from :func:`landmark_projections`) gives landmarks that are not rows of ``x`` (isolated
+    queries against a fixed gallery, ``core.serving``).
     """
     n, heads = x.shape[0], attn.num_heads
     exact = attn.exact_affinity
-    width = attn.head_dim if exact else landmarks.numel()
+    if not exact and landmark_proj is None:
+        landmark_proj = landmark_projections(attn, x[landmarks.to(x.device)])
+    width = attn.head_dim if exact else landmark_proj[0].shape[1]
     qs = torch.empty(heads, n, width, dtype=x.dtype, device=x.device)
     ks = torch.empty_like(qs)
     v = torch.empty_like(x)
     if not exact:
-        x_land = x[landmarks.to(x.device)]
-        q_land = _split(attn.q_proj(x_land), heads)  # (h, l, d_h)
-        k_land = _split(attn.k_proj(x_land), heads)
+        q_land, k_land = landmark_proj  # (h, l, d_h)
     for c in chunks(n, chunk_size):
         q, k = _split(attn.q_proj(x[c]), heads), _split(attn.k_proj(x[c]), heads)
         v[c] = attn.v_proj(x[c])
@@ -111,17 +126,21 @@ def project_heads(attn: nn.Module, x: Tensor, landmarks: Optional[Tensor], chunk
 
 def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor],
                          num_query: int, settings: SparseSettings,
-                         input_graphs: Optional[Graphs]) -> Tuple[Tensor, Dict[str, float]]:
+                         input_graphs: Optional[Graphs], record: Optional[dict] = None
+                         ) -> Tuple[Tensor, Dict[str, float]]:
     """One NFormer block on one set (N, d) without N x N memory.
 
     Returns the new (N, d) and the layer's neighbor statistics (``masks.neighbor_stats`` of the
-    kept counts averaged over heads; empty for ``mask="none"``).
+    kept counts averaged over heads; empty for ``mask="none"``). ``record`` (a dict) receives
+    ``qs, ks, v`` and the per-head ``graphs`` (what ``core.serving`` keeps of a gallery).
     """
     attn = block.attn
     kept = None
     qs, ks, v = project_heads(attn, x, landmarks, settings.chunk_size)
     scale = 1.0 / math.sqrt(attn.head_dim)
     heads_out = torch.empty_like(x)
+    if record is not None:
+        record.update(qs=qs, ks=ks, v=v, graphs=[])
     for h in range(attn.num_heads):
         cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
         out_h = torch.empty(x.shape[0], attn.head_dim, dtype=x.dtype, device=x.device)
@@ -129,6 +148,8 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
             full_attention(qs[h], ks[h], v[:, cols], num_query, scale, settings, out_h)
         else:
             graphs = input_graphs or build_neighbor_graphs(qs[h], ks[h], num_query, settings)
+            if record is not None:
+                record["graphs"].append(graphs)
             counts = graph_counts(graphs).float()
             kept = counts if kept is None else kept + counts
             for graph in graphs:
@@ -144,12 +165,16 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
 
 
 def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                           landmarks: Sequence[Optional[Tensor]], settings: SparseSettings
+                           landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+                           on_layer: Optional[Callable[[int, dict], None]] = None
                            ) -> Tuple[Tensor, List[Dict[str, float]]]:
     """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
 
-    Returns the refined (N, d) and, per layer, the neighbor statistics.
+    Returns the refined (N, d) and, per layer, the neighbor statistics. ``on_layer(i, record)``
+    is called after each layer with its input ``x``, the candidate ``pool``, what
+    :func:`graphs.feature_graphs` records (``neighbors="layer"``) and what
+    :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
     """
     x = feats.contiguous()
     masked = settings.mask != "none"
@@ -162,8 +187,14 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
                              max(settings.layer_pool, settings.topk), settings)
     stats = []
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):
+        record = None if on_layer is None else dict(x=x, pool=pool)
         if settings.neighbors == "layer" and masked:
-            graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0)
-        x, layer_stats = sparse_block_forward(block, x, lm, num_query, settings, graphs)
+            graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0,
+                                    record=record)
+        x_in = x
+        x, layer_stats = sparse_block_forward(block, x_in, lm, num_query, settings, graphs, record)
+        if on_layer is not None:
+            on_layer(i, record)
+        del x_in, record
         stats.append(layer_stats)
     return x, stats

@@ -100,15 +100,21 @@ def knn_search(
     Returns ``(scores, indices)``, both (Q, k), best first: inner products (descending) for
     ``metric="ip"``, squared Euclidean distances (ascending) for ``"l2"``. Queries are searched
     in chunks of ``chunk_size`` so the working memory is O(chunk_size * k). Pass a prebuilt
-    ``index`` (from :func:`build_index`) to search the same base repeatedly.
+    ``index`` (from :func:`build_index`, which checked ``base``) to search the same base
+    repeatedly: ``base`` is then not checked again (O(1) per call, for online queries).
     """
     queries = as_numpy_features(queries, "queries")
-    base = as_numpy_features(base, "base")
-    check_same_dim(queries, base, "queries", "base")
+    if index is None:
+        base = as_numpy_features(base, "base")
+        check_same_dim(queries, base, "queries", "base")
+    elif queries.shape[1] != index.d:
+        raise ValueError(f"feature dimensions differ: queries has d={queries.shape[1]}, base "
+                         f"has d={index.d}")
+    num_base = base.shape[0] if index is None else index.ntotal
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k > base.shape[0]:
-        raise ValueError(f"k={k} is larger than the set searched ({base.shape[0]} items)")
+    if k > num_base:
+        raise ValueError(f"k={k} is larger than the set searched ({num_base} items)")
     if index is None:
         index = build_index(base, metric=metric, use_gpu=use_gpu, exact=exact)
     scores = np.empty((queries.shape[0], k), dtype=np.float32)

@@ -1,0 +1,126 @@
+"""What an isolated query needs from the gallery, per layer and head (sec. 4.2), from one forward.
+
+In the isolated query mode the gallery is refined as a set of its own
+(``masks.build_neighbor_mask``), so its per-layer states do not depend on any query. A query at
+layer ``L`` needs from the gallery's layer-``L`` input: the landmark projections ``q_l, k_l``
+(eq. 4) to form its own ``q~, k~``; the gallery's ``k~`` (its keys) and values ``v`` for the
+aggregation (eqs. 2, 8); and, for the neighbor lists (eqs. 6-7), the search base (``k~`` for
+``neighbors="affinity"``, the unit-length layer input for ``"layer"``, the unit-length NFormer
+input for ``"input"`` and for the ``layer_pool`` candidates), the gallery's ``q~`` (the reverse
+affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbor score (the
+query-side reciprocal test). All float32 (exact refinement).
+
+Pure torch / faiss; must not import FastReID.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..nformer.graphs import SparseSettings, normalized_rows, row_scores
+from ..nformer.sparse import landmark_projections, sparse_nformer_forward
+
+logger = logging.getLogger("fastreid.nformer")
+
+
+@dataclass
+class GalleryLayer:
+    """One layer's gallery state; ``h`` heads, ``G`` rows, ``m`` = l (eq. 4) or d_h (eq. 3)."""
+
+    keys: Tensor  # (h, G, m): k~ (or k with exact_affinity)
+    values: Tensor  # (G, d): v
+    landmark_proj: Optional[Tuple[Tensor, Tensor]] = None  # (q_l, k_l), each (h, l, d_h)
+    queries: Optional[Tensor] = None  # (h, G, m): q~, for the reverse affinity A~_ji
+    normed: Optional[Tensor] = None  # (G, d): unit-length layer input (neighbors="layer")
+    kth: Optional[Tensor] = None  # (h or 1, G): each row's k-th neighbor score (reciprocal)
+
+
+@dataclass
+class GalleryState:
+    """The refined gallery and every layer's state; ``settings`` as the batch path would use."""
+
+    inputs: Tensor  # (G, d) the NFormer input
+    outputs: Tensor  # (G, d) the NFormer output
+    layers: List[GalleryLayer]
+    settings: SparseSettings
+    input_normed: Optional[Tensor] = None  # (G, d) for neighbors="input" and the layer pool
+    input_kth: Optional[Tensor] = None  # (1, G) neighbors="input", reciprocal
+    pool_size: int = 0  # candidates per query (layer_pool), 0: none
+    searchers: Dict[tuple, object] = field(default_factory=dict, repr=False)  # built lazily
+
+    @property
+    def num_items(self) -> int:
+        return self.inputs.shape[0]
+
+
+def candidate_pool_size(settings: SparseSettings, set_size: int) -> int:
+    """Candidates per row of the ``layer_pool`` (0: none), under the batch path's condition."""
+    if (settings.neighbors == "layer" and settings.mask != "none"
+            and 0 < settings.layer_pool < set_size):
+        return max(settings.layer_pool, settings.topk)
+    return 0
+
+
+def _kth_scores(rows: Tensor, keys: Tensor, set_nbrs: Tensor, chunk_size: int) -> Tensor:
+    """Each row's k-th largest score among its top-k list (as ``assemble_graphs`` computes it)."""
+    return row_scores(rows, keys, set_nbrs, chunk_size).min(dim=1).values
+
+
+def _feature_kth(record: dict, normed: Tensor, first_layer: bool, settings: SparseSettings
+                 ) -> Tensor:
+    """k-th neighbor cosine score of every gallery row, as the batch path ranks it (pool or not)."""
+    pool, k = record["pool"], settings.topk
+    if pool is not None and record.get("set_scores") is not None:  # the forward's own top-k
+        return record["set_scores"].min(dim=1).values.to(normed.device)
+    if pool is None:
+        set_nbrs = record["graphs"][0][0].index[:, :-1]
+        return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
+    if first_layer and pool.set_scores is not None:  # faiss scores: on the CPU
+        return pool.set_scores[:, :k].min(dim=1).values.to(normed.device)
+    scores = row_scores(normed, normed, pool.set_pool, settings.chunk_size)
+    return scores.topk(k, dim=1).values[:, -1]
+
+
+@torch.no_grad()
+def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
+                   landmarks: Sequence[Optional[Tensor]], settings: SparseSettings
+                   ) -> GalleryState:
+    """Refine the gallery alone (sec. 4.2: it never sees a query) with the batch sparse path and
+    keep what a query needs per layer (see the module docstring), layer by layer as the forward
+    goes (so that no layer's transient state outlives it)."""
+    masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
+    source, chunk = settings.neighbors, settings.chunk_size
+    state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=settings)
+    state.pool_size = candidate_pool_size(settings, len(inputs))
+    if masked and (source == "input" or state.pool_size):
+        state.input_normed = normalized_rows(inputs, chunk)
+
+    def keep_layer(i: int, record: dict) -> None:
+        block, lm = blocks[i], landmarks[i]
+        layer = GalleryLayer(keys=torch.stack(record["ks"]), values=record["v"])
+        if lm is not None:
+            x_land = record["x"][lm.to(inputs.device)]
+            layer.landmark_proj = landmark_projections(block.attn, x_land)
+        if masked and source == "layer":
+            same_rows = i == 0 and state.input_normed is not None  # layer 0's input: shared
+            layer.normed = state.input_normed if same_rows else record.get("normed")
+            if layer.normed is None:
+                layer.normed = normalized_rows(record["x"], chunk)
+            if reciprocal:
+                layer.kth = _feature_kth(record, layer.normed, i == 0, settings)[None]
+        elif masked and source == "affinity" and reciprocal:
+            layer.queries = torch.stack(record["qs"])
+            layer.kth = torch.stack([
+                _kth_scores(layer.queries[h], layer.keys[h], graphs[0].index[:, :-1], chunk)
+                for h, graphs in enumerate(record["graphs"])])
+        if i == 0 and masked and source == "input" and reciprocal:
+            state.input_kth = _feature_kth(record, state.input_normed, True, settings)[None]
+        state.layers.append(layer)
+        logger.info("Gallery index: layer %d of %d refined and kept", i + 1, len(blocks))
+
+    state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
+    return state

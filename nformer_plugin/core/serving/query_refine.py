@@ -1,0 +1,328 @@
+"""Refine isolated queries against a fixed gallery state, layer by layer (sec. 4.2).
+
+Query ``i`` at layer ``L`` forms ``q~_i = q_i k_l^T`` and ``k~_i = k_i q_l^T`` with the gallery's
+landmark rows (eq. 4), takes its top-k over ``G u {i}`` (eq. 6), keeps a gallery neighbor ``j``
+under the reciprocal mask when ``A~_ji`` reaches ``j``'s own k-th gallery score (eq. 7 with
+isolation, ``graphs.isolated_query_keep``), and aggregates the gallery values with RNS (eq. 8,
+as ``sparse.rns_aggregate``). The candidate pool, scores and keep rule are the batch sparse path's
+own (``graphs.row_scores``, ``isolated_query_keep``); searches and the aggregation compute the same
+sums in another order or layout, so ``refine_queries`` reproduces
+``NFormer(cat([Q, G]), num_query=|Q|)`` row for row to float rounding; queries never see each other.
+
+Speed (the README's "Serving"): the candidate pool is searched once on the input and each layer
+re-ranks only it; all heads share one gather per layer; gallery-only tensors are derived once; the
+module calls are replaced by their functional ops; exact search is faiss (float16 prefilter when
+certified) for a handful of queries, one torch matmul for a batch.
+
+Pure torch / faiss; must not import FastReID.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nformer.graphs import InnerProductSearcher, chunks, isolated_query_keep, row_scores
+from .gallery_state import GalleryLayer, GalleryState
+
+# (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
+QueryLists = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
+
+
+def searcher(state: GalleryState, key: tuple, base: Tensor) -> InnerProductSearcher:
+    """The search structure over ``base`` (built once per gallery state, as the batch path does)."""
+    if key not in state.searchers:
+        state.searchers[key] = InnerProductSearcher(base, state.settings)
+    return state.searchers[key]
+
+
+def _sorted(nbrs: Tensor, scores: Tensor) -> Tuple[Tensor, Tensor]:
+    scores, order = scores.sort(dim=1, descending=True)
+    return nbrs.gather(1, order), scores
+
+
+def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, head: int,
+                   q_agent: Tensor, k_agent: Tensor) -> QueryLists:
+    """Top-k lists of query rows under their own ``A~`` of one head (``neighbors="affinity"``)."""
+    settings = state.settings
+    keys = layer.keys[head]
+    nbrs = top_inner_products(state, ("affinity", layer_index, head), keys, q_agent,
+                              settings.topk)[1]
+    nbrs, scores = _sorted(nbrs, row_scores(q_agent, keys, nbrs, settings.chunk_size))
+    back = None
+    if settings.mask == "reciprocal":  # A~_ji = <q~_j, k~_i>, as graphs.pair_scores computes it
+        back = (layer.queries[head][nbrs] * k_agent[:, None, :]).sum(-1)
+    return nbrs, scores, (q_agent * k_agent).sum(-1), back
+
+
+def gallery_keys(state: GalleryState, layer_index: int) -> Tensor:
+    """The layer's gallery keys laid out (G, h, m), so that one gather of a neighbor list
+    fetches every head's keys (derived once per gallery state, not stored)."""
+    key = ("keys_ghm", layer_index)
+    if key not in state.searchers:
+        state.searchers[key] = state.layers[layer_index].keys.transpose(0, 1).contiguous()
+    return state.searchers[key]
+
+
+def masked_heads(keys_ghm: Tensor, gallery_values: Tensor, nbrs: Tensor, keep: Tensor,
+                 qs: Tensor, ks: Tensor, values: Tensor, scale: float) -> Tensor:
+    """RNS (eq. 8) over each query's kept gallery neighbors plus itself (its self loop) and
+    eq. (2) aggregation, all heads at once -> (Q, d).
+
+    ``keys_ghm`` (G, h, m) and ``gallery_values`` (G, d): the layer's gallery keys and values;
+    ``nbrs`` / ``keep`` (H, Q, k) with ``H`` = 1 (lists shared by the heads) or ``h``; ``qs``,
+    ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
+    """
+    heads, num_query, _ = qs.shape
+    head_dim = values.shape[1] // heads
+    if nbrs.shape[0] == 1:  # one gather of whole rows serves every head
+        idx = nbrs[0]  # F.embedding: a plain row gather, faster than indexing
+        key_rows = F.embedding(idx, keys_ghm.view(keys_ghm.shape[0], -1)).view(
+            num_query, -1, heads, keys_ghm.shape[-1])  # (Q, k, h, m)
+        value_rows = F.embedding(idx, gallery_values).view(num_query, -1, heads, head_dim)
+    else:
+        idx = nbrs.permute(1, 2, 0)  # (Q, k, h)
+        head_ids = torch.arange(heads, device=qs.device)
+        key_rows = keys_ghm[idx, head_ids]
+        value_rows = gallery_values.view(-1, heads, head_dim)[idx, head_ids]
+    key_rows = torch.cat([key_rows, ks.transpose(0, 1).unsqueeze(1)], dim=1)  # (Q, k+1, h, m)
+    value_rows = torch.cat([value_rows, values.view(num_query, 1, heads, head_dim)], dim=1)
+    scores = torch.einsum("qhm,qkhm->qkh", qs.transpose(0, 1), key_rows) * scale
+    keep = torch.cat([keep.permute(1, 2, 0), keep.new_ones(num_query, 1, keep.shape[0])], dim=1)
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=1)  # (Q, k+1, h)
+    return torch.einsum("qkh,qkhd->qhd", weights, value_rows).reshape(num_query, -1)
+
+
+def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, values: Tensor,
+              cols: slice, scale: float, budget: int, chunk_size: int) -> Tensor:
+    """Plain softmax (``mask="none"``) of each query over the whole gallery and itself."""
+    keys, gallery_values = layer.keys[head], layer.values[:, cols]
+    out = torch.empty(q_agent.shape[0], cols.stop - cols.start, dtype=values.dtype,
+                      device=values.device)
+    for c in chunks(q_agent.shape[0], max(1, min(chunk_size, budget // keys.shape[0]))):
+        scores = (q_agent[c] @ keys.T) * scale
+        self_scores = (q_agent[c] * k_agent[c]).sum(-1) * scale
+        weights = torch.softmax(torch.cat([scores, self_scores[:, None]], dim=1), dim=-1)
+        out[c] = weights[:, :-1] @ gallery_values + weights[:, -1:] * values[c, cols]
+    return out
+
+
+QUERY_CHUNK = 1024  # queries refined at once (bounds the (chunk, pool, d) gathers)
+SMALL_BATCH = 16  # fewer queries: faiss's own scan; more: one exact torch matmul and topk
+MATMUL_SCORES = 1 << 26  # largest (base x queries) score matrix of one matmul (256 MB)
+
+
+def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, k: int
+                       ) -> Tuple[Optional[Tensor], Tensor]:
+    """Each row's ``k`` largest inner products over ``base``, best first: ``(scores, indices)``
+    as ``InnerProductSearcher.search_with_scores`` gives them (exact search: the same lists up to
+    float rounding; for a handful of rows faiss's scan, else one matmul, which is faster there)."""
+    if state.settings.approximate or rows.shape[0] < SMALL_BATCH:
+        if not state.settings.approximate:
+            found = fp16_prefiltered_topk(state.searchers, key, base, rows, k)
+            if found is not None:
+                return found
+        with faiss_threads(rows.shape[0], base.numel() * base.element_size()):
+            return searcher(state, key, base).search_with_scores(rows, k)
+    return matmul_topk(rows, base, k)
+
+
+FP16_SCORE_BOUND = 1e-3  # |float16-scan score - float32 score| <= this * |q| for |g| <= 1 rows
+
+
+def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k: int
+                          ) -> Optional[Tuple[Tensor, Tensor]]:
+    """Exact top-k of a handful of ``rows`` over unit-length (or shorter) ``base`` rows, reading
+    half the bytes of a float32 scan: a faiss float16 scan returns ``2k + 32`` candidates, which
+    are rescored in float32. Certified, else ``None`` (the caller runs the float32 scan): a
+    float16 row is within ``2^-11`` of the float32 row per coordinate (relative), so each scanned
+    score is within ``2^-11 |q| |g|`` (+ float32 rounding, ~1e-5) of the exact one, bounded by
+    ``FP16_SCORE_BOUND |q|``; when the k-th candidate's scanned score beats the last one's by more
+    than twice that, no row left out can be in the exact top-k. For a single query the scan is
+    the dominant memory traffic (16 MB float32 at Market size), so this halves it."""
+    import faiss
+
+    count = min(base.shape[0], 2 * k + 32)
+    if count <= k or base.device.type != "cpu" or base.dtype != torch.float32:
+        return None
+    index = cache.get(("fp16",) + key)
+    if index is None:
+        index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                           faiss.METRIC_INNER_PRODUCT)
+        index.add(base.contiguous().numpy())
+        cache[("fp16",) + key] = index
+    with faiss_threads(rows.shape[0], base.numel() * 2):
+        approx, candidates = index.search(rows.contiguous().numpy(), count)
+    approx, candidates = torch.from_numpy(approx), torch.from_numpy(candidates)
+    margin = approx[:, k - 1] - approx[:, -1]
+    if (candidates < 0).any() or not bool((margin > 2 * FP16_SCORE_BOUND * rows.norm(dim=1)).all()):
+        return None
+    exact = row_scores(rows, base, candidates, 1 << 30).topk(k, dim=1)
+    return exact.values, candidates.gather(1, exact.indices)
+
+
+def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Exact ``(scores, indices)`` of each row's ``k`` largest inner products over ``base``, best
+    first: one matmul, laid out (G, Q) (faster than (Q, G) for a tall base, same values), in
+    chunks of rows that keep the score matrix under :data:`MATMUL_SCORES` entries."""
+    step = max(1, MATMUL_SCORES // max(1, base.shape[0]))
+    if rows.shape[0] <= step:
+        top = torch.mm(base, rows.T).T.topk(k, dim=1)
+        return top.values, top.indices
+    parts = [matmul_topk(rows[c], base, k) for c in chunks(rows.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "before": 0}
+
+
+@contextlib.contextmanager
+def torch_threads(num_queries: int, count: Optional[int]):
+    """torch's intra-op threads set to ``count`` while fewer than :data:`SMALL_BATCH` queries are
+    refined (``count=None``, or a larger call: unchanged). A single query's ops take microseconds:
+    a second thread cannot help them, and on a busy machine each parallel op then waits for a
+    descheduled thread (measured: 5 ms median with one thread, 15-140 ms with two, under load).
+    torch's setting is per process, so concurrent small calls share one save / restore."""
+    if count is None or num_queries >= SMALL_BATCH:
+        yield
+        return
+    with _THREADS_LOCK:
+        if _THREADS_STATE["users"] == 0:
+            _THREADS_STATE["before"] = torch.get_num_threads()
+            if _THREADS_STATE["before"] != count:
+                torch.set_num_threads(count)
+        _THREADS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0 and torch.get_num_threads() != _THREADS_STATE["before"]:
+                torch.set_num_threads(_THREADS_STATE["before"])
+
+
+SMALL_SCAN_BYTES = 64 << 20  # a scan of less than this for a handful of queries: one thread
+
+
+@contextlib.contextmanager
+def faiss_threads(num_queries: int, scan_bytes: int):
+    """faiss's OpenMP threads for the calling thread (a per-thread setting), restored after: one
+    for a handful of queries over a base smaller than :data:`SMALL_SCAN_BYTES` (a memory-bound
+    scan of a few milliseconds that a second thread barely speeds up, while on a busy machine
+    waiting for it at each barrier costs milliseconds), else unchanged."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if num_queries < SMALL_BATCH and scan_bytes < SMALL_SCAN_BYTES:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _lists(state: GalleryState, layer_index: int, normed: Tensor,
+           pool: Optional[Tuple[Optional[Tensor], Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Top-k cosine lists (rows, scores) of unit-length query rows over the gallery's
+    layer input (``neighbors`` "layer") or NFormer input ("input"), among the pool if any."""
+    settings, k = state.settings, state.settings.topk
+    is_layer = settings.neighbors == "layer"
+    base = state.layers[layer_index].normed if is_layer else state.input_normed
+    if pool is not None:
+        pool_scores, pool_rows = pool
+        if layer_index == 0 and pool_scores is not None:
+            return pool_rows[:, :k], pool_scores[:, :k].to(normed.device)
+        top = row_scores(normed, base, pool_rows, settings.chunk_size).topk(k, dim=1)
+        return pool_rows.gather(1, top.indices), top.values
+    key = ("feature", layer_index) if is_layer else ("input",)
+    nbrs = top_inner_products(state, key, base, normed, k)[1]
+    return nbrs, row_scores(normed, base, nbrs, settings.chunk_size)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` without the module call (its ``forward`` is this very op)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def residual_tail(block: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
+    """``NFormerBlock.residual_tail`` of an eval-mode block (dropout is the identity), op for op
+    the modules' own functional calls, without their per-call overhead (a single query runs
+    this 4 times: the module calls cost as much as the ops)."""
+    norm1, norm2 = block.norm1, block.norm2
+    ffn_in, activation, ffn_out = block.ffn
+    x = F.layer_norm(x + attn_out, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    hidden = _linear(ffn_in, x)
+    hidden = (F.gelu(hidden, approximate=activation.approximate)
+              if isinstance(activation, nn.GELU) else F.relu(hidden))
+    return F.layer_norm(x + _linear(ffn_out, hidden), norm2.normalized_shape, norm2.weight,
+                        norm2.bias, norm2.eps)
+
+
+def refine_chunk(blocks: Sequence[nn.Module], state: GalleryState, x: Tensor) -> Tensor:
+    """:func:`refine_queries` for one chunk of query rows."""
+    settings = state.settings
+    masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
+    source = settings.neighbors
+    pool, keep, nbrs = None, None, None
+    if masked and state.pool_size:
+        pool = top_inner_products(state, ("input",), state.input_normed,
+                                  F.normalize(x, dim=-1), state.pool_size)
+    for i, block in enumerate(blocks):
+        attn, layer = block.attn, state.layers[i]
+        heads = attn.num_heads
+        q = _linear(attn.q_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)  # (h, Q, d_h)
+        k = _linear(attn.k_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)
+        v = _linear(attn.v_proj, x)
+        if attn.exact_affinity:
+            qs, ks = q, k
+        else:
+            q_land, k_land = layer.landmark_proj
+            qs, ks = q @ k_land.transpose(-1, -2), k @ q_land.transpose(-1, -2)  # eq. (4)
+        scale = 1.0 / math.sqrt(attn.head_dim)
+        if not masked:
+            heads_out = torch.empty_like(x)
+            for h in range(heads):
+                cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
+                heads_out[:, cols] = full_head(layer, h, qs[h], ks[h], v, cols, scale,
+                                               settings.full_attention_budget, x.shape[0])
+        else:
+            if source == "affinity":
+                lists = [affinity_lists(state, layer, i, h, qs[h], ks[h]) for h in range(heads)]
+                kth = layer.kth
+            elif source == "layer" or i == 0:  # "input": one list for every layer
+                normed = F.normalize(x, dim=-1)
+                lists = [_sorted(*_lists(state, i, normed, pool))]
+                self_scores = (normed * normed).sum(-1)
+                lists = [(n, s, self_scores, s if reciprocal else None) for n, s in lists]
+                kth = state.input_kth if source == "input" else layer.kth
+            if source == "affinity" or source == "layer" or i == 0:
+                keep = torch.stack([
+                    isolated_query_keep(scores, self_scores, back,
+                                        kth[h][nbrs_h] if back is not None else None)
+                    for h, (nbrs_h, scores, self_scores, back) in enumerate(lists)])
+                nbrs = torch.stack([entry[0] for entry in lists])
+            heads_out = masked_heads(gallery_keys(state, i), layer.values, nbrs, keep, qs, ks,
+                                     v, scale)
+        x = residual_tail(block, x, _linear(attn.out_proj, heads_out))
+    return x
+
+
+@torch.no_grad()
+def refine_queries(blocks: Sequence[nn.Module], state: GalleryState, feats: Tensor) -> Tensor:
+    """NFormer output (Q, d) of isolated queries ``feats`` against the gallery ``state``, in
+    chunks of :data:`QUERY_CHUNK` rows (queries never interact, so chunks are independent).
+    Runs under ``torch.inference_mode``; the result is an ordinary tensor."""
+    x = feats.contiguous()
+    with torch.inference_mode():
+        if x.shape[0] <= QUERY_CHUNK:
+            out = refine_chunk(blocks, state, x)
+        else:
+            out = torch.cat([refine_chunk(blocks, state, x[c])
+                             for c in chunks(x.shape[0], QUERY_CHUNK)])
+    return out.clone()  # outside inference mode: usable anywhere (Q x d, negligible)
