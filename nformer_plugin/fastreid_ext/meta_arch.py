@@ -27,6 +27,17 @@ from .backbone_registry import backbone_output_dim, check_pretrain_available
 
 
 @REID_HEADS_REGISTRY.register()
+
+def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
+                      pixel_std: torch.Tensor) -> torch.Tensor:
+    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
+    place, so a flipped second pass sees the raw images."""
+    images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
+    images = images.to(pixel_mean.device, non_blocking=True).float()
+    return (images - pixel_mean) / pixel_std
+
 class ReductionNeckHead(EmbeddingReductionHead):
     """The stage-1 head (sec. 4.2): GAP -> FC (backbone width -> MODEL.HEADS.NFORMER_FEAT_DIM)
     -> BNNeck -> classifier."""
@@ -123,12 +134,7 @@ class NFormerReID(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs) -> torch.Tensor:
-        """Normalized images; out of place, so a flipped second pass sees the raw images."""
-        images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
-        images = images.to(self.device, non_blocking=True).float()
-        return (images - self.pixel_mean) / self.pixel_std
+        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std)
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)

@@ -139,7 +139,44 @@ def export_training_features(cfg, model, features=None) -> None:
                           labels.numpy(), camids.numpy())
 
 
-class Trainer(DefaultTrainer):
+class EvaluatingTrainer(DefaultTrainer):
+    """What the plugin's trainers share: FastReID's loop with the atomic stage-1 checkpointer,
+    the epoch setter, and one evaluator (:attr:`evaluator_class`) per ``DATASETS.TESTS`` entry."""
+
+    evaluator_class = NFormerEvaluator
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return data_build.build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_dir=None, model=None):
+        data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
+        return data_loader, cls.evaluator_class(cfg, num_query, model, output_dir, dataset_name)
+
+    @classmethod
+    def flip_test(cls, cfg) -> bool:
+        return cfg.TEST.FLIP.ENABLED
+
+    def build_hooks(self):
+        ret = [Stage1Checkpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in super().build_hooks()]
+        ret.insert(0, EpochSetter())
+        return ret
+
+    @classmethod
+    def test(cls, cfg, model):
+        """Evaluate on every ``DATASETS.TESTS`` entry; returns FastReID's results dict."""
+        results = OrderedDict()
+        for name in cfg.DATASETS.TESTS:
+            logger.info("Prepare testing set %s", name)
+            data_loader, evaluator = cls.build_evaluator(cfg, name, model=model)
+            results[name] = inference_on_dataset(model, data_loader, evaluator,
+                                                 flip_test=cls.flip_test(cfg))
+        return list(results.values())[0] if len(results) == 1 else results
+
+
+class Trainer(EvaluatingTrainer):
     """Two-stage NFormer trainer (stage 1: backbone + head, stage 2: NFormer)."""
 
     def __init__(self, cfg):
@@ -184,34 +221,8 @@ class Trainer(DefaultTrainer):
         return data_build.build_train_loader(cfg)
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return data_build.build_test_loader(cfg, dataset_name)
-
-    @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model, contiguous=False)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_dir=None, model=None):
-        data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
-        return data_loader, NFormerEvaluator(cfg, num_query, model, output_dir, dataset_name)
-
-    def build_hooks(self):
-        ret = [Stage1Checkpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
-               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in super().build_hooks()]
-        ret.insert(0, EpochSetter())
-        return ret
-
-    @classmethod
-    def test(cls, cfg, model):
-        """Evaluate on every ``DATASETS.TESTS`` entry; returns FastReID's results dict."""
-        results = OrderedDict()
-        for name in cfg.DATASETS.TESTS:
-            logger.info("Prepare testing set %s", name)
-            data_loader, evaluator = cls.build_evaluator(cfg, name, model=model)
-            results[name] = inference_on_dataset(model, data_loader, evaluator,
-                                                 flip_test=cfg.TEST.FLIP.ENABLED)
-        return list(results.values())[0] if len(results) == 1 else results
 
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume: bool = True) -> None:

@@ -24,6 +24,7 @@ from ..core.backbones import freeze_bn_stats
 from ..core.transmatcher import TransMatcher
 from ..core.transmatcher.loss import pairwise_matching_loss
 from .backbone_registry import check_pretrain_available
+from .meta_arch import normalized_images
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -146,11 +147,7 @@ class TransMatcherReID(nn.Module):
         return self
 
     def preprocess_image(self, batched_inputs) -> torch.Tensor:
-        images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
-        images = images.to(self.device, non_blocking=True).float()
-        return (images - self.pixel_mean) / self.pixel_std
+        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std)
 
     def feature_maps(self, batched_inputs) -> torch.Tensor:
         """The neck's maps (B, C, h, w): what the matcher compares."""

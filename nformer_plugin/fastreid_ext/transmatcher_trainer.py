@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import List
 
 import numpy as np
@@ -33,9 +32,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 
 from fastreid.data.build import fast_batch_collator
-from fastreid.engine import DefaultTrainer, hooks
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
-from fastreid.evaluation import inference_on_dataset
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 from fastreid.utils.logger import setup_logger
@@ -45,7 +42,7 @@ from ..core.training.reproducible import (PositionSeededDataset, rng_state, samp
                                           set_rng_state)
 from ..core.transmatcher.scoring import MapStore, match_scores
 from . import loaders as data_build
-from .trainer import AtomicCheckpointer, EpochSetter, Stage1Checkpointer
+from .trainer import AtomicCheckpointer, EvaluatingTrainer
 from .transmatcher_evaluator import TransMatcherEvaluator, _storage_dtype
 
 logger = logging.getLogger("fastreid.nformer")
@@ -102,8 +99,10 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-class TransMatcherTrainer(DefaultTrainer):
+class TransMatcherTrainer(EvaluatingTrainer):
     """Trains ``TransMatcherReID`` as sec. 6.2 of the paper (see module doc)."""
+
+    evaluator_class = TransMatcherEvaluator
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
@@ -203,29 +202,8 @@ class TransMatcherTrainer(DefaultTrainer):
         return optimizer, None
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return data_build.build_test_loader(cfg, dataset_name)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_dir=None, model=None):
-        data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
-        return data_loader, TransMatcherEvaluator(cfg, num_query, model, output_dir, dataset_name)
-
-    def build_hooks(self):
-        ret = [Stage1Checkpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
-               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in super().build_hooks()]
-        ret.insert(0, EpochSetter())
-        return ret
-
-    @classmethod
-    def test(cls, cfg, model):
-        """Evaluate on every ``DATASETS.TESTS`` entry; returns FastReID's results dict."""
-        results = OrderedDict()
-        for name in cfg.DATASETS.TESTS:
-            logger.info("Prepare testing set %s", name)
-            data_loader, evaluator = cls.build_evaluator(cfg, name, model=model)
-            results[name] = inference_on_dataset(model, data_loader, evaluator, flip_test=False)
-        return list(results.values())[0] if len(results) == 1 else results
+    def flip_test(cls, cfg) -> bool:
+        return False  # TEST.FLIP is refused by the evaluator (flipped maps misalign locations)
 
     # ------------------------------------------------------------------ resume / train
     def resume_or_load(self, resume: bool = True) -> None:
