@@ -26,8 +26,6 @@ from ..core.nformer import NFormer, NFormerStage
 from .backbone_registry import backbone_output_dim, check_pretrain_available
 
 
-@REID_HEADS_REGISTRY.register()
-
 def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
                       pixel_std: torch.Tensor) -> torch.Tensor:
     """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
@@ -38,6 +36,8 @@ def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
     images = images.to(pixel_mean.device, non_blocking=True).float()
     return (images - pixel_mean) / pixel_std
 
+
+@REID_HEADS_REGISTRY.register()
 class ReductionNeckHead(EmbeddingReductionHead):
     """The stage-1 head (sec. 4.2): GAP -> FC (backbone width -> MODEL.HEADS.NFORMER_FEAT_DIM)
     -> BNNeck -> classifier."""
