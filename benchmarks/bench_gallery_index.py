@@ -41,27 +41,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from proc_memory import reset_peak_rss, status_mb  # benchmarks/ (the script's folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- worker side
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def market_like(num_gallery: int, num_query: int, dim: int, seed: int = 0):
     """``(gallery, query)`` float32 features with the structure of ``feature_world.make_world``."""
     rng = np.random.default_rng(seed)
@@ -119,10 +104,10 @@ def worker_batch(args) -> Dict:
     # add measurement; the add keeps them), shifted past the queries
     landmarks = [None if r is None else r + len(queries)
                  for r in model.sample_landmarks(_build_rows(args, len(gallery)), 0)]
-    before = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    before = status_mb("VmRSS")
+    reset = reset_peak_rss()
     out, seconds = _timed(lambda: model(both, num_query=len(queries), landmarks=landmarks))
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     np.save(args.save, out[: min(len(queries), 256)].numpy())
     return dict(seconds=seconds, peak_rss_mb=peak, step_mb=peak - before,
                 peak_is_step_only=reset)
@@ -149,17 +134,17 @@ def worker_index(args) -> Dict:
 
     model, gallery, queries = _setup(args)
     cut = _build_rows(args, len(gallery))
-    before = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    before = status_mb("VmRSS")
+    reset = reset_peak_rss()
     index, build = _timed(lambda: GalleryIndex.build(model, gallery[:cut]))
-    peak = _status_mb("VmHWM")
-    held = _status_mb("VmRSS") - before
+    peak = status_mb("VmHWM")
+    held = status_mb("VmRSS") - before
     result = dict(build_seconds=build, build_rows=cut, build_peak_rss_mb=peak,
                   build_step_mb=peak - before, index_held_mb=held, peak_is_step_only=reset)
     if cut < len(gallery):
-        _reset_peak_rss()
+        reset_peak_rss()
         _, result["add_seconds"] = _timed(lambda: index.add(gallery[cut:]))
-        result["add_peak_rss_mb"] = _status_mb("VmHWM")
+        result["add_peak_rss_mb"] = status_mb("VmHWM")
         result["add_rows"] = len(gallery) - cut
         result["add_changed_rows_per_layer"] = index.last_update_reach
         result["rebuild_seconds"] = build  # the 99 % build: a lower bound of a rebuild

@@ -29,27 +29,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from proc_memory import reset_peak_rss, status_mb  # benchmarks/ (the script's folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- worker side
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def clustered_features(n: int, dim: int, seed: int = 0):
     import torch
 
@@ -98,13 +83,13 @@ def run_worker(args) -> None:
                     layer_pool=args.layer_pool).eval()
     feats = clustered_features(args.n, args.dim)
     num_query = args.n // 8
-    rss_before = _status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = status_mb("VmRSS")
+    reset = reset_peak_rss()
     start = time.perf_counter()
     with torch.no_grad():
         out = model(feats, num_query=num_query)
     seconds = time.perf_counter() - start
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     if args.save:
         np.save(args.save, out.numpy())
     search = "-" if args.path == "dense" else ("IVF" if model.ann_threshold else "exact")
