@@ -145,6 +145,19 @@ class EvaluatingTrainer(DefaultTrainer):
 
     evaluator_class = NFormerEvaluator
 
+    def init_loop_state(self, cfg, model, optimizer) -> None:
+        """The LR scheduler, the atomic checkpointer and FastReID's epoch bookkeeping, once
+        ``self.iters_per_epoch`` is known."""
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR,
+                                               save_to_disk=comm.is_main_process(),
+                                               optimizer=optimizer, **self.scheduler)
+        self.start_epoch = 0
+        self.max_epoch = cfg.SOLVER.MAX_EPOCH
+        self.max_iter = self.max_epoch * self.iters_per_epoch
+        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
+        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return data_build.build_test_loader(cfg, dataset_name)
@@ -199,15 +212,7 @@ class Trainer(EvaluatingTrainer):
         self._trainer = trainer_cls(wrap_ddp(cfg, model), data_loader, optimizer, param_wrapper)
 
         self.iters_per_epoch = max(1, len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR,
-                                               save_to_disk=comm.is_main_process(),
-                                               optimizer=optimizer, **self.scheduler)
-        self.start_epoch = 0
-        self.max_epoch = cfg.SOLVER.MAX_EPOCH
-        self.max_iter = self.max_epoch * self.iters_per_epoch
-        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
-        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        self.init_loop_state(cfg, model, optimizer)
         self.cfg = cfg
         self.stage2_start_epoch = 0
         self._stage2_state: Optional[dict] = None

@@ -42,7 +42,7 @@ from ..core.training.reproducible import (PositionSeededDataset, rng_state, samp
                                           set_rng_state)
 from ..core.transmatcher.scoring import MapStore, match_scores
 from . import loaders as data_build
-from .trainer import AtomicCheckpointer, EvaluatingTrainer
+from .trainer import EvaluatingTrainer
 from .transmatcher_evaluator import TransMatcherEvaluator, _storage_dtype
 
 logger = logging.getLogger("fastreid.nformer")
@@ -131,15 +131,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
         clip_groups = [model.backbone_parameters() + list(model.neck.parameters()),
                        list(model.matcher.parameters())]
         self._trainer = ClippedTrainer(model, data_loader, optimizer, clip_groups, t.GRAD_CLIP)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR,
-                                               save_to_disk=comm.is_main_process(),
-                                               optimizer=optimizer, **self.scheduler)
-        self.start_epoch = 0
-        self.max_epoch = cfg.SOLVER.MAX_EPOCH
-        self.max_iter = self.max_epoch * self.iters_per_epoch
-        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
-        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        self.init_loop_state(cfg, model, optimizer)
         self.register_hooks(self.build_hooks())
         logger.info("TransMatcher training: %d images, %d classes, %d iterations per epoch "
                     "(sampler %s), backbone LR %g, new-layer LR %g, grad clip %g",
