@@ -120,3 +120,23 @@ def split_query_gallery(feats, pids, camids, queries_per_id=1):
     mask = np.zeros(len(pids), bool)
     mask[q_idx] = True
     return (feats[mask], pids[mask], camids[mask]), (feats[~mask], pids[~mask], camids[~mask])
+
+
+def write_feature_files(directory, num_ids, per_id, num_train_ids, dim=32, seed=0,
+                        queries_per_id=1, names=("train", "q", "g")):
+    """``clustered_features`` split by identity (pids below ``num_train_ids`` train, the rest
+    query / gallery) and saved as ``<name>.npz`` under ``directory``. Returns the paths (a dict
+    keyed by ``names``) and the (train, query, gallery) tuples of (feats, pids, camids)."""
+    import os
+
+    from nformer_plugin.core.features import save_feature_file
+
+    feats, pids, camids = clustered_features(num_ids, per_id, dim=dim, seed=seed)
+    is_train = pids < num_train_ids
+    train = (feats[is_train], pids[is_train], camids[is_train])
+    query, gallery = split_query_gallery(feats[~is_train], pids[~is_train], camids[~is_train],
+                                         queries_per_id=queries_per_id)
+    paths = {name: os.path.join(str(directory), f"{name}.npz") for name in names}
+    for name, part in zip(names, (train, query, gallery)):
+        save_feature_file(paths[name], *part)
+    return paths, (train, query, gallery)

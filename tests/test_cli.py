@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import clustered_features, split_query_gallery
+from conftest import write_feature_files
 import torch
 
 from nformer_plugin.cli import load_stage, main
@@ -23,15 +23,8 @@ TRAIN_OPTS = ["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM", "64",
 def feature_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("feats")
     # one "world" (shared cameras, as in a real dataset), identities split 200 train / 60 test
-    feats, pids, camids = clustered_features(260, 12, seed=1)
-    is_train = pids < 200
-    train = (feats[is_train], pids[is_train], camids[is_train])
-    (q, g) = split_query_gallery(feats[~is_train], pids[~is_train], camids[~is_train],
-                                 queries_per_id=2)
-    paths = {"train": tmp / "train.npz", "query": tmp / "query.npz", "gallery": tmp / "gallery.npz"}
-    save_feature_file(str(paths["train"]), *train)
-    save_feature_file(str(paths["query"]), *q)
-    save_feature_file(str(paths["gallery"]), *g)
+    paths, (train, q, g) = write_feature_files(tmp, 260, 12, 200, seed=1, queries_per_id=2,
+                                               names=("train", "query", "gallery"))
     out = tmp / "model"
     assert main(["train", "--train", str(paths["train"]), "--output", str(out)] + TRAIN_OPTS) == 0
     return paths, out

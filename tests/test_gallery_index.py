@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import clustered_features, split_query_gallery
+from conftest import clustered_features, write_feature_files
 from nformer_plugin import GalleryIndex, NFormer
 from nformer_plugin.cli import load_stage, main
 from nformer_plugin.core.features import save_feature_file
@@ -347,12 +347,7 @@ TRAIN_OPTS = ["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM", "32",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("index_cli")
-    feats, pids, camids = clustered_features(60, 8, dim=16, seed=3)
-    train = pids < 40
-    save_feature_file(str(tmp / "train.npz"), feats[train], pids[train], camids[train])
-    (q, g) = split_query_gallery(feats[~train], pids[~train], camids[~train])
-    save_feature_file(str(tmp / "q.npz"), *q)
-    save_feature_file(str(tmp / "g.npz"), *g)
+    _, (_, _, g) = write_feature_files(tmp, 60, 8, 40, dim=16, seed=3)
     np.savez(tmp / "g_head.npz", feats=g[0][:100], pids=g[1][:100], camids=g[2][:100])
     np.savez(tmp / "g_tail.npz", feats=g[0][100:], pids=g[1][100:], camids=g[2][100:])
     assert main(["train", "--train", str(tmp / "train.npz"), "--output", str(tmp / "m")]

@@ -51,15 +51,9 @@ def test_every_pure_module_imports_without_fastreid():
 
 
 def test_nformer_command_runs_without_fastreid(tmp_path):
-    from conftest import clustered_features, split_query_gallery
-    from nformer_plugin.core.features import save_feature_file
+    from conftest import write_feature_files
 
-    feats, pids, camids = clustered_features(40, 8, dim=16, seed=3)
-    train = pids < 30
-    save_feature_file(str(tmp_path / "train.npz"), feats[train], pids[train], camids[train])
-    q, g = split_query_gallery(feats[~train], pids[~train], camids[~train])
-    save_feature_file(str(tmp_path / "q.npz"), *q)
-    save_feature_file(str(tmp_path / "g.npz"), *g)
+    write_feature_files(tmp_path, 40, 8, 30, dim=16, seed=3)
     opts = ("'MODEL.NFORMER.NUM_LAYERS', '1', 'MODEL.NFORMER.FFN_DIM', '32', "
             "'MODEL.NFORMER.TOPK', '5', 'MODEL.NFORMER.STAGE2.EPOCHS', '1', "
             "'MODEL.NFORMER.STAGE2.SET_SIZE', '64'")

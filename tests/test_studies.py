@@ -2,14 +2,13 @@
 FlopCounterMode), cos(vec(A), vec(A~)), the images-per-id subsets, the three output files,
 determinism, and user errors of ``nformer study``."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import clustered_features, split_query_gallery
-from nformer_plugin.core.features import FeatureSet, save_feature_file
+from conftest import clustered_features, split_query_gallery, write_feature_files
+from nformer_plugin.core.features import FeatureSet
 from nformer_plugin.core.nformer import NFormer
 from nformer_plugin.core.retrieval.metrics import evaluate_ranking
 from nformer_plugin.studies import STUDIES, run_study
@@ -30,13 +29,7 @@ TINY_OPTS = ["MODEL.NFORMER.NUM_LAYERS", "1", "MODEL.NFORMER.FFN_DIM", "32",
 @pytest.fixture(scope="module")
 def feature_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("feats")
-    feats, pids, camids = clustered_features(40, 8, dim=16, seed=3)
-    train = pids < 28
-    save_feature_file(str(d / "train.npz"), feats[train], pids[train], camids[train])
-    q, g = split_query_gallery(feats[~train], pids[~train], camids[~train])
-    save_feature_file(str(d / "q.npz"), *q)
-    save_feature_file(str(d / "g.npz"), *g)
-    return {k: str(d / f"{k}.npz") for k in ("train", "q", "g")}
+    return write_feature_files(d, 40, 8, 28, dim=16, seed=3)[0]
 
 
 # ---------------------------------------------------------------- GFLOPs
