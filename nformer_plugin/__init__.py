@@ -2,7 +2,7 @@
 
 * ``nformer_plugin.core``: pure torch / numpy / faiss (NFormer, backbones, stage-2 training,
   retrieval); never imports FastReID.
-* ``nformer_plugin.embedded``: the generated default dataset (numpy + PIL).
+* ``nformer_plugin.synthetic_dataset``: the built-in synthetic dataset, generated (numpy + PIL).
 * ``nformer_plugin.config``: the plugin's config keys (yacs); ``nformer_plugin.evaluate``: the one
   refine / re-rank / export path; ``nformer_plugin.cli``: the ``nformer`` command.
 * ``nformer_plugin.fastreid_ext``: all FastReID glue (compatibility fixes, registrations, loaders,
@@ -10,6 +10,10 @@
   ``import nformer_plugin`` registers everything into FastReID's registries.
 """
 import importlib.util as _importlib_util
+
+from . import _moved
+
+_moved.install()  # old module paths (e.g. nformer_plugin.embedded) import, with a deprecation message
 
 from .config import add_nformer_config
 from .core import (FeatureSet, GalleryIndex, NFormer, k_reciprocal_rerank, load_feature_file,

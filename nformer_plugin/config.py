@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence
 from yacs.config import CfgNode
 
 from .core.io import resolve_seed
-from .embedded import EmbeddedParams
+from .synthetic_dataset import EmbeddedParams
 
 logger = logging.getLogger("fastreid.nformer")
 

@@ -1,4 +1,4 @@
-"""The embedded dataset generator (nformer_plugin.embedded) and its FastReID glue."""
+"""The embedded dataset generator (nformer_plugin.synthetic_dataset) and its FastReID glue."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nformer_plugin.embedded import (
+from nformer_plugin.synthetic_dataset import (
     GALLERY_DIR,
     MARKER,
     MARKET_FOLDER,
@@ -33,7 +33,7 @@ from nformer_plugin.embedded import (
     random_identity,
     render_image,
 )
-from nformer_plugin.embedded import writer  # its helpers are monkeypatched below
+from nformer_plugin.synthetic_dataset import writer  # its helpers are monkeypatched below
 
 TINY = dict(seed=0, num_train_ids=3, num_test_ids=4, num_cameras=3, images_per_id=6,
             queries_per_id=2, height=32, outlier_ratio=0.2)
@@ -369,8 +369,8 @@ def test_params_from_config_node_and_mappings():
 
 
 def test_embedded_package_is_pure():
-    """nformer_plugin.embedded imports only the standard library, numpy, PIL, tqdm and itself."""
-    import nformer_plugin.embedded as pkg
+    """nformer_plugin.synthetic_dataset imports only the standard library, numpy, PIL, tqdm and itself."""
+    import nformer_plugin.synthetic_dataset as pkg
 
     stdlib = getattr(sys, "stdlib_module_names", None) or {  # Python < 3.10: what it uses
         "dataclasses", "functools", "hashlib", "json", "math", "os", "shutil", "socket", "typing",
