@@ -104,7 +104,7 @@ def add_nformer_config(cfg: CfgNode) -> CfgNode:
 
     # ---------------------------------------------------------------- TransMatcher (issue 11)
     # Liao & Shao, NeurIPS 2021; symbols of its sec. 5 / 6.2 / Table 3. Meta-architecture
-    # TransMatcherReID (fastreid_ext/transmatcher_arch.py), trainer fastreid_ext/transmatcher_trainer.py.
+    # TransMatcherReID (fastreid_ext/transmatcher/meta_arch.py), trainer fastreid_ext/transmatcher/trainer.py.
     _C.MODEL.TRANSMATCHER = CN()
     _C.MODEL.TRANSMATCHER.FEATURE_LAYER = "layer3"  # backbone child whose map is matched (sec. 6.2: layer3); "" = the whole backbone
     _C.MODEL.TRANSMATCHER.NECK = 512  # output channels of the 3x3 neck conv after FEATURE_LAYER (sec. 6.2); 0 = no neck

@@ -1,6 +1,6 @@
 """The one evaluation path: refine with NFormer, re-rank, rank, export (pure; no FastReID).
 
-Used by the FastReID evaluator (``fastreid_ext.evaluator``) and by ``nformer eval`` / ``nformer
+Used by the FastReID evaluator (``fastreid_ext.nformer.evaluator``) and by ``nformer eval`` / ``nformer
 refine``, so both report the same rows (baseline, +KR, +NFormer, +NFormer+KR) from the same
 settings (``TEST.RERANK.*``, ``TEST.METRIC``) and write the same files.
 """

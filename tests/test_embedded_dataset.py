@@ -280,7 +280,7 @@ def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
     from fastreid.data.datasets import DATASET_REGISTRY
 
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     assert DATASET_REGISTRY.get("EmbeddedReID") is EmbeddedReID
     ds = EmbeddedReID(root=str(tmp_path / "ignored"), **TINY)
@@ -301,7 +301,7 @@ def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
 
 def test_embedded_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     with pytest.raises(ValueError, match="cameras"):
         EmbeddedReID(**{**TINY, "num_cameras": 7})
@@ -312,7 +312,7 @@ def test_kwargs_from_config():
     from fastreid.config import get_cfg
 
     from nformer_plugin.config import add_nformer_config
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     cfg = add_nformer_config(get_cfg())
     cfg.DATASETS.EMBEDDED.SEED = 7
@@ -324,7 +324,7 @@ def test_kwargs_from_config():
 def test_defaults_have_one_source():
     """A fresh config's DATASETS.EMBEDDED holds EmbeddedParams' defaults, nothing else."""
     from nformer_plugin.fastreid_ext.config import load_config
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     cfg = load_config()
     assert EmbeddedReID.kwargs_from_config(cfg) == EmbeddedParams().as_dict()
@@ -334,7 +334,7 @@ def test_defaults_have_one_source():
 
 def test_embedded_reid_takes_a_params_object(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     ds = EmbeddedReID(params=EmbeddedParams(**{**TINY, "seed": 1}), seed=2)
     assert ds.generator_params == EmbeddedParams(**{**TINY, "seed": 2})

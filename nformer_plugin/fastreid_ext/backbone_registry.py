@@ -15,6 +15,7 @@ applies to the ResNet body; the new attention layers use plain BatchNorm.
 Pretrained weights come only from ``MODEL.BACKBONE.PRETRAIN_PATH``: nothing is downloaded.
 :func:`check_pretrain_available` applies the same rule to any backbone (FastReID's own builders
 would otherwise try to download when the path is empty); the trainer calls it before building.
+Shared by both meta-architectures: :func:`backbone_output_dim`, :func:`normalized_images`.
 """
 from __future__ import annotations
 
@@ -143,3 +144,14 @@ def build_resnet_ibn_b_backbone(cfg) -> ResNetIBNb:
     bb = cfg.MODEL.BACKBONE
     model = ResNetIBNb(bb.DEPTH, bb.LAST_STRIDE, "layer4", _norm_layer(cfg))
     return _maybe_load_pretrained(model, cfg)
+
+
+def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
+                      pixel_std: torch.Tensor) -> torch.Tensor:
+    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
+    place, so a flipped second pass sees the raw images."""
+    images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
+    images = images.to(pixel_mean.device, non_blocking=True).float()
+    return (images - pixel_mean) / pixel_std

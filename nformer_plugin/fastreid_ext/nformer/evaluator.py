@@ -18,9 +18,9 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
-from ..core.features import FeatureSet
-from ..core.retrieval.comparison import format_table, headline, metrics_only
-from ..evaluate import evaluate_pipelines, export_features
+from ...core.features import FeatureSet
+from ...core.retrieval.comparison import format_table, headline, metrics_only
+from ...evaluate import evaluate_pipelines, export_features
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -110,7 +110,7 @@ class NFormerEvaluator(DatasetEvaluator):
             export_features(self.cfg.TEST.EXPORT_FEATURES, query, gallery, refined)
 
     def _report(self, rows, query: FeatureSet, gallery: FeatureSet) -> None:
-        from ..report import write_report
+        from ...report import write_report
 
         names = [n for n in rows if self.cfg.TEST.REPORT.RERANK or n in ("baseline", "nformer")]
         out = os.path.join(self._output_dir, "report" + (f"_{self._dataset_name}"
@@ -121,7 +121,7 @@ class NFormerEvaluator(DatasetEvaluator):
         logger.info("Report page written to %s", path)
 
     def _draw(self, rows, paths, query: FeatureSet, gallery: FeatureSet) -> None:
-        from ..core.visualize import save_ranked_lists
+        from ...core.visualize import save_ranked_lists
 
         nq = len(query)
         for name, row in rows.items():

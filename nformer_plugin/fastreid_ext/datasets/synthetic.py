@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.market1501 import Market1501
 
-from ..synthetic_dataset import EmbeddedParams, dataset_cache_dir, generate_market_layout
+from ...synthetic_dataset import EmbeddedParams, dataset_cache_dir, generate_market_layout
 
 __all__ = ["EmbeddedReID", "EmbeddedReIDDomainA", "EmbeddedReIDDomainB"]
 
