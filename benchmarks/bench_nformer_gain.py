@@ -33,7 +33,7 @@ from feature_world import WorldParams, make_world  # noqa: E402
 
 from nformer_plugin.cli import build_stage_module, load_cli_config, train_on_features  # noqa: E402
 from nformer_plugin.core.features import FeatureSet  # noqa: E402
-from nformer_plugin.evaluate import evaluate_pipelines  # noqa: E402
+from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
 
 
 def stats_text(layers) -> str:

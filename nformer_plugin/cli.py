@@ -168,7 +168,7 @@ def _load_pair(args, dim: int):
 def cmd_eval(args) -> int:
     from .core.io import save_text
     from .core.retrieval.comparison import format_table, metrics_only
-    from .evaluate import evaluate_pipelines
+    from .app.evaluation import evaluate_pipelines
 
     stage, cfg, dim = load_stage(args.weights, args.opts)
     cfg.TEST.RERANK.ENABLED = bool(args.rerank)
@@ -186,7 +186,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_refine(args) -> int:
-    from .evaluate import export_features, stage_refiner
+    from .app.evaluation import export_features, stage_refiner
 
     stage, _, dim = load_stage(args.weights, args.opts)
     query, gallery = _load_pair(args, dim)

@@ -82,7 +82,7 @@ def cmd_report(args) -> int:
     from collections import OrderedDict
 
     from .cli import _load_pair, load_stage
-    from .evaluate import evaluate_pipelines
+    from .app.evaluation import evaluate_pipelines
     from .report import write_report
 
     stage, cfg, dim = load_stage(args.weights, args.opts)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "nformer_plugin"
 PURE_PACKAGES = ("nformer_plugin.core", "nformer_plugin.synthetic_dataset", "nformer_plugin.studies",
                  "nformer_plugin.report")
-PURE_MODULES = ("nformer_plugin.config", "nformer_plugin.evaluate", "nformer_plugin.cli",
+PURE_MODULES = ("nformer_plugin.config", "nformer_plugin.app.evaluation", "nformer_plugin.cli",
                 "nformer_plugin.cli_study",
                 "nformer_plugin.modeling", "nformer_plugin.evaluation")
 

@@ -20,7 +20,7 @@ from fastreid.utils import comm
 
 from ...core.features import FeatureSet
 from ...core.retrieval.comparison import format_table, headline, metrics_only
-from ...evaluate import evaluate_pipelines, export_features
+from ...app.evaluation import evaluate_pipelines, export_features
 
 logger = logging.getLogger("fastreid.nformer")
 

@@ -14,9 +14,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .core.features import FeatureSet, save_feature_file
-from .core.nformer import NFormerStage
-from .core.retrieval.comparison import RefineFn, RerankParams, compare_pipelines
+from ..core.features import FeatureSet, save_feature_file
+from ..core.nformer import NFormerStage
+from ..core.retrieval.comparison import RefineFn, RerankParams, compare_pipelines
 
 logger = logging.getLogger("fastreid.nformer")
 
