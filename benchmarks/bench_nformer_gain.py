@@ -6,7 +6,7 @@
 Features come from ``feature_world.py``: hundreds of training identities in attribute groups
 (near twins), six cameras with per-camera shifts and per-(identity, camera) viewpoint offsets,
 hard outliers; 200 test identities disjoint from training. Every row trains stage 2 with
-``nformer train``'s own code (``cli.train_on_features``: the key defaults plus the row's
+``nformer train``'s own code (``app.train_on_features``: the key defaults plus the row's
 overrides), holds out 10 % of the training identities as the validation split, keeps the epoch
 with the best validation mAP, and reports:
 
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_world import WorldParams, make_world  # noqa: E402
 
-from nformer_plugin.cli import build_stage_module, load_cli_config, train_on_features  # noqa: E402
+from nformer_plugin.app import build_stage, load_feature_config, train_on_features  # noqa: E402
 from nformer_plugin.core.features import FeatureSet  # noqa: E402
 from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
 
@@ -50,8 +50,8 @@ def run_row(world, opts, steps: int):
                  "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "10",
                  "MODEL.NFORMER.STAGE2.EPOCHS", str(max(1, steps // 10)),
                  "MODEL.DEVICE", "cpu"]
-    cfg = load_cli_config("", base_opts + list(opts))
-    fresh = build_stage_module(cfg, dim, 2).eval()
+    cfg = load_feature_config("", base_opts + list(opts))
+    fresh = build_stage(cfg, dim, 2).eval()
     evaluate_pipelines(cfg, query, gallery, fresh)
     fresh_stats = list(fresh.nformer.neighbor_stats)
     started = time.perf_counter()

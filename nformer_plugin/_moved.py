@@ -18,6 +18,8 @@ from typing import Dict, Optional
 MOVED: Dict[str, str] = {
     "nformer_plugin.embedded": "nformer_plugin.synthetic_dataset",
     "nformer_plugin.evaluate": "nformer_plugin.app.evaluation",
+    "nformer_plugin.cli_study": "nformer_plugin.cli.study",
+    "nformer_plugin.cli_index": "nformer_plugin.cli.index",
     "nformer_plugin.fastreid_ext.meta_arch": "nformer_plugin.fastreid_ext.nformer.meta_arch",
     "nformer_plugin.fastreid_ext.evaluator": "nformer_plugin.fastreid_ext.nformer.evaluator",
     "nformer_plugin.fastreid_ext.transmatcher_arch": "nformer_plugin.fastreid_ext.transmatcher.meta_arch",

@@ -13,7 +13,8 @@ import torch
 
 from conftest import clustered_features, write_feature_files
 from nformer_plugin import GalleryIndex, NFormer
-from nformer_plugin.cli import load_stage, main
+from nformer_plugin.app import load_stage
+from nformer_plugin.cli import main
 from nformer_plugin.core.features import save_feature_file
 from nformer_plugin.core.nformer import NFormerStage
 from nformer_plugin.core.retrieval.metrics import cosine_distance, euclidean_distance

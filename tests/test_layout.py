@@ -13,10 +13,8 @@ import nformer_plugin
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "nformer_plugin"
 PURE_PACKAGES = ("nformer_plugin.core", "nformer_plugin.synthetic_dataset", "nformer_plugin.studies",
-                 "nformer_plugin.report")
-PURE_MODULES = ("nformer_plugin.config", "nformer_plugin.app.evaluation", "nformer_plugin.cli",
-                "nformer_plugin.cli_study",
-                "nformer_plugin.modeling", "nformer_plugin.evaluation")
+                 "nformer_plugin.report", "nformer_plugin.app", "nformer_plugin.cli")
+PURE_MODULES = ("nformer_plugin.config", "nformer_plugin.modeling", "nformer_plugin.evaluation")
 
 # makes ``import fastreid`` (and any submodule) fail, as in an environment without it
 BLOCK_FASTREID = "import sys\nsys.modules['fastreid'] = None\n"
@@ -27,7 +25,8 @@ def pure_modules():
     for package in PURE_PACKAGES:
         path = PACKAGE / package.split(".", 1)[1].replace(".", "/")
         names.append(package)
-        names += [m.name for m in pkgutil.walk_packages([str(path)], prefix=package + ".")]
+        names += [m.name for m in pkgutil.walk_packages([str(path)], prefix=package + ".")
+                  if not m.name.endswith(".__main__")]
     return names
 
 

@@ -245,10 +245,10 @@ def test_approximate_search_regime_is_used_and_keeps_retrieval_quality():
 
 
 def test_a_short_stage2_run_raises_validation_map_above_the_baseline():
-    from nformer_plugin.cli import load_cli_config, train_on_features
+    from nformer_plugin.app import load_feature_config, train_on_features
 
     feats, pids, camids = clustered_features(120, 10, dim=32, seed=6, noise=1.1)
-    cfg = load_cli_config("", ["MODEL.NFORMER.DIM", "32", "MODEL.NFORMER.FFN_DIM", "64",
+    cfg = load_feature_config("", ["MODEL.NFORMER.DIM", "32", "MODEL.NFORMER.FFN_DIM", "64",
                                "MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.TOPK", "10",
                                "MODEL.NFORMER.STAGE2.EPOCHS", "4",
                                "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "20",

@@ -1,7 +1,7 @@
 """What every study shares: the features, the baseline ranking, trained variants, evaluation of a
 trained model under evaluation-time settings, progress with ETA, and the three output files.
 
-Training goes through ``cli.train_on_features`` (the ``nformer train`` code path: validation
+Training goes through ``app.training.train_on_features`` (the ``nformer train`` code path: validation
 split of the *training* identities picks the epoch; nothing is chosen on the test split).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class StudyContext:
         overrides = {k: v for k, v in overrides.items() if self.cfg.MODEL.NFORMER[k] != v}
         key = tuple(sorted(overrides.items()))
         if key not in self._models:
-            from ..cli import train_on_features
+            from ..app.training import train_on_features
 
             if not self.train:
                 raise ValueError(f"study {self.name!r} trains NFormer: pass --train TRAIN.npz")

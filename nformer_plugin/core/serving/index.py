@@ -12,6 +12,7 @@ Pure torch / numpy / faiss; must not import FastReID.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -88,7 +89,7 @@ def as_ids(ids, count: int, name: str = "ids") -> np.ndarray:
 class GalleryIndex:
     """A refined gallery that answers isolated queries exactly as batch NFormer evaluation.
 
-    ``build(model, gallery_feats, ids)`` / ``from_weights(path, gallery_feats, ids)``;
+    ``build(model, gallery_feats, ids)`` / ``from_weights(load_stage(path), gallery_feats, ids)``;
     ``refine(Q)`` -> refined queries; ``search(Q, topk)`` -> (distances, ids);
     ``add(feats, ids)`` / ``remove(ids)``; ``save(dir)`` / ``load(dir)`` (``persistence``).
 
@@ -137,14 +138,19 @@ class GalleryIndex:
         return index
 
     @classmethod
-    def from_weights(cls, path: str, gallery_feats: Features, ids=None,
-                     opts: Sequence[str] = (), labels: Optional[dict] = None) -> "GalleryIndex":
-        """Build from what ``nformer train`` writes, serving the feature ``nformer eval`` ranks
-        (NFormer then the BNNeck for ``TEST_FEAT after_bn``), via the CLI's one loader."""
-        from ...cli import load_stage  # the loader nformer eval uses (lazy: layering)
-
-        stage, cfg, _ = load_stage(path, list(opts))
-        return cls.build(stage, gallery_feats, ids, metric=cfg.TEST.METRIC, labels=labels)
+    def from_weights(cls, loaded, gallery_feats: Features, ids=None,
+                     labels: Optional[dict] = None) -> "GalleryIndex":
+        """Build from a loaded stage - what ``nformer_plugin.app.load_stage(path)`` returns for
+        the weights ``nformer train`` writes (``.stage``, ``.cfg``) - serving the feature
+        ``nformer eval`` ranks (NFormer then the BNNeck for ``TEST_FEAT after_bn``) under its
+        ``TEST.METRIC``. Reading the file is the application layer's
+        (``app.serving.index_from_weights(path, ...)`` does both)."""
+        if isinstance(loaded, (str, bytes, os.PathLike)):
+            raise TypeError("GalleryIndex.from_weights takes a loaded stage: "
+                            "GalleryIndex.from_weights(nformer_plugin.app.load_stage(path), "
+                            "feats), or nformer_plugin.app.index_from_weights(path, feats)")
+        return cls.build(loaded.stage, gallery_feats, ids, metric=loaded.cfg.TEST.METRIC,
+                         labels=labels)
 
     def _landmark_rows(self) -> List[Optional[Tensor]]:
         position = {int(i): p for p, i in enumerate(self.ids)}

@@ -1,16 +1,15 @@
 """FastReID glue: an evaluator that ranks baseline and NFormer-refined features side by side.
 
-It never compiles or exits (FastReID's ``ReidEvaluator`` does both), refines query + gallery
-with the model's NFormer once stage 2 has trained it (queries isolated from each other, sec.
-4.2), applies k-reciprocal re-ranking under FastReID's own ``TEST.RERANK.*`` keys, prints one
-table with every pipeline, and can export features and draw ranked lists.
+It never compiles or exits (FastReID's ``ReidEvaluator`` does both): it gathers the per-image
+features and hands them, with the model's NFormer stage once stage 2 has trained it, to the one
+evaluation path (``app.evaluation.evaluate_and_write``: refinement with queries isolated from
+each other (sec. 4.2), k-reciprocal re-ranking under FastReID's own ``TEST.RERANK.*`` keys, one
+table with every pipeline, exported features, ranked lists, the report page).
 """
 from __future__ import annotations
 
 import copy
 import itertools
-import logging
-import os
 from collections import OrderedDict
 
 import torch
@@ -18,11 +17,9 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
+from ...app.evaluation import evaluate_and_write
 from ...core.features import FeatureSet
-from ...core.retrieval.comparison import format_table, headline, metrics_only
-from ...app.evaluation import evaluate_pipelines, export_features
-
-logger = logging.getLogger("fastreid.nformer")
+from ...core.retrieval.comparison import headline, metrics_only
 
 
 class NFormerEvaluator(DatasetEvaluator):
@@ -78,23 +75,8 @@ class NFormerEvaluator(DatasetEvaluator):
         query = FeatureSet(feats[:nq], pids[:nq], camids[:nq], paths[:nq] if has_paths else None)
         gallery = FeatureSet(feats[nq:], pids[nq:], camids[nq:],
                              paths[nq:] if has_paths else None)
-        draw = self.cfg.TEST.RANKED_LIST_QUERIES > 0 and has_paths
-        stage = self._nformer_stage()
-        report = self.cfg.TEST.REPORT.ENABLED and has_paths and stage is not None
-        if self.cfg.TEST.REPORT.ENABLED and not report:
-            logger.warning("TEST.REPORT.ENABLED: no report page (%s)", "NFormer is not trained"
-                           if has_paths else "the data loader gave no image paths")
-        device = next(stage.parameters()).device if stage is not None else None
-        rows = evaluate_pipelines(self.cfg, query, gallery, stage, device,
-                                  keep_distances=draw or report)
-        title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
-        logger.info("\n" + format_table(rows, title))
-        self._export(query, gallery, rows)
-        if draw:
-            self._draw(rows, paths, query, gallery)
-        if report:
-            self._report(rows, query, gallery)
-
+        rows = evaluate_and_write(self.cfg, query, gallery, self._nformer_stage(),
+                                  self._output_dir, self._dataset_name)
         results = OrderedDict(metrics_only(rows[headline(rows)]))
         results["metric"] = (results["mAP"] + results["Rank-1"]) / 2
         for name, row in rows.items():
@@ -103,29 +85,3 @@ class NFormerEvaluator(DatasetEvaluator):
             results["nformer_neighbors"] = {f"layer{i + 1}": stats for i, stats
                                             in enumerate(rows["nformer"]["neighbors"])}
         return copy.deepcopy(results)
-
-    def _export(self, query: FeatureSet, gallery: FeatureSet, rows) -> None:
-        if self.cfg.TEST.EXPORT_FEATURES:
-            refined = rows["nformer"]["refined"] if "nformer" in rows else None
-            export_features(self.cfg.TEST.EXPORT_FEATURES, query, gallery, refined)
-
-    def _report(self, rows, query: FeatureSet, gallery: FeatureSet) -> None:
-        from ...report import write_report
-
-        names = [n for n in rows if self.cfg.TEST.REPORT.RERANK or n in ("baseline", "nformer")]
-        out = os.path.join(self._output_dir, "report" + (f"_{self._dataset_name}"
-                                                         if self._dataset_name else ""))
-        path = write_report(out, query, gallery, OrderedDict((n, rows[n]["dist"]) for n in names),
-                            self.cfg.TEST.REPORT.IMAGES_ROOT, self.cfg.TEST.REPORT.QUERIES,
-                            title=f"NFormer ranked lists on {self._dataset_name}")
-        logger.info("Report page written to %s", path)
-
-    def _draw(self, rows, paths, query: FeatureSet, gallery: FeatureSet) -> None:
-        from ...core.visualize import save_ranked_lists
-
-        nq = len(query)
-        for name, row in rows.items():
-            path = os.path.join(self._output_dir, f"ranked_list_{self._dataset_name}_{name}.png")
-            save_ranked_lists(path, row["dist"], paths[:nq], paths[nq:], query.pids, gallery.pids,
-                              query.camids, gallery.camids, self.cfg.TEST.RANKED_LIST_QUERIES)
-            logger.info("Ranked lists written to %s", path)
