@@ -165,11 +165,10 @@ def worker_index(args) -> Dict:
     result["single_ms_p95_all_threads"] = float(np.percentile(latencies, 95))
     ids32 = index.search(queries[:256], topk=100)[1]
     full = index.refined
-    index.refined = full.astype(np.float16).astype(np.float32)
-    index._search_index = None
+    index.refined = full.astype(np.float16).astype(np.float32)  # the search index follows
     ids16 = index.search(queries[:256], topk=100)[1]
     result["fp16_top100_unchanged"] = float((ids32 == ids16).all(axis=1).mean())
-    index.refined, index._search_index = full, None
+    index.refined = full
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         index.save(tmp)
         result["disk_mb"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
