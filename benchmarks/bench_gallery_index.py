@@ -72,18 +72,18 @@ def _setup(args):
     import torch
 
     sys.path.insert(0, ROOT)
-    from nformer_plugin.config import nformer_kwargs, standalone_config
+    from nformer_plugin.config import standalone_config
     from nformer_plugin.core.nformer import NFormer
 
     torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    kwargs = dict(nformer_kwargs(standalone_config()), dim=args.dim)
+    cfg = standalone_config()
     if args.ivf:
-        kwargs["ann_threshold"] = 1
+        cfg.MODEL.NFORMER.ANN_THRESHOLD = 1
     torch.manual_seed(0)
-    model = NFormer(**kwargs).eval()
+    model = NFormer.from_config(cfg, dim=args.dim).eval()
     gallery, queries = market_like(args.n, args.queries, args.dim)
     return model, torch.from_numpy(gallery), torch.from_numpy(queries)
 

@@ -311,10 +311,10 @@ def test_embedded_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_p
 def test_kwargs_from_config():
     from fastreid.config import get_cfg
 
-    from nformer_plugin.config import add_nformer_config
+    from nformer_plugin.config import add_plugin_config
     from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
-    cfg = add_nformer_config(get_cfg())
+    cfg = add_plugin_config(get_cfg())
     cfg.DATASETS.EMBEDDED.SEED = 7
     cfg.DATASETS.EMBEDDED.HEIGHT = 32
     kwargs = EmbeddedReID.kwargs_from_config(cfg)

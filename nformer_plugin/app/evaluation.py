@@ -42,7 +42,7 @@ def stage_refiner(stage: NFormerStage, device: Optional[torch.device] = None) ->
         if device is not None:
             x = x.to(device)
         logger.info("Refining %d features with NFormer (%d queries, %s)", len(feats), num_query,
-                    stage.nformer.query_mode)
+                    stage.nformer.settings.query_mode)
         out = stage.refine(x, num_query).detach().cpu().numpy()
         logger.info("NFormer neighbors: %s", stage.nformer.describe_neighbors())
         return out

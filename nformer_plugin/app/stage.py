@@ -13,14 +13,13 @@ import torch
 
 from ..config import merge_config
 from ..core.io import save_text, save_torch
-from ..config import nformer_kwargs
 from ..core.nformer import NFormer, NFormerStage
 from .config import config_device, load_feature_config
 
 
 def build_stage(cfg, dim: int, num_classes: int) -> NFormerStage:
     """The NFormer stage for features of width ``dim`` (the features define the width)."""
-    return NFormerStage(NFormer(**dict(nformer_kwargs(cfg), dim=dim)), num_classes,
+    return NFormerStage(NFormer.from_config(cfg, dim=dim), num_classes,
                         cfg.MODEL.NFORMER.TEST_FEAT)
 
 

@@ -25,10 +25,11 @@ from ..core.retrieval.metrics import evaluate_ranking
 logger = logging.getLogger("fastreid.nformer")
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "mINP")
-#: evaluation-time settings of a trained NFormer: attribute of NFormer / of each attention
+#: evaluation-time settings of a trained NFormer: attribute of NFormer (dotted: of an attribute)
+#: / of each attention block
 EVAL_SETTINGS = {"num_landmarks": ("num_landmarks", None), "topk": ("topk", "topk"),
                  "mask": ("mask", "mask"), "exact_affinity": ("exact_affinity", "exact_affinity"),
-                 "landmark_seed": ("landmark_seed", None)}
+                 "landmark_seed": ("settings.landmark_seed", None)}
 
 
 class Progress:
@@ -142,8 +143,12 @@ class eval_settings:
     def __enter__(self):
         for name, value in self.settings.items():
             top, attn = EVAL_SETTINGS[name]
-            self.saved.append((self.nformer, top, getattr(self.nformer, top)))
-            setattr(self.nformer, top, value)
+            owner = self.nformer
+            *path, top = top.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            self.saved.append((owner, top, getattr(owner, top)))
+            setattr(owner, top, value)
             if attn:
                 for block in self.nformer.blocks:
                     self.saved.append((block.attn, attn, getattr(block.attn, attn)))

@@ -36,8 +36,9 @@ def check_servable(nformer: NFormer, head: Optional[nn.Module]) -> None:
     """Only an eval-mode model with isolated queries can be served (queries must not interact)."""
     if nformer.training or (head is not None and head.training):
         raise ValueError("GalleryIndex needs an eval-mode model: call model.eval() first")
-    if nformer.query_mode != "isolated":
-        raise ValueError(f"cannot serve a model with query_mode={nformer.query_mode!r}: its "
+    query_mode = nformer.settings.query_mode
+    if query_mode != "isolated":
+        raise ValueError(f"cannot serve a model with query_mode={query_mode!r}: its "
                          f"queries interact with each other and with the gallery, so a query's "
                          f"refined feature depends on the other queries; use "
                          f"query_mode='isolated' (sec. 4.2)")

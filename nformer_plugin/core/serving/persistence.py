@@ -32,6 +32,7 @@ from torch import nn
 
 from ..io import save_text
 from ..nformer.model import NFormer
+from ..nformer.settings import InferenceSettings
 from ..nformer.stage import NFormerStage
 from .checks import split_model
 from .gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
@@ -43,16 +44,26 @@ RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index ho
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth")
 
 
+ARCHITECTURE = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
+                "exact_affinity")
+
+
 def model_config(nformer: NFormer) -> dict:
-    """The constructor arguments that rebuild ``nformer``."""
+    """What rebuilds ``nformer``, as one flat dict (the manifest's ``model_config``): the
+    architecture and every field of its ``settings`` (``InferenceSettings``)."""
     block = nformer.blocks[0]
-    names = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
-             "exact_affinity", "landmark_seed", "query_mode", "inference", "chunk_size",
-             "ann_threshold", "ann_nlist", "ann_nprobe", "layer_pool")
-    config = {name: getattr(nformer, name) for name in names}
+    config = {name: getattr(nformer, name) for name in ARCHITECTURE}
+    config.update(nformer.settings.as_dict())
     config.update(ffn_dim=block.ffn[0].out_features, dropout=block.dropout.p,
                   activation="gelu" if isinstance(block.ffn[1], nn.GELU) else "relu")
     return config
+
+
+def nformer_from_config(config: dict) -> NFormer:
+    """The NFormer that :func:`model_config` describes (untrained weights)."""
+    names = set(InferenceSettings.field_names())
+    settings = InferenceSettings(**{k: v for k, v in config.items() if k in names})
+    return NFormer(**{k: v for k, v in config.items() if k not in names}, settings=settings)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -189,7 +200,7 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGal
     folder, manifest = read_manifest(directory)
     ckpt = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", weights_only=True)
     if model is None:
-        model = NFormer(**ckpt["config"])
+        model = nformer_from_config(ckpt["config"])
         model.load_state_dict(ckpt["nformer"])
         if ckpt["head"] is not None:
             model = NFormerStage(model, num_classes=1, test_feat="after_bn")

@@ -122,7 +122,7 @@ def remove_items(nformer: nn.Module, head: Optional[nn.Module], gallery: ServedG
     check_gallery_size(nformer, int(keep.sum()))
     kept_ids = gallery.ids[keep]
     landmark_ids = replace_landmarks(gallery.landmark_ids, kept_ids,
-                                     nformer.landmark_seed)
+                                     nformer.settings.landmark_seed)
     labels = {k: v[keep] for k, v in gallery.labels.items()}
     old_rows = np.flatnonzero(keep)
     inputs = gallery.state.inputs[torch.from_numpy(old_rows).to(next(nformer.parameters()).device)]

@@ -19,7 +19,6 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.modeling.losses import cross_entropy_loss, log_accuracy
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
-from ...config import nformer_kwargs
 from ...core.heads import EmbeddingReductionHead
 from ...core.losses import CenterLoss, batch_hard_triplet
 from ...core.nformer import NFormer, NFormerStage
@@ -97,7 +96,7 @@ class NFormerReID(nn.Module):
                 raise ValueError(
                     f"MODEL.NFORMER.DIM ({cfg.MODEL.NFORMER.DIM}) must equal the head's feature "
                     f"width ({heads.out_dim}, MODEL.HEADS.NFORMER_FEAT_DIM)")
-            nformer_stage = NFormerStage(NFormer(**nformer_kwargs(cfg)),
+            nformer_stage = NFormerStage(NFormer.from_config(cfg),
                                          cfg.MODEL.HEADS.NUM_CLASSES, cfg.MODEL.NFORMER.TEST_FEAT)
         losses = cfg.MODEL.LOSSES
         if "TripletLoss" in losses.NAME and not losses.TRI.HARD_MINING:
