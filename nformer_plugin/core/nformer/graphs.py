@@ -101,8 +101,9 @@ class InnerProductSearcher:
             metric = "l2"
         scores, idx = knn_search(q, None, k, metric=metric, index=self.index,
                                  chunk_size=self.settings.chunk_size)
-        scores = None if self.settings.approximate else torch.from_numpy(scores)
-        return scores, torch.from_numpy(idx).to(queries.device)
+        device = queries.device  # faiss answers on the host; the lists follow the features
+        scores = None if self.settings.approximate else torch.from_numpy(scores).to(device)
+        return scores, torch.from_numpy(idx).to(device)
 
 
 def pair_scores(left: Tensor, right: Tensor, left_rows: Tensor, right_rows: Tensor,

@@ -45,6 +45,7 @@ class Stage2Settings:
     triplet_scale: float = 1.0
     triplet_margin: float = 0.3
     feat_noise: float = 0.0
+    patience: int = 0
 
     @classmethod
     def from_config(cls, node) -> "Stage2Settings":
@@ -60,6 +61,9 @@ class Stage2Settings:
                              "TRIPLET_SCALE > 0")
         if self.epochs < 1:
             raise ValueError(f"MODEL.NFORMER.STAGE2.EPOCHS must be positive, got {self.epochs}")
+        if self.patience < 0:
+            raise ValueError("MODEL.NFORMER.STAGE2.PATIENCE must be >= 0 (0: no early stop), got "
+                             f"{self.patience}")
 
 
 def build_stage2_optimizer(module: nn.Module, settings: Stage2Settings) -> torch.optim.Optimizer:
@@ -101,6 +105,7 @@ class Stage2Trainer:
         self.val_period = 1
         self.best: Optional[dict] = None  # {"epoch", "val_mAP", "state"} of the best validation
         self.last_neighbors = ""
+        self.stopped_epoch: Optional[int] = None  # 0-based epoch after which early stop ended it
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -140,6 +145,22 @@ class Stage2Trainer:
             state = {k: v.detach().clone() for k, v in self.stage.state_dict().items()}
             self.best = {"epoch": epoch, "val_mAP": stats["val_mAP"], "state": state}
         stats["val_best_mAP"] = self.best["val_mAP"]
+
+    def should_stop(self, epoch: int) -> bool:
+        """Early stop after (0-based) ``epoch``: validating, ``settings.patience > 0`` and no
+        validation improvement in the last ``patience`` epochs. A function of the checkpointed
+        state alone, so a resumed run stops where the uninterrupted one does."""
+        patience = self.settings.patience
+        if self.validator is None or patience <= 0 or self.best is None:
+            return False
+        return epoch + 1 < self.max_epoch and epoch - self.best["epoch"] >= patience
+
+    def _log_stop(self, epoch: int) -> None:
+        self.stopped_epoch = epoch
+        logger.info("NFormer stage 2: early stop after epoch %d/%d: no validation improvement in "
+                    "%d epochs (PATIENCE; best validation mAP %.2f at epoch %d)", epoch + 1,
+                    self.max_epoch, self.settings.patience, self.best["val_mAP"],
+                    self.best["epoch"] + 1)
 
     def restore_best(self) -> Optional[int]:
         """Load the best-validated weights into the stage; returns their (0-based) epoch."""
@@ -194,6 +215,9 @@ class Stage2Trainer:
         logger.info("NFormer stage 2: epochs %d-%d, %d sets of %d per epoch (%d feature pass(es))",
                     start_epoch + 1, self.max_epoch, self.iters_per_epoch, self.sampler.set_size,
                     self.sampler.num_passes)
+        if start_epoch > 0 and self.should_stop(start_epoch - 1):
+            self._log_stop(start_epoch - 1)  # resumed after the stop decision
+            return
         started = time.perf_counter()
         for epoch in range(start_epoch, self.max_epoch):
             stats = self.run_epoch()
@@ -207,6 +231,9 @@ class Stage2Trainer:
             logger.info("NFormer epoch %d/%d  %s  eta: %s", epoch + 1, self.max_epoch, text,
                         datetime.timedelta(seconds=int(eta)))
             logger.info("NFormer neighbors kept (last training set): %s", self.last_neighbors)
+            if self.should_stop(epoch):
+                self._log_stop(epoch)
+                break
 
 
 def build_stage2(stage: nn.Module, bank: torch.Tensor, labels: torch.Tensor,
