@@ -12,7 +12,7 @@ skips the generated world. Each source gets its own table, the world's first.
 Features come from ``feature_world.py``: hundreds of training identities in attribute groups
 (near twins), six cameras with per-camera shifts and per-(identity, camera) viewpoint offsets,
 hard outliers; 200 test identities disjoint from training. Every row trains stage 2 with
-``nformer train``'s own code (``cli.train_on_features``: the key defaults plus the row's
+``nformer train``'s own code (``app.train_on_features``: the key defaults plus the row's
 overrides), holds out 10 % of the training identities as the validation split, keeps the epoch
 with the best validation mAP, and reports:
 
@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_world import WorldParams, make_world  # noqa: E402
 
-from nformer_plugin.cli import build_stage_module, load_cli_config, train_on_features  # noqa: E402
+from nformer_plugin.app import build_stage, load_feature_config, train_on_features  # noqa: E402
+from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
 from nformer_plugin.core.features import FeatureSet, load_feature_file  # noqa: E402
-from nformer_plugin.evaluate import evaluate_pipelines  # noqa: E402
 
 
 def stats_text(layers) -> str:
@@ -68,8 +68,8 @@ def run_row(world, opts, steps: int, device: str = "cpu"):
                  "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "10",
                  "MODEL.NFORMER.STAGE2.EPOCHS", str(max(1, steps // 10)),
                  "MODEL.DEVICE", device]
-    cfg = load_cli_config("", base_opts + list(opts))
-    fresh = build_stage_module(cfg, dim, 2).eval()
+    cfg = load_feature_config("", base_opts + list(opts))
+    fresh = build_stage(cfg, dim, 2).eval()
     if has_test:
         evaluate_pipelines(cfg, query, gallery, fresh)
         fresh_stats = list(fresh.nformer.neighbor_stats)
@@ -99,9 +99,9 @@ def run_row(world, opts, steps: int, device: str = "cpu"):
 def run_source(name: str, world: dict, grid, extra, steps: int, output: str,
                device: str = "cpu") -> list:
     """Every row of ``grid`` on one feature source; prints and writes its Markdown table."""
-    print(f"{name}: {len(world['train'][0])} training features, {len(world['query'][0])} "
-          f"queries, {len(world['gallery'][0])} gallery, d={world['train'][0].shape[1]}",
-          flush=True)
+    sizes = {k: len(v[0]) for k, v in world.items()}
+    print(f"{name}: {sizes.get('train')} training features, {sizes.get('query', 0)} queries, "
+          f"{sizes.get('gallery', 0)} gallery, d={world['train'][0].shape[1]}", flush=True)
     results = []
     header = ("| setting | val mAP | test mAP (baseline -> NFormer) | test Rank-1 | neighbors "
               "kept: mean / p5 / self-only, trained | same, untrained | train s |")

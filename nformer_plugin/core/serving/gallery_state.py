@@ -10,6 +10,10 @@ input for ``"input"`` and for the ``layer_pool`` candidates), the gallery's ``q~
 affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbor score (the
 query-side reciprocal test). All float32 (exact refinement).
 
+The public gallery-state API that ``index``, ``updates`` and ``persistence`` share:
+:class:`ServedGallery` (the items, their pinned landmark ids, this state and the served features)
+and :func:`serve_gallery` (refine a gallery into one).
+
 Pure torch / faiss; must not import FastReID.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -124,3 +129,54 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
 
     state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
     return state
+
+
+@dataclass
+class ServedGallery:
+    """What a gallery index serves: the items' ``ids`` (and optional per-item ``labels``), the
+    landmark rows of every layer pinned as item ids (eq. 4; ``None`` with exact affinity), the
+    per-layer :class:`GalleryState` of the refined gallery, and the served features ``refined``
+    (the NFormer output, through the model's BNNeck head when it has one)."""
+
+    ids: np.ndarray
+    landmark_ids: List[Optional[np.ndarray]]
+    state: Optional[GalleryState]
+    refined: Optional[np.ndarray]
+    labels: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def landmark_rows(self) -> List[Optional[Tensor]]:
+        """Per layer, the landmark rows' positions in the gallery."""
+        return landmark_positions(self.ids, self.landmark_ids)
+
+    def release(self) -> None:
+        """Drop the state and the served features (an update frees them before it builds the
+        new ones, so that it needs no more memory than a build)."""
+        self.state, self.refined = None, None
+
+
+def landmark_positions(ids: np.ndarray, landmark_ids: Sequence[Optional[np.ndarray]]
+                       ) -> List[Optional[Tensor]]:
+    """Per layer, the positions in ``ids`` of that layer's landmark ids."""
+    position = {int(i): p for p, i in enumerate(ids)}
+    return [None if lm is None else torch.tensor([position[int(i)] for i in lm])
+            for lm in landmark_ids]
+
+
+@torch.no_grad()
+def apply_head(head: Optional[nn.Module], x: Tensor) -> np.ndarray:
+    """The served features: ``head(x)`` (the BNNeck) or ``x``, as float32 numpy on the CPU."""
+    return (head(x) if head is not None else x).detach().cpu().numpy()
+
+
+def serve_gallery(nformer: nn.Module, head: Optional[nn.Module], inputs: Tensor, ids: np.ndarray,
+                  landmark_ids: List[Optional[np.ndarray]], labels: Optional[dict] = None
+                  ) -> ServedGallery:
+    """Refine the gallery ``inputs`` (items ``ids``) with the eval-mode ``nformer`` and the
+    landmark rows pinned by ``landmark_ids`` (:func:`refine_gallery`), then apply ``head``."""
+    rows = landmark_positions(ids, landmark_ids)
+    state = refine_gallery(nformer.blocks, inputs, rows, nformer.sparse_settings(len(inputs)))
+    return ServedGallery(ids, landmark_ids, state, apply_head(head, state.outputs),
+                         dict(labels or {}))
