@@ -8,6 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..core.runtime import configure_threads
 from .features import FORMATS, add_feature_parsers
 from .index import add_index_parser
 from .study import add_study_parsers
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parsers(sub)  # study, report (the paper's ablations; the page)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch threads (0: $NFORMER_NUM_THREADS, else the available cores)")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     add_index_parser(sub)  # index {build,add,query}
     return parser
@@ -35,6 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s",
                         datefmt="%m/%d %H:%M:%S")
     try:
+        configure_threads(getattr(args, "threads", 0))
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         if args.debug or os.environ.get("NFORMER_DEBUG"):
