@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     from .cli_study import add_study_parsers  # study, report (the paper's ablations; the page)
     add_study_parsers(sub)
+    from .cli_extract import add_extract_parser  # extract: images -> features (FastReID)
+    add_extract_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
