@@ -5,7 +5,8 @@
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
 
-Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N).
+Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N);
+``refine`` (and ``report``, ``index``) also take files without ``pids`` / ``camids``.
 Evaluation follows the Market-1501 protocol. Config keys are the ``MODEL.NFORMER.*`` ones of
 ``nformer_plugin/config.py`` (and ``DATASETS.VAL_FRACTION``, ``TEST.RERANK.*``, ``TEST.METRIC``,
 ``MODEL.DEVICE``, ``SEED``). Stage 2 is built by the same ``core.training.build_stage2`` as in
@@ -154,10 +155,12 @@ def load_stage(weights: str, opts: List[str]):
     return stage.to(device).eval(), cfg, int(ckpt["dim"])
 
 
-def _load_pair(args, dim: int):
+def _load_pair(args, dim: int, require_labels: bool = True):
+    """Query and gallery files of width ``dim``; labels optional unless ``require_labels``."""
     from .core.features import load_feature_file
 
-    query, gallery = load_feature_file(args.query), load_feature_file(args.gallery)
+    query = load_feature_file(args.query, require_labels)
+    gallery = load_feature_file(args.gallery, require_labels)
     for name, fs in (("query", query), ("gallery", gallery)):
         if fs.feats.shape[1] != dim:
             raise ValueError(f"feature-file shape mismatch: {name} features have d="
@@ -189,7 +192,7 @@ def cmd_refine(args) -> int:
     from .evaluate import export_features, stage_refiner
 
     stage, _, dim = load_stage(args.weights, args.opts)
-    query, gallery = _load_pair(args, dim)
+    query, gallery = _load_pair(args, dim, require_labels=False)  # nothing is scored
     refine = stage_refiner(stage, next(stage.parameters()).device)
     refined = refine(np.concatenate([query.feats, gallery.feats]), len(query))
     export_features(args.output_dir, query, gallery, refined, inputs=False)

@@ -86,7 +86,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     stage, cfg, dim = load_stage(args.weights, args.opts)
-    query, gallery = _load_pair(args, dim)
+    query, gallery = _load_pair(args, dim, require_labels=False)  # unlabelled: no marks
     for fs, path in ((query, args.query), (gallery, args.gallery)):
         if fs.paths is None:
             raise ValueError(f"{path}: no 'paths' array (image paths), which the report page "

@@ -176,3 +176,93 @@ def test_shards_merge_streams_and_restarts_on_another_extraction(tmp_path):
     from nformer_plugin.core.features import load_feature_file
 
     assert load_feature_file(out).feats.shape == (4, 3)
+
+
+def _chromium_page_counts(page, tmp_path):
+    """``(loaded, failed)`` images of ``page`` in headless Chromium, or ``None`` without it."""
+    import re
+    import subprocess
+
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(n)), None)
+    if browser is None:
+        return None
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--disable-dev-shm-usage", "--virtual-time-budget=5000",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          f"file://{page}"], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body[^>]*>", out.stdout)
+    assert body, out.stderr[-2000:]
+    attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(0)))
+    return int(attrs["images-loaded"]), int(attrs["images-failed"])
+
+
+def test_unlabelled_crops_to_ranked_page(exported, tmp_path, capsys):
+    """The whole path on the embedded dataset's images as plain crops without labels in their
+    names: extract gallery and queries, build an index, query it from the query folder (JSON +
+    page in headless Chromium), refine / report / remove without labels."""
+    import json
+
+    from nformer_plugin.cli import main
+
+    tmp, cfg, weights = exported
+    folders = {}
+    for split in ("query", "gallery"):
+        ref = np.load(tmp / "features" / f"{split}.npz")
+        folders[split] = tmp_path / "crops" / split
+        folders[split].mkdir(parents=True)
+        order = np.random.default_rng(1).permutation(len(ref["paths"]))
+        for n, i in enumerate(order):
+            shutil.copyfile(ref["paths"][i], folders[split] / f"crop_{n:04d}.jpg")
+    opts = ["MODEL.WEIGHTS", weights, "TEST.FLIP.ENABLED", "True"]
+    for split, name in (("query", "q.npz"), ("gallery", "g.npz")):
+        assert main(["extract", "--config-file", cfg, "--images", str(folders[split]),
+                     "--output", str(tmp_path / name), "--no-progress"] + opts) == 0
+    assert "no labels" in capsys.readouterr().out
+    assert "pids" not in np.load(tmp_path / "g.npz").files
+
+    nf = ["MODEL.NFORMER.NUM_LAYERS", "1", "MODEL.NFORMER.FFN_DIM", "32", "MODEL.NFORMER.TOPK",
+          "4", "MODEL.NFORMER.STAGE2.EPOCHS", "1", "MODEL.NFORMER.STAGE2.SET_SIZE", "16",
+          "MODEL.DEVICE", "cpu"]
+    assert main(["train", "--train", str(tmp / "features" / "train.npz"), "--output",
+                 str(tmp_path / "m")] + nf) == 0
+    model = str(tmp_path / "m" / "model_final.pth")
+    pair = ["--weights", model, "--query", str(tmp_path / "q.npz"), "--gallery",
+            str(tmp_path / "g.npz")]
+    assert main(["refine"] + pair + ["--output-dir", str(tmp_path / "refined")]) == 0
+    assert "pids" not in np.load(tmp_path / "refined" / "query_refined.npz").files
+    assert main(["report"] + pair + ["--output", str(tmp_path / "report")]) == 0
+    assert 'class="ok"' not in (tmp_path / "report" / "index.html").read_text()
+    assert main(["index", "build", "--weights", model, "--gallery", str(tmp_path / "g.npz"),
+                 "--output", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+
+    # one command: a folder of query crops -> ranked answers (JSON) and the page
+    assert main(["index", "query", "--index", str(tmp_path / "idx"), "--images",
+                 str(folders["query"]), "--topk", "5", "--output-json", str(tmp_path / "r.json"),
+                 "--report", str(tmp_path / "page")]) == 0
+    printed = capsys.readouterr().out
+    assert "no labels: no metrics" in printed and "Report page written to" in printed
+    answer = json.loads((tmp_path / "r.json").read_text())
+    query_files = sorted(os.listdir(folders["query"]))
+    assert [os.path.basename(q["query"]) for q in answer["queries"]] == query_files
+    gallery_paths = np.load(tmp_path / "g.npz")["paths"].tolist()
+    for q in answer["queries"]:
+        assert len(q["paths"]) == 5 and q["paths"] == [gallery_paths[i] for i in q["ids"]]
+        assert q["distances"] == sorted(q["distances"])
+    assert main(["index", "query", "--index", str(tmp_path / "idx"), "--query",
+                 str(tmp_path / "q.npz"), "--topk", "5", "--output-json",
+                 str(tmp_path / "r2.json")]) == 0
+    again = json.loads((tmp_path / "r2.json").read_text())
+    assert [q["ids"] for q in again["queries"]] == [q["ids"] for q in answer["queries"]]
+    page = tmp_path / "page" / "index.html"
+    text = page.read_text()
+    assert text.count('<div class="q" ') == len(query_files) and 'class="ok"' not in text
+    assert main(["index", "remove", "--index", str(tmp_path / "idx"), "--paths",
+                 gallery_paths[0], gallery_paths[1]]) == 0
+    assert f"holds {len(gallery_paths) - 2}" in capsys.readouterr().out
+
+    counts = _chromium_page_counts(page, tmp_path)  # every thumbnail loads
+    if counts is None:
+        pytest.skip("Chromium is not installed (make chromium): the page was not opened")
+    assert counts == (len(query_files) * 6, 0)

@@ -127,7 +127,7 @@ class ShardedFeatures:
                             f.write(np.ascontiguousarray(feats, dtype=np.float32).tobytes())
                 for name, values in arrays.items():
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, np.ascontiguousarray(values),
+                        np.lib.format.write_array(f, np.asarray(values),
                                                   allow_pickle=False)
 
         atomic_write(self.output, write)

@@ -2,7 +2,8 @@
 
 A feature file is an ``.npz`` archive with ``feats`` (float32, N x d), ``pids`` (int, N) and
 ``camids`` (int, N), and optionally ``paths`` (N image paths, strings; ``nformer report`` needs
-them). Every entry point that accepts features (the ``nformer`` command, the
+them). ``pids`` / ``camids`` are optional together where nothing is scored (``nformer refine``,
+``report``, ``index``; ``load_feature_file(path, require_labels=False)``). Every entry point that accepts features (the ``nformer`` command, the
 re-ranking function, the refiner) validates them here so that bad input fails with an error
 that names the problem instead of producing NaN metrics.
 
@@ -62,19 +63,23 @@ def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> No
 
 @dataclass
 class FeatureSet:
-    """Features with their identity and camera labels (one row per image)."""
+    """Features with their identity and camera labels (one row per image); the labels may be
+    ``None`` together (features of unlabelled images: ranked, never scored)."""
 
     feats: np.ndarray
-    pids: np.ndarray
-    camids: np.ndarray
+    pids: Optional[np.ndarray] = None
+    camids: Optional[np.ndarray] = None
     paths: Optional[np.ndarray] = None  # image path per row (optional)
 
     def __post_init__(self):
         self.feats = as_numpy_features(self.feats, "feats")
-        self.pids = np.asarray(self.pids).astype(np.int64).reshape(-1)
-        self.camids = np.asarray(self.camids).astype(np.int64).reshape(-1)
         n = self.feats.shape[0]
-        if self.pids.shape[0] != n or self.camids.shape[0] != n:
+        if (self.pids is None) != (self.camids is None):
+            raise ValueError("labels come in pairs: give both pids and camids, or neither")
+        if self.pids is not None:
+            self.pids = np.asarray(self.pids).astype(np.int64).reshape(-1)
+            self.camids = np.asarray(self.camids).astype(np.int64).reshape(-1)
+        if self.pids is not None and (self.pids.shape[0] != n or self.camids.shape[0] != n):
             raise ValueError(
                 f"feature-file shape mismatch: feats has {n} rows but pids has "
                 f"{self.pids.shape[0]} and camids has {self.camids.shape[0]}"
@@ -85,28 +90,37 @@ class FeatureSet:
                 raise ValueError(f"feature-file shape mismatch: feats has {n} rows but paths "
                                  f"has {self.paths.shape[0]}")
 
+    @property
+    def has_labels(self) -> bool:
+        return self.pids is not None
+
     def subset(self, index) -> "FeatureSet":
-        """The rows ``index`` (indices or a boolean mask), paths included."""
-        return FeatureSet(self.feats[index], self.pids[index], self.camids[index],
-                          None if self.paths is None else self.paths[index])
+        """The rows ``index`` (indices or a boolean mask), labels and paths included."""
+        def rows(a):
+            return None if a is None else a[index]
+
+        return FeatureSet(self.feats[index], rows(self.pids), rows(self.camids), rows(self.paths))
 
     def __len__(self) -> int:
         return self.feats.shape[0]
 
 
-def save_feature_file(path: str, feats: ArrayLike, pids, camids,
+def save_feature_file(path: str, feats: ArrayLike, pids=None, camids=None,
                       paths: Optional[Sequence[str]] = None) -> None:
-    """Write a feature file atomically (a temporary file renamed into place); ``paths`` (one
-    image path per row) is stored when given."""
+    """Write a feature file atomically (a temporary file renamed into place); labels and
+    ``paths`` (one image path per row) are stored when given."""
     fs = FeatureSet(feats, pids, camids, paths)
-    arrays = dict(feats=fs.feats, pids=fs.pids, camids=fs.camids)
+    arrays = dict(feats=fs.feats)
+    if fs.has_labels:
+        arrays.update(pids=fs.pids, camids=fs.camids)
     if fs.paths is not None:
         arrays["paths"] = fs.paths
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def load_feature_file(path: str) -> FeatureSet:
-    """Read and validate a feature file; errors name the file and the problem."""
+def load_feature_file(path: str, require_labels: bool = True) -> FeatureSet:
+    """Read and validate a feature file; errors name the file and the problem. Without
+    ``require_labels`` a file with neither ``pids`` nor ``camids`` loads unlabelled."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"feature file not found: {path}")
     if not zipfile.is_zipfile(path):  # numpy would call it "pickled (object) data"
@@ -117,13 +131,18 @@ def load_feature_file(path: str) -> FeatureSet:
     except Exception as e:  # a corrupt or truncated zip, arrays of objects, ...
         raise ValueError(f"{path}: cannot be read as an .npz feature file ({e})") from e
     missing = [k for k in ("feats", "pids", "camids") if k not in data.files]
-    if missing:
+    unlabelled = not require_labels and missing == ["pids", "camids"]
+    if missing and not unlabelled:
         raise ValueError(
             f"{path}: missing array(s) {missing}; a feature file holds 'feats' (N x d), "
-            f"'pids' (N) and 'camids' (N)"
+            f"'pids' (N) and 'camids' (N)" + (
+                "; scoring needs the labels (nformer refine, report and index work without "
+                "them)" if "feats" not in missing and require_labels else "")
         )
     try:
         paths = data["paths"] if "paths" in data.files else None
+        if unlabelled:
+            return FeatureSet(data["feats"], paths=paths)
         return FeatureSet(data["feats"], data["pids"], data["camids"], paths)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

@@ -52,6 +52,8 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
 
     Shows the ``max_queries`` queries (0: all) with the largest |change in AP| (NFormer vs
     baseline), sorted by that change, with filters all / NFormer fixed it / NFormer broke it.
+    Without labels on both sides: the first ``max_queries`` queries, nothing marked
+    (``plain.write_ranked_page``).
     """
     for fs, name in ((query, "query"), (gallery, "gallery")):
         if fs.paths is None:
@@ -61,6 +63,12 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
     missing = [n for n in ("baseline", "nformer") if n not in dists]
     if missing:
         raise ValueError(f"report needs the rows {missing}")
+    if not (query.has_labels and gallery.has_labels):  # unlabelled: ranked lists, no marks
+        from .plain import top_rankings, write_ranked_page
+
+        rankings, distances, shown = top_rankings(dists, topk, max_queries)
+        return write_ranked_page(output, query.paths[shown], gallery.paths, rankings, distances,
+                                 images_root=images_root, title=title)
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
     ranks = {name: query_rankings(d, *labels, topk=topk) for name, d in dists.items()}
     valid = [i for i in range(len(query)) if ranks["baseline"][i]["first"] > 0]

@@ -109,7 +109,8 @@ class GalleryIndex:
         self.nformer, self.head = split_model(model)
         check_servable(self.nformer, self.head)
         self.metric, self.ids, self.landmark_ids = metric, ids, landmark_ids
-        self.labels = check_labels(labels, len(ids))  # optional pids / camids (CLI metrics)
+        self.labels = check_labels(labels, len(ids))  # optional pids / camids / paths per item
+        self.meta: dict = {}  # what the index was built from (e.g. the extractor); saved
         self.device = next(self.nformer.parameters()).device
         self.state = state if state is not None else self._refine_gallery(inputs)
         self.refined = refined if refined is not None else self._apply_head(self.state.outputs)
@@ -166,6 +167,11 @@ class GalleryIndex:
     @property
     def dim(self) -> int:
         return self.nformer.dim
+
+    @property
+    def paths(self) -> Optional[np.ndarray]:
+        """The gallery items' image paths (when built from files that carry them)."""
+        return self.labels.get("paths")
 
     def landmark_rows(self) -> List[Optional[Tensor]]:
         """Per layer, the landmark rows' positions in the gallery (for ``NFormer(landmarks=)``:

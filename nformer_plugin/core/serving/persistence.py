@@ -121,6 +121,7 @@ def save_index(index: GalleryIndex, directory: str) -> str:
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
             index.model), "model_config": model_config(index.nformer), "metric": index.metric,
         "num_items": len(index), "dim": index.dim, "num_layers": index.nformer.num_layers,
+        "meta": index.meta,
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
     }
@@ -212,6 +213,7 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
     labels = {k[len("label_"):]: v for k, v in arrays.items() if k.startswith("label_")}
     index = GalleryIndex(model, inputs, arrays["ids"], landmark_ids, manifest["metric"],
                          state=state, refined=arrays["refined"], labels=labels)
+    index.meta = dict(manifest.get("meta", {}))
     import faiss
 
     index._search_index = faiss.read_index(os.path.join(folder, "search.faiss"))

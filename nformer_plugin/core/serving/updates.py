@@ -67,14 +67,16 @@ def log_reach(index: GalleryIndex, old_prints: List[torch.Tensor], old_rows: np.
 
 
 def _merge_labels(index: GalleryIndex, labels: Optional[dict], count: int) -> dict:
-    if not index.labels:
-        return {}
-    if not labels or set(labels) != set(index.labels):
-        logger.warning("added items have no %s: the index drops its labels",
-                       "/".join(sorted(index.labels)))
-        return {}
+    """The per-item arrays both the index and the added items carry (pids and camids only
+    together); the others are dropped, with a warning."""
     labels = check_labels(labels, count)
-    return {k: np.concatenate([index.labels[k], labels[k]]) for k in index.labels}
+    kept = set(index.labels) & set(labels)
+    if not {"pids", "camids"} <= kept:
+        kept -= {"pids", "camids"}
+    dropped = sorted(set(index.labels) - kept)
+    if dropped:
+        logger.warning("added items have no %s: the index drops them", "/".join(dropped))
+    return {k: np.concatenate([index.labels[k], labels[k]]) for k in sorted(kept)}
 
 
 def _rebuild(index: GalleryIndex, inputs: torch.Tensor, ids: np.ndarray, what: str,
