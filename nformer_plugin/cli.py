@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parsers(sub)
     from .cli_extract import add_extract_parser  # extract: images -> features (FastReID)
     add_extract_parser(sub)
+    from .cli_export import add_export_parser  # export: the extractor as ONNX / TorchScript
+    add_export_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

@@ -13,8 +13,10 @@ from nformer_plugin.core.image_inputs import labels_from_names, list_images
 fastreid = pytest.importorskip("fastreid")
 
 
-def random_weights(config_file, path, opts=()):
-    """A checkpoint of the config's model with seeded random weights (4 classes)."""
+def random_weights(config_file, path, opts=(), images=None):
+    """A checkpoint of the config's model with seeded random weights (4 classes); given
+    ``images``, the BatchNorm statistics are set on them (as training would), so that features
+    have a trained model's scale (an uncalibrated deep ResNet's grow without bound)."""
     import torch
     from fastreid.modeling import build_model
 
@@ -23,7 +25,20 @@ def random_weights(config_file, path, opts=()):
     cfg = load_config(config_file, ["MODEL.HEADS.NUM_CLASSES", "4", "MODEL.DEVICE", "cpu",
                                     "MODEL.BACKBONE.PRETRAIN", "False"] + list(opts))
     torch.manual_seed(0)
-    torch.save({"model": build_model(cfg).state_dict()}, path)
+    model = build_model(cfg)
+    if images is not None:
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average
+        model.train()
+        with torch.no_grad():
+            feature_map = model.backbone(model.preprocess_image(images))
+            if hasattr(model, "heads"):
+                model.heads(feature_map)
+        for bn in bns:
+            bn.momentum = 0.1
+    torch.save({"model": model.state_dict()}, path)
     return str(path)
 
 
@@ -262,7 +277,86 @@ def test_unlabelled_crops_to_ranked_page(exported, tmp_path, capsys):
                  gallery_paths[0], gallery_paths[1]]) == 0
     assert f"holds {len(gallery_paths) - 2}" in capsys.readouterr().out
 
+    # the deployment path: the exported extractor (onnxruntime) + plain PIL preprocessing
+    # gives the features nformer extract wrote
+    assert main(["export", "--config-file", cfg, "--format", "onnx", "--output",
+                 str(tmp_path / "extractor.onnx"), "--check-images", str(folders["query"])]
+                + opts) == 0
+    assert "max abs diff to PyTorch" in capsys.readouterr().out
+    import onnxruntime as ort
+    from PIL import Image
+
+    session = ort.InferenceSession(str(tmp_path / "extractor.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    extracted = np.load(tmp_path / "q.npz")
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((16, 32), Image.BICUBIC),
+                                 np.float32).transpose(2, 0, 1) for p in extracted["paths"]])
+    feats = session.run(None, {"images": batch})[0]
+    assert np.abs(feats - extracted["feats"]).max() <= 1e-4
+
     counts = _chromium_page_counts(page, tmp_path)  # every thumbnail loads
     if counts is None:
         pytest.skip("Chromium is not installed (make chromium): the page was not opened")
     assert counts == (len(query_files) * 6, 0)
+
+
+EXPORT_CASES = {  # every shipped backbone config and TransMatcher's feature encoder
+    "demo-resnet18": ("configs/NFormer/demo.yml", []),  # its own SIZE_TEST, 32x16
+    "r50-dilated": ("configs/NFormer/market_r50.yml", []),  # real-sized: 256x128
+    "abd": ("configs/NFormer/market_abd.yml", ["INPUT.SIZE_TEST", "[96, 32]"]),
+    "apnet": ("configs/NFormer/market_apnet.yml", ["INPUT.SIZE_TEST", "[96, 48]"]),
+    "transmatcher": ("configs/TransMatcher/embedded_cross_domain.yml", []),
+}
+
+
+def float32_error(config, opts, images):
+    """Max abs difference of PyTorch's float32 features from float64 ones on ``images``: the
+    noise floor any float32 runtime is compared against."""
+    import torch
+
+    from nformer_plugin.app.export import real_images
+    from nformer_plugin.fastreid_ext.config import load_config
+    from nformer_plugin.fastreid_ext.extract import TestTimeFeatures, build_feature_model
+
+    cfg = load_config(config, opts)
+    batch = real_images(cfg, str(images), 3)
+    module = TestTimeFeatures(build_feature_model(cfg), cfg.TEST.FLIP.ENABLED).eval()
+    with torch.no_grad():
+        single = module(batch).double()
+        double = module.double()(batch.double())
+    return float((single - double).abs().max())
+
+
+@pytest.mark.parametrize("name", list(EXPORT_CASES))
+def test_export_matches_pytorch(name, exported, tmp_path):
+    """ONNX (onnxruntime) and TorchScript against PyTorch on real crops, batch 3 against the
+    traced batch of 2 (dynamic batch axis), with BatchNorm statistics set on real crops."""
+    from nformer_plugin.app.export import export, real_images
+    from nformer_plugin.fastreid_ext.config import load_config
+
+    tmp, _, _ = exported
+    config, opts = EXPORT_CASES[name]
+    config = os.path.join(REPO, config)
+    opts = ["MODEL.BACKBONE.PRETRAIN", "False", "MODEL.DEVICE", "cpu"] + opts
+    if name != "transmatcher":  # flip averaging is exported too (TransMatcher refuses it)
+        opts += ["TEST.FLIP.ENABLED", "True"]
+    crops = np.load(tmp / "features" / "gallery.npz")["paths"].tolist()
+    (tmp_path / "calibration.txt").write_text("\n".join(crops[:12]))
+    (tmp_path / "check.txt").write_text("\n".join(crops[12:15]))
+    images = real_images(load_config(config, opts), str(tmp_path / "calibration.txt"), 12)
+    weights = random_weights(config, tmp_path / "w.pth", opts, images=images)
+    opts += ["MODEL.WEIGHTS", weights]
+    # 1e-4, or twice PyTorch's own float32 error where that is larger (measured here: the
+    # dilated R50 at 256x128 and ABD's attention reach ~1.1e-4 against float64)
+    tolerance = max(1e-4, 2 * float32_error(config, opts, tmp_path / "check.txt"))
+    formats = ("onnx", "torchscript") if name in ("demo-resnet18", "transmatcher") else ("onnx",)
+    for fmt in formats:
+        out = str(tmp_path / f"extractor.{fmt}")
+        result = export(config, fmt, out, opts, check_images=str(tmp_path / "check.txt"))
+        assert result.check_batch == 3 and result.input_shape[0] == "batch"
+        assert result.max_abs_diff is not None and result.max_abs_diff <= tolerance, result
+        assert result.max_abs_feature > 0.1  # a real comparison, not of zeros
+        assert result.flip == (name != "transmatcher")
+        assert os.path.isfile(out + ".json")
+    if name == "transmatcher":
+        assert len(result.output_shape) == 4  # the neck's maps, what the matcher compares
