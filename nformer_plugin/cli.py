@@ -84,9 +84,11 @@ def _load_training_bank(paths: Sequence[str]):
     return np.stack([fs.feats for fs in sets]), first.pids, first.camids
 
 
-def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray):
+def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,
+                      output_dir: str = ""):
     """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
-    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
+    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch;
+    with ``output_dir``, TensorBoard events and ``metrics.json`` go there.
     Returns ``(stage, trainer)``; the stage is in eval mode."""
     from .core.training import Stage2Settings, build_stage2
     from .core.training.validation import make_validator, split_validation_ids
@@ -110,7 +112,15 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
         trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
     logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
                 int((~is_val).sum()), bank.shape[0], bank.shape[2], num_classes)
-    trainer.train()
+    if output_dir:
+        from .core.training.events import Stage2Events
+
+        trainer.events = Stage2Events(output_dir)
+    try:
+        trainer.train()
+    finally:
+        if trainer.events is not None:
+            trainer.events.close()
     trainer.restore_best()
     return stage.eval(), trainer
 
@@ -120,7 +130,7 @@ def cmd_train(args) -> int:
 
     cfg = load_cli_config(args.config_file, args.opts)
     bank, pids, camids = _load_training_bank(args.train)
-    stage, trainer = train_on_features(cfg, bank, pids, camids)
+    stage, trainer = train_on_features(cfg, bank, pids, camids, args.output)
     meta = {"dim": bank.shape[2], "num_classes": stage.classifier.out_features,
             "config": cfg.dump()}
     path = save_torch(dict(meta, model=stage.state_dict()),

@@ -360,3 +360,51 @@ def test_export_matches_pytorch(name, exported, tmp_path):
         assert os.path.isfile(out + ".json")
     if name == "transmatcher":
         assert len(result.output_shape) == 4  # the neck's maps, what the matcher compares
+
+
+def _scalars(folder):
+    """TensorBoard scalars in ``folder``: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _metrics_lines(path):
+    import json
+
+    return [json.loads(line) for line in open(path)]
+
+
+def test_nformer_train_writes_tensorboard_and_metrics_json(tmp_path):
+    from conftest import write_feature_files
+    from nformer_plugin.cli import main
+
+    paths, _ = write_feature_files(tmp_path, 40, 6, 30, dim=16)
+    opts = ["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM", "32", "MODEL.NFORMER.TOPK",
+            "4", "MODEL.NFORMER.STAGE2.EPOCHS", "3", "MODEL.NFORMER.STAGE2.SET_SIZE", "48",
+            "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "2", "MODEL.DEVICE", "cpu"]
+    assert main(["train", "--train", paths["train"], "--output", str(tmp_path / "m")] + opts) == 0
+    lines = _metrics_lines(tmp_path / "m" / "metrics.json")
+    assert [(x["epoch"], x["iteration"], x["stage"]) for x in lines] == [(1, 2, 2), (2, 4, 2),
+                                                                           (3, 6, 2)]
+    for key in ("nformer/loss_nformer_cls", "nformer/lr", "nformer/val_mAP",
+                "nformer/layer2/neighbors_mean", "nformer/layer1/self_only"):
+        assert key in lines[-1], key
+    scalars = _scalars(tmp_path / "m")
+    assert [s for s, _ in scalars["nformer/val_mAP"]] == [2, 4, 6]
+    assert scalars["nformer/lr"][-1][1] == pytest.approx(lines[-1]["nformer/lr"], rel=1e-6)
+
+
+def test_fastreid_stage2_writes_tensorboard_and_metrics_json(exported, tmp_path):
+    tmp, cfg, weights = exported
+    env = dict(os.environ, NFORMER_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    proc = run_train(["--config-file", cfg, "MODEL.NFORMER.STAGES", "stage2", "MODEL.WEIGHTS",
+                      weights, "OUTPUT_DIR", str(tmp_path / "out")], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [x for x in _metrics_lines(tmp_path / "out" / "metrics.json") if x.get("stage") == 2]
+    assert [x["epoch"] for x in lines] == [1, 2]  # MODEL.NFORMER.STAGE2.EPOCHS 2
+    assert "nformer/val_mAP" in lines[-1] and "nformer/layer1/neighbors_mean" in lines[-1]
+    assert "nformer/loss_nformer_triplet" in _scalars(tmp_path / "out")
