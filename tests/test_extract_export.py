@@ -408,3 +408,58 @@ def test_fastreid_stage2_writes_tensorboard_and_metrics_json(exported, tmp_path)
     assert [x["epoch"] for x in lines] == [1, 2]  # MODEL.NFORMER.STAGE2.EPOCHS 2
     assert "nformer/val_mAP" in lines[-1] and "nformer/layer1/neighbors_mean" in lines[-1]
     assert "nformer/loss_nformer_triplet" in _scalars(tmp_path / "out")
+
+
+def _console(code, tmp_path, fake=None):
+    """Run ``code`` in a fresh interpreter (this worktree first on the path); ``fake``: a
+    stand-in ``fastreid`` package whose import raises that text."""
+    import subprocess
+    import sys
+
+    path = [REPO]
+    if fake is not None:
+        (tmp_path / "fake" / "fastreid").mkdir(parents=True)
+        (tmp_path / "fake" / "fastreid" / "__init__.py").write_text(fake)
+        path.insert(0, str(tmp_path / "fake"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
+    env.pop("NFORMER_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_console_scripts_name_what_is_missing(tmp_path):
+    """``pip install .`` alone: no FastReID, no faiss; each script ends in one line naming the
+    module and the command that installs it."""
+    no_fastreid = ("import importlib.util as u; real = u.find_spec; u.find_spec = lambda n, *a: "
+                   "None if n.split('.')[0] == 'fastreid' else real(n, *a); "
+                   "from nformer_plugin.console import fastreid_train; fastreid_train(['--help'])")
+    proc = _console(no_fastreid, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fastreid-train: error: the Python module 'fastreid' is not installed; install it with: "
+        "pip install --no-deps fastreid==1.4.0")
+    broken = "raise ModuleNotFoundError(\"No module named 'termcolor'\", name='termcolor')"
+    proc = _console("from nformer_plugin.console import fastreid_train; fastreid_train(['-h'])",
+                    tmp_path, fake=broken)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fastreid-train: error: the Python module 'termcolor' is not installed; install it "
+        "with: pip install termcolor"), proc.stderr
+    no_faiss = ("import sys; sys.modules['faiss'] = None; "
+                "from nformer_plugin.console import nformer; nformer(sys.argv[1:])")
+    from conftest import write_feature_files
+
+    paths, _ = write_feature_files(tmp_path, 40, 6, 30, dim=16)
+    proc = _console(no_faiss.replace("sys.argv[1:]", repr(
+        ["train", "--train", paths["train"], "--output", str(tmp_path / "m"),
+         "MODEL.NFORMER.NUM_LAYERS", "1", "MODEL.NFORMER.STAGE2.EPOCHS", "1",
+         "MODEL.NFORMER.STAGE2.SET_SIZE", "48", "MODEL.DEVICE", "cpu"])), tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "nformer: error: the Python module 'faiss' is not installed; install it with: pip "
+        "install 'nformer-fastreid[cpu]' (faiss-cpu; [gpu] installs faiss-gpu)"), proc.stderr
+    from nformer_plugin.console import missing_message
+
+    try:
+        __import__("faiss_is_not_here")
+    except ImportError as e:
+        assert missing_message("nformer", e).endswith("pip install faiss_is_not_here")
+    assert "nformer-fastreid[cpu]" in missing_message("nformer",
+                                                      ModuleNotFoundError(name="faiss"))
