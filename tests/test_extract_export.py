@@ -149,6 +149,7 @@ def test_inputs_corrupt_images_strict_and_resume(exported, tmp_path, monkeypatch
     assert [os.path.basename(p) for p in list_images(str(listing))] == ["person_03.jpg",
                                                                        "person_01.jpg"]
     assert len(list_images(str(tmp_path / "crops" / "*" / "person_0[0-4].jpg"))) == 5
+    assert len(list_images(str(tmp_path / "cr*"))) == 10  # matched folders are searched
     with pytest.raises(FileNotFoundError, match="no such folder"):
         list_images(str(tmp_path / "nowhere"))
 

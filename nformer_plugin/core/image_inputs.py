@@ -1,6 +1,7 @@
 """Which images to extract, and the identity / camera labels their file names carry.
 
-``list_images(spec)``: a folder (searched recursively), a glob pattern, or a text file of paths
+``list_images(spec)``: a folder (searched recursively), a glob pattern (matched folders are
+searched too), or a text file of paths
 (one per line; relative lines start at the text file's folder) -> sorted absolute paths (a text
 file keeps its order). ``labels_from_names(paths, id_regex)``: ``(pids, camids, layout)`` when
 every file name follows one known layout (Market-1501 / DukeMTMC, MSMT17) or ``id_regex``, else
@@ -32,14 +33,19 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _walk(folder: str) -> List[str]:
+    """Absolute paths of the images under ``folder`` (recursive), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in files if _is_image(f))
+    return sorted(os.path.abspath(p) for p in found)
+
+
 def list_images(spec: str) -> List[str]:
     """Absolute image paths named by ``spec`` (see the module docstring); an error when none."""
     if os.path.isdir(spec):
-        found = []
-        for root, dirs, files in os.walk(spec, followlinks=True):
-            dirs.sort()
-            found.extend(os.path.join(root, f) for f in sorted(files) if _is_image(f))
-        paths = sorted(os.path.abspath(p) for p in found)
+        paths = _walk(spec)
         where = f"folder {spec}"
     elif os.path.isfile(spec) and not _is_image(spec):
         base = os.path.dirname(os.path.abspath(spec))
@@ -49,8 +55,9 @@ def list_images(spec: str) -> List[str]:
                  if line and not line.startswith("#")]
         where = f"list file {spec}"
     else:
-        paths = sorted(os.path.abspath(p) for p in glob.glob(spec, recursive=True)
-                       if os.path.isfile(p) and _is_image(p))
+        matches = glob.glob(spec, recursive=True)  # files, and folders searched recursively
+        paths = sorted({os.path.abspath(p) for p in matches if os.path.isfile(p) and _is_image(p)}
+                       | {p for d in matches if os.path.isdir(d) for p in _walk(d)})
         where = f"pattern {spec!r}"
         if not paths and not glob.has_magic(spec) and not os.path.exists(spec):
             raise FileNotFoundError(f"--images {spec}: no such folder, list file or image")
