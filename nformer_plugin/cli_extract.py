@@ -27,7 +27,7 @@ def cmd_extract(args) -> int:
     result = extract(args.config_file, args.images, args.output, args.opts, args.id_regex,
                      args.strict, args.batch_size, args.num_workers, args.shard_size,
                      progress=not args.no_progress)
-    rate = result.images / max(result.seconds, 1e-9)
+    rate = result.processed / max(result.seconds, 1e-9)
     labels = (f"pids / camids from {result.layout} file names" if result.layout
               else "no labels (file names follow no known layout)")
     print(f"Extracted {result.rows} features (d={result.dim}) from {result.images} images in "

@@ -58,6 +58,7 @@ class ExtractResult:
     seconds: float
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     resumed_shards: int = 0
+    processed: int = 0  # images read in this run (the others were in resumed shards)
 
 
 def fingerprint(paths: Sequence[str], cfg, shard_size: int) -> str:
@@ -139,7 +140,7 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     return ExtractResult(output, len(paths), merged["rows"], merged["dim"], layout,
                          time.perf_counter() - started,
                          list(zip(merged["skipped"], merged["reasons"])),
-                         shards.num_shards - len(pending))
+                         shards.num_shards - len(pending), len(paths) - done)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
