@@ -4,6 +4,8 @@
     nformer eval   --weights DIR/model_final.pth --query Q.npz --gallery G.npz [--rerank]
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
+    nformer extract --config-file CFG --images DIR|GLOB|LIST --output F.npz [KEY VALUE ...]
+    nformer export  --config-file CFG --format onnx|torchscript --output FILE [KEY VALUE ...]
 
 Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N);
 ``refine`` (and ``report``, ``index``) also take files without ``pids`` / ``camids``.
@@ -29,8 +31,9 @@ import torch
 logger = logging.getLogger("fastreid.nformer")
 
 FORMATS = """\
-feature files (.npz): feats float32 (N, d), pids int (N), camids int (N); several --train
-  files are passes over the same images (same rows, pids and camids, in order)
+feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (optional for refine,
+  report and index), paths (N, optional); several --train files are passes over the same images
+  (same rows, pids and camids, in order); nformer extract writes them from images
 --output-json: {"baseline"|"kr"|"nformer"|"nformer_kr": {"Rank-1", "Rank-5", "Rank-10", "mAP",
   "mINP"} (percent), "nformer_neighbors": [per layer {"mean", "p5", "self_only"}]}
 a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows the traceback
