@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create/reuse .venv, install everything, train + evaluate on the embedded dataset
 #   make test   - create/reuse .venv, install everything, run the test suite
-# On a GPU machine: make test FAISS=faiss-gpu   (faiss-gpu instead of faiss-cpu)
+# On a GPU machine: make test FAISS=gpu   (the [gpu] extra: faiss-gpu instead of faiss-cpu)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,9 @@ PIP := $(PY) -m pip
 # torch and torchvision must be a matched pair (torchvision 0.29 <-> torch 2.14)
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.2
 FASTREID ?= fastreid==1.4.0
-FAISS ?= faiss-cpu
+# faiss as the package's extra: cpu (faiss-cpu) or gpu (faiss-gpu); faiss-cpu / faiss-gpu work too
+FAISS ?= cpu
+FAISS_EXTRA := $(patsubst faiss-%,%,$(FAISS))
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench chromium cross-domain clean-venv
@@ -21,8 +23,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PAIR)
-	$(PIP) install -q -e ".[dev]"
-	@if [ "$(FAISS)" != "faiss-cpu" ]; then $(PIP) uninstall -q -y faiss-cpu; $(PIP) install -q $(FAISS); fi
+	$(PIP) install -q -e ".[dev,$(FAISS_EXTRA)]"
 	$(PIP) install -q --no-deps $(FASTREID)
 	@touch $(STAMP)
 

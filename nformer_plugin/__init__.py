@@ -28,6 +28,9 @@ __all__ = ["NFormer", "k_reciprocal_rerank", "FeatureSet", "load_feature_file",
            "save_feature_file", "add_plugin_config", "add_nformer_config", "GalleryIndex"]
 
 if _importlib_util.find_spec("fastreid") is not None:
-    from .fastreid_ext import Trainer, load_config  # noqa: F401  (applies compat, registers)
+    try:
+        from .fastreid_ext import Trainer, load_config  # noqa: F401  (applies compat, registers)
 
-    __all__ += ["Trainer", "load_config"]
+        __all__ += ["Trainer", "load_config"]
+    except ModuleNotFoundError:  # a dependency of FastReID is missing; fastreid-train names it
+        pass

@@ -10,8 +10,9 @@ from typing import Dict, List, Set
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "nformer_plugin"
 
-#: the command modules: the ``nformer`` command and ``fastreid-train``
-COMMANDS = ("nformer_plugin.cli", "nformer_plugin.fastreid_ext.train_net")
+#: the command modules: the ``nformer`` command and ``fastreid-train``, and the console-script
+#: wrappers that call them (``console``)
+COMMANDS = ("nformer_plugin.cli", "nformer_plugin.fastreid_ext.train_net", "nformer_plugin.console")
 #: third-party libraries ``core`` may import: the numeric stack, and for its PNGs / tables /
 #: progress bars only, matplotlib, PIL, tabulate and tqdm (never yacs, FastReID, scikit-learn)
 CORE_LIBRARIES = {"torch", "torchvision", "numpy", "scipy", "faiss",

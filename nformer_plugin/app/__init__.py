@@ -1,6 +1,7 @@
 """The application layer: what the commands (``nformer``, ``fastreid-train``) and the studies do
 with the pure core, as public functions. Pure: it reaches FastReID only to read FastReID config
-files when FastReID is installed (``config``), and it never imports a command module.
+files when FastReID is installed (``config``) and, in ``extract`` / ``export`` (imported on
+demand, not here), to build the image model; it never imports a command module.
 
 * ``config``: :func:`load_feature_config` (the config of the feature-file commands and studies);
 * ``stage``: :func:`build_stage`, :func:`save_stage`, :func:`load_stage` (``model_final.pth``);
@@ -8,7 +9,10 @@ files when FastReID is installed (``config``), and it never imports a command mo
 * ``training``: :func:`train_on_features` (stage 2 on a feature bank), :func:`train_from_files`;
 * ``evaluation``: the one refine / re-rank / export path (the FastReID evaluator's
   :func:`evaluate_and_write`, ``nformer eval`` / ``refine`` / ``report``);
-* ``serving``: :func:`index_from_weights` and the files of ``nformer index``.
+* ``serving``: :func:`index_from_weights` and the files of ``nformer index`` (labels optional;
+  queries / additions straight from images, the ranked-list page, removal by id or path);
+* ``extract``: :func:`extract.extract` (person crops -> a feature file; needs FastReID);
+* ``export``: :func:`export.export` (the test-time feature extractor -> ONNX / TorchScript).
 """
 from .config import load_feature_config
 from .evaluation import evaluate_and_write, evaluate_pipelines, export_features, refine_pair

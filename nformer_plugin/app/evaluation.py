@@ -158,10 +158,12 @@ def report_from_weights(weights: str, query_path: str, gallery_path: str, out_di
                         images_root: str = "", queries: Optional[int] = None,
                         rerank: bool = False, opts: Sequence[str] = ()) -> str:
     """``nformer report``: the ranked-list page of every pipeline row for the stage in
-    ``weights`` on the query / gallery files (which need their ``paths``); ``queries`` defaults
-    to ``TEST.REPORT.QUERIES``. Returns the page's path."""
+    ``weights`` on the query / gallery files (which need their ``paths``; labels optional:
+    without them the page shows the ranked lists unmarked, ``report.plain``); ``queries``
+    defaults to ``TEST.REPORT.QUERIES``. Returns the page's path."""
     stage, cfg, dim = load_stage(weights, opts)
-    query, gallery = load_query_gallery(query_path, gallery_path, dim)
+    query, gallery = load_query_gallery(query_path, gallery_path, dim,
+                                        require_labels=False)  # unlabelled: ranked, no marks
     for fs, path in ((query, query_path), (gallery, gallery_path)):
         if fs.paths is None:
             raise ValueError(f"{path}: no 'paths' array (image paths), which the report page "

@@ -23,10 +23,13 @@ def load_training_bank(paths: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, np
     return np.stack([fs.feats for fs in sets]), first.pids, first.camids
 
 
-def load_query_gallery(query_path: str, gallery_path: str, dim: Optional[int] = None
-                       ) -> Tuple[FeatureSet, FeatureSet]:
-    """The query and gallery files; with ``dim``, both must have the model's width."""
-    query, gallery = load_feature_file(query_path), load_feature_file(gallery_path)
+def load_query_gallery(query_path: str, gallery_path: str, dim: Optional[int] = None,
+                       require_labels: bool = True) -> Tuple[FeatureSet, FeatureSet]:
+    """The query and gallery files; with ``dim``, both must have the model's width. Without
+    ``require_labels`` (nothing is scored: ``nformer refine``, ``report``) files without
+    ``pids`` / ``camids`` load unlabelled."""
+    query = load_feature_file(query_path, require_labels)
+    gallery = load_feature_file(gallery_path, require_labels)
     for name, fs in (("query", query), ("gallery", gallery)):
         if dim is not None and fs.feats.shape[1] != dim:
             raise ValueError(f"feature-file shape mismatch: {name} features have d="

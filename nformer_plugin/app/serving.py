@@ -1,9 +1,21 @@
 """The gallery index (``core.serving.GalleryIndex``) from the files the commands handle: a
 stage written by ``nformer train`` (:func:`index_from_weights`), gallery / query ``.npz`` files
 whose labels are optional (:func:`read_index_features`), an index directory checked against the
-weights (:func:`open_index`), ranked ids and metrics of queries (:func:`query_index`)."""
+weights (:func:`open_index`), ranked ids (with image paths) and metrics of queries
+(:func:`query_index`), the ranked-list page of a query (:func:`write_query_page`) and removal by
+id or path (:func:`ids_to_remove`).
+
+Features straight from images (``nformer index query / add --images``;
+:func:`features_of_images`) use the extractor the gallery was extracted with: the gallery file
+written by ``nformer extract`` records it (``extractor_config``, ``extractor_weights``),
+``index build`` keeps it in the index (``GalleryIndex.meta``), and ``--config-file`` /
+``MODEL.WEIGHTS`` override it.
+"""
 from __future__ import annotations
 
+import os
+import tempfile
+from collections import OrderedDict
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -12,6 +24,8 @@ from ..core.features import FeatureSet, load_feature_file
 from ..core.retrieval.comparison import compare_pipelines, metrics_only
 from ..core.serving import GalleryIndex
 from .stage import load_stage
+
+EXTRACTOR_KEYS = ("extractor_config", "extractor_weights")
 
 
 def index_from_weights(weights: str, gallery_feats, ids=None, opts: Sequence[str] = (),
@@ -23,18 +37,26 @@ def index_from_weights(weights: str, gallery_feats, ids=None, opts: Sequence[str
 
 def read_index_features(path: str) -> FeatureSet:
     """A gallery or query file of the index: ``feats``, and optionally ``ids``, ``pids`` and
-    ``camids`` (``has_labels`` when both of the last two are present)."""
+    ``camids`` (``has_labels`` when both of the last two are present) and ``paths``."""
     return load_feature_file(path, require_labels=False)
 
 
 def labels_of(fs: FeatureSet) -> dict:
-    return {"pids": fs.pids, "camids": fs.camids} if fs.has_labels else {}
+    """The per-item arrays the index keeps: ``pids`` / ``camids`` (together) and ``paths``."""
+    labels = {"pids": fs.pids, "camids": fs.camids} if fs.has_labels else {}
+    if fs.paths is not None:
+        labels["paths"] = fs.paths
+    return labels
 
 
 def open_index(directory: str, weights: str = "") -> GalleryIndex:
     """The index saved in ``directory``; with ``weights``, checked to be built with that stage."""
     model = load_stage(weights).stage if weights else None
     return GalleryIndex.load(directory, model)
+
+
+def index_has_labels(index: GalleryIndex) -> bool:
+    return "pids" in index.labels and "camids" in index.labels
 
 
 def query_metrics(index: GalleryIndex, query: FeatureSet, refined: np.ndarray):
@@ -48,17 +70,122 @@ def query_metrics(index: GalleryIndex, query: FeatureSet, refined: np.ndarray):
     return rows, gallery
 
 
+def _positions(index: GalleryIndex, ids: np.ndarray) -> np.ndarray:
+    """Gallery positions of the index ids ``ids`` (any shape)."""
+    order = np.argsort(index.ids)
+    return order[np.searchsorted(index.ids, ids, sorter=order)]
+
+
+def ranked_answer(index: GalleryIndex, dist: np.ndarray, ids: np.ndarray,
+                  query_paths: Optional[Sequence[str]] = None) -> Dict:
+    """``{"topk", "metric", "queries": [{"ids", "distances"[, "query", "paths"]}]}``: the query
+    image and the gallery images' paths when the files carry them."""
+    rows = _positions(index, ids) if index.paths is not None else None
+    queries = []
+    for q, (i, d) in enumerate(zip(ids, dist)):
+        entry = {"ids": i.tolist(), "distances": d.tolist()}
+        if query_paths is not None:
+            entry["query"] = str(query_paths[q])
+        if rows is not None:
+            entry["paths"] = [str(p) for p in index.paths[rows[q]]]
+        queries.append(entry)
+    return {"topk": int(ids.shape[1]), "metric": index.metric, "queries": queries}
+
+
 def query_index(index: GalleryIndex, query: FeatureSet, topk: int) -> Dict:
-    """Ranked gallery ids and distances of every query (``topk`` per query), and, when the
-    queries and the index both carry labels, the metrics rows (``"rows"``)."""
+    """Ranked gallery ids and distances of every query (``topk`` per query; with image paths
+    when the files carry them), and, when the queries and the index both carry labels, the
+    metrics rows (``"rows"``). ``"dist"`` / ``"ids"`` hold the (Q, topk) arrays (for
+    :func:`write_query_page`; not JSON)."""
     if topk < 1:
         raise ValueError(f"--topk must be a positive integer, got {topk}")
     refined = index.refine(query.feats).numpy()
     dist, ids = index.search_refined(refined, min(topk, len(index)))
-    report = {"topk": int(ids.shape[1]), "metric": index.metric,
-              "queries": [{"ids": i.tolist(), "distances": d.tolist()} for i, d in zip(ids, dist)]}
-    if query.has_labels and index.labels:
+    report = ranked_answer(index, dist, ids, query.paths)
+    if query.has_labels and index_has_labels(index):
         rows, _ = query_metrics(index, query, refined)
         report["metrics"] = {name: metrics_only(row) for name, row in rows.items()}
         report["rows"] = rows
+    report["dist"], report["ids"] = dist, ids
     return report
+
+
+def write_query_page(index: GalleryIndex, query: FeatureSet, dist: np.ndarray, ids: np.ndarray,
+                     output: str, title: str = "") -> str:
+    """The ranked-list page (``report.plain``) of an index query: the query images and their
+    top-k gallery images; framed green / red only when both sides carry identities."""
+    from ..report.plain import write_ranked_page
+
+    if index.paths is None:
+        raise ValueError("--report needs the gallery's image paths, and this index has none "
+                         "(build it from a file with a 'paths' array, e.g. nformer extract's)")
+    if query.paths is None:
+        raise ValueError("--report needs the queries' image paths: use --images, or a --query "
+                         "file with a 'paths' array")
+    rows = _positions(index, ids)
+    matches = None
+    if query.has_labels and index_has_labels(index):
+        matches = {"nformer": index.labels["pids"][rows] == query.pids[:, None]}
+    return write_ranked_page(output, query.paths, index.paths, OrderedDict(nformer=rows),
+                             {"nformer": dist}, matches,
+                             title=title or "NFormer gallery index: ranked answers")
+
+
+def ids_to_remove(index: GalleryIndex, ids: Sequence[int] = (), paths: Sequence[str] = ()
+                  ) -> np.ndarray:
+    """The index ids named by ``ids`` and by image ``paths`` (as stored, or the same file)."""
+    chosen = [int(i) for i in ids]
+    if paths:
+        if index.paths is None:
+            raise ValueError("this index stores no image paths: remove items with --ids")
+        where = {os.path.abspath(str(p)): int(i) for p, i in zip(index.paths, index.ids)}
+        unknown = [p for p in paths if os.path.abspath(p) not in where]
+        if unknown:
+            raise ValueError(f"not in the index: {unknown[:3]}")
+        chosen += [where[os.path.abspath(p)] for p in paths]
+    if not chosen:
+        raise ValueError("nothing to remove: pass --ids or --paths")
+    return np.unique(np.asarray(chosen, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------- features from images
+def extractor_meta(path: str) -> Dict[str, str]:
+    """The extractor recorded in a feature file written by ``nformer extract`` (or ``{}``)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: str(data[k]) for k in EXTRACTOR_KEYS if k in data.files}
+
+
+def extractor_config(meta: Dict[str, str], config_file: str, opts: Sequence[str]):
+    """The extractor's config: ``config_file`` (+ overrides) when given, else the one the index
+    recorded, with its weights (+ overrides)."""
+    from .extract import load_model_config, require_fastreid
+
+    require_fastreid("--images")
+    if config_file:
+        return load_model_config(config_file, opts)
+    if "extractor_config" not in meta:
+        raise ValueError("the index does not know its extractor (its gallery file was not "
+                         "written by nformer extract): pass --config-file CFG MODEL.WEIGHTS W")
+    from yacs.config import CfgNode
+
+    from ..config import merge_config
+    from ..fastreid_ext.config import default_config
+
+    cfg = default_config()
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(meta["extractor_config"]))
+    cfg.MODEL.WEIGHTS = meta.get("extractor_weights", cfg.MODEL.WEIGHTS)
+    return merge_config(cfg, "", opts)
+
+
+def features_of_images(images: str, meta: Dict[str, str], config_file: str = "",
+                       opts: Sequence[str] = (), id_regex: str = "", progress: bool = True
+                       ) -> FeatureSet:
+    """The features of the images ``images`` names, extracted by ``nformer extract`` (with
+    ``paths``, and ``pids`` / ``camids`` when the file names carry them)."""
+    from .extract import extract
+
+    cfg = extractor_config(meta, config_file, opts)
+    with tempfile.TemporaryDirectory(prefix="nformer-query-") as tmp:
+        result = extract("", images, os.path.join(tmp, "query.npz"), id_regex=id_regex,
+                         progress=progress, cfg=cfg)
+        return read_index_features(result.output)

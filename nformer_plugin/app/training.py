@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..core.training import Stage2Settings, build_stage2
+from ..core.training.events import Stage2Events
 from ..core.training.validation import make_validator, split_validation_ids
 from .config import config_device, load_feature_config
 from .features import load_training_bank
@@ -18,9 +19,11 @@ from .stage import build_stage, save_stage
 logger = logging.getLogger("fastreid.nformer")
 
 
-def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray):
+def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,
+                      output_dir: str = ""):
     """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
-    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
+    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch;
+    with ``output_dir``, TensorBoard events and ``metrics.json`` go there (``core.training.events``).
     Returns ``(stage, trainer)``; the stage is in eval mode."""
     device = config_device(cfg)
     torch.manual_seed(cfg.SEED)
@@ -41,7 +44,13 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
         trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
     logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
                 int((~is_val).sum()), bank.shape[0], bank.shape[2], num_classes)
-    trainer.train()
+    if output_dir:
+        trainer.events = Stage2Events(output_dir)
+    try:
+        trainer.train()
+    finally:
+        if trainer.events is not None:
+            trainer.events.close()
     trainer.restore_best()
     return stage.eval(), trainer
 
@@ -49,10 +58,11 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
 def train_from_files(train_paths: Sequence[str], output_dir: str, config_file: str = "",
                      opts: Sequence[str] = ()) -> str:
     """``nformer train``: the config, the training bank from ``train_paths``, training, and
-    ``output_dir/{model_final.pth, config.yaml, nformer_loss.png}``; returns the weights' path."""
+    ``output_dir/{model_final.pth, config.yaml, nformer_loss.png}`` (and stage 2's TensorBoard
+    events and ``metrics.json``); returns the weights' path."""
     cfg = load_feature_config(config_file, opts)
     bank, pids, camids = load_training_bank(train_paths)
-    stage, trainer = train_on_features(cfg, bank, pids, camids)
+    stage, trainer = train_on_features(cfg, bank, pids, camids, output_dir)
     path = save_stage(output_dir, stage, cfg, bank.shape[2])
     if trainer.history:
         trainer.save_loss_curves(os.path.join(output_dir, "nformer_loss.png"))

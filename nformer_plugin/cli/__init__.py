@@ -1,6 +1,9 @@
-"""The ``nformer`` command (console script ``nformer = nformer_plugin.cli:main``): parsing and
+"""The ``nformer`` command (:func:`main`; the console script ``nformer =
+nformer_plugin.console:nformer`` wraps it, naming a missing module in one line): parsing and
 printing only, one module per command group - ``features`` (train, eval, refine), ``study``
-(study, report), ``index`` (index build / add / query) - and ``main`` (the parser, user errors).
+(study, report), ``extract`` (images -> a feature file), ``export`` (the extractor as ONNX /
+TorchScript), ``index`` (index build / add / query / remove) - and ``main`` (the parser, user
+errors).
 The work is the application layer's (``nformer_plugin.app``); nothing imports this package."""
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
 
-Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N).
+Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N);
+``refine`` (and ``report``, ``index``) also take files without ``pids`` / ``camids``.
 Evaluation follows the Market-1501 protocol. Config keys are the ``MODEL.NFORMER.*`` ones of
 ``core/nformer/config.py`` (and ``DATASETS.VAL_FRACTION``, ``TEST.RERANK.*``, ``TEST.METRIC``,
 ``MODEL.DEVICE``, ``SEED``). The work is the application layer's (``nformer_plugin.app``): stage 2
@@ -18,8 +19,9 @@ from __future__ import annotations
 import argparse
 
 FORMATS = """\
-feature files (.npz): feats float32 (N, d), pids int (N), camids int (N); several --train
-  files are passes over the same images (same rows, pids and camids, in order)
+feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (optional for refine,
+  report and index), paths (N, optional); several --train files are passes over the same images
+  (same rows, pids and camids, in order); nformer extract writes them from images
 --output-json: {"baseline"|"kr"|"nformer"|"nformer_kr": {"Rank-1", "Rank-5", "Rank-10", "mAP",
   "mINP"} (percent), "nformer_neighbors": [per layer {"mean", "p5", "self_only"}]}
 a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows the traceback
@@ -58,7 +60,8 @@ def cmd_refine(args) -> int:
     from ..app.stage import load_stage
 
     stage, _, dim = load_stage(args.weights, args.opts)
-    query, gallery = load_query_gallery(args.query, args.gallery, dim)
+    query, gallery = load_query_gallery(args.query, args.gallery, dim,
+                                        require_labels=False)  # nothing is scored
     export_features(args.output_dir, query, gallery, refine_pair(stage, query, gallery),
                     inputs=False)
     print(f"Refined features written to {args.output_dir}")

@@ -1,11 +1,15 @@
 """``nformer index``: a persistent NFormer gallery index (``core.serving.GalleryIndex``).
 
-    nformer index build --weights DIR/model_final.pth --gallery G.npz --output IDX [KEY VALUE ...]
-    nformer index add   --index IDX --gallery NEW.npz [--weights W]
-    nformer index query --index IDX --query Q.npz [--topk 100] [--output-json F] [--weights W]
+    nformer index build  --weights DIR/model_final.pth --gallery G.npz --output IDX [KEY VALUE ...]
+    nformer index add    --index IDX --gallery NEW.npz|--images DIR [--weights W]
+    nformer index query  --index IDX --query Q.npz|--images DIR [--topk 100] [--output-json F]
+                         [--report DIR] [--weights W] [--config-file CFG] [KEY VALUE ...]
+    nformer index remove --index IDX --ids ID [ID ...] | --paths IMG [IMG ...]
 
 Gallery / query files are ``.npz`` with ``feats`` (N x d) and optionally ``ids`` (N, integers;
-default: row numbers, continuing after the largest id for ``add``), ``pids`` and ``camids``. With
+default: row numbers, continuing after the largest id for ``add``), ``pids`` and ``camids``,
+``paths`` (kept by the index: the answers name the images). ``--images`` extracts the images with
+the extractor the gallery file records (``nformer extract``'s). With
 labels in both the index and the query file, ``query`` also prints the metrics table of
 ``nformer eval`` for the same files (the same refined features, the same evaluator). ``--weights``
 checks that the index was built with that model. The work is ``app.serving``'s.
@@ -16,28 +20,41 @@ import argparse
 import json
 
 FORMATS = """\
-.npz files: feats float32 (N, d); optional ids int (N), pids int (N), camids int (N)
---output-json: {"topk": k, "metric": ..., "queries": [{"ids": [...], "distances": [...]}, ...]}
+.npz files: feats float32 (N, d); optional ids int (N), pids int (N), camids int (N), paths (N)
+--output-json: {"topk": k, "metric": ..., "queries": [{"ids": [...], "distances": [...],
+  "query": path, "paths": [...]}, ...]} (paths when the files carry them)
   (and "metrics": {"baseline"|"nformer": {...}} when labels are present)
 """
 
 
 def cmd_build(args) -> int:
-    from ..app.serving import index_from_weights, labels_of, read_index_features
+    from ..app.serving import extractor_meta, index_from_weights, labels_of, read_index_features
 
     gallery = read_index_features(args.gallery)
     index = index_from_weights(args.weights, gallery.feats, gallery.ids, opts=args.opts,
                                labels=labels_of(gallery))
+    index.meta.update(extractor_meta(args.gallery))  # for index query / add --images
     index.save(args.output)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
 
 
+def _inputs(args, index, npz: str):
+    """The features of ``--query`` / ``--gallery`` or of ``--images`` (a ``FeatureSet``)."""
+    from ..app.serving import features_of_images, read_index_features
+
+    if bool(npz) == bool(args.images):
+        raise ValueError("pass either a feature file or --images")
+    if npz:
+        return read_index_features(npz)
+    return features_of_images(args.images, index.meta, args.config_file, args.opts)
+
+
 def cmd_add(args) -> int:
-    from ..app.serving import labels_of, open_index, read_index_features
+    from ..app.serving import labels_of, open_index
 
     index = open_index(args.index, args.weights)
-    new = read_index_features(args.gallery)
+    new = _inputs(args, index, args.gallery)
     index.add(new.feats, new.ids, labels_of(new))
     index.save(args.index)
     print(f"Added {len(new)} items; the index at {args.index} holds {len(index)}")
@@ -45,14 +62,16 @@ def cmd_add(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..app.serving import open_index, query_index, read_index_features
+    from ..app.serving import open_index, query_index, write_query_page
     from ..core.io import save_text
     from ..core.retrieval.comparison import format_table
 
+    if args.topk < 1:
+        raise ValueError(f"--topk must be a positive integer, got {args.topk}")
     index = open_index(args.index, args.weights)
-    query = read_index_features(args.query)
+    query = _inputs(args, index, args.query)
     report = query_index(index, query, args.topk)
-    rows = report.pop("rows", None)
+    rows, dist, ids = report.pop("rows", None), report.pop("dist"), report.pop("ids")
     if rows is not None:
         print(format_table(rows, f"{len(query)} queries x {len(index)} gallery"))
     else:
@@ -61,11 +80,24 @@ def cmd_query(args) -> int:
     if args.output_json:
         save_text(json.dumps(report), args.output_json)
         print(f"Ranked ids written to {args.output_json}")
+    if args.report:
+        print(f"Report page written to {write_query_page(index, query, dist, ids, args.report)}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from ..app.serving import ids_to_remove, open_index
+
+    index = open_index(args.index, args.weights)
+    ids = ids_to_remove(index, args.ids or (), args.paths or ())
+    index.remove(ids)
+    index.save(args.index)
+    print(f"Removed {len(ids)} items; the index at {args.index} holds {len(index)}")
     return 0
 
 
 def add_index_parser(subparsers) -> None:
-    """Register ``nformer index {build,add,query}`` on the ``nformer`` subparsers."""
+    """Register ``nformer index {build,add,query,remove}`` on the ``nformer`` subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     index = subparsers.add_parser("index", help="a persistent gallery index for online queries",
                                   description=__doc__.split("\n")[0], epilog=FORMATS,
@@ -80,18 +112,32 @@ def add_index_parser(subparsers) -> None:
     p = sub.add_parser("add", help="add gallery items to an index", epilog=FORMATS,
                        formatter_class=fmt)
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--gallery", required=True, help="NEW.npz")
+    p.add_argument("--gallery", default="", help="NEW.npz")
     p.set_defaults(func=cmd_add)
     p = sub.add_parser("query", help="rank the gallery for queries", epilog=FORMATS,
                        formatter_class=fmt)
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--query", required=True, help="Q.npz")
+    p.add_argument("--query", default="", help="Q.npz")
     p.add_argument("--topk", type=int, default=100, help="gallery items returned per query")
     p.add_argument("--output-json", default="", help="write ranked ids and distances as JSON")
+    p.add_argument("--report", default="", help="write the ranked-list page to this folder")
     p.set_defaults(func=cmd_query)
+    p = sub.add_parser("remove", help="remove gallery items by id or image path",
+                       epilog=FORMATS, formatter_class=fmt)
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--ids", type=int, nargs="+", help="ids to remove")
+    p.add_argument("--paths", nargs="+", help="image paths to remove (as the index stores them)")
+    p.set_defaults(func=cmd_remove)
     for name, p in sub.choices.items():
         if name != "build":
             p.add_argument("--weights", default="", help="check the index was built with it")
+        if name in ("add", "query"):
+            p.add_argument("--images", default="",
+                           help="a folder / glob / list of crops, extracted as the gallery was")
+            p.add_argument("--config-file", default="",
+                           help="the extractor for --images (default: the gallery's)")
+            p.add_argument("opts", nargs=argparse.REMAINDER,
+                           help="KEY VALUE overrides of the --images extractor (MODEL.WEIGHTS)")
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub.choices["build"].add_argument("opts", nargs=argparse.REMAINDER,
                                       help="KEY VALUE config overrides (as for nformer eval)")

@@ -1,5 +1,5 @@
 """The ``nformer`` command: its parser (one module per command group: ``features``, ``study``,
-``index``) and :func:`main`, which turns a user error into one message and exit code 2."""
+``extract``, ``export``, ``index``) and :func:`main`, which turns a user error into one message and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ import sys
 from typing import List, Optional
 
 from ..core.runtime import configure_threads
+from .export import add_export_parser
+from .extract import add_extract_parser
 from .features import FORMATS, add_feature_parsers
 from .index import add_index_parser
 from .study import add_study_parsers
@@ -22,12 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_feature_parsers(sub)  # train, eval, refine
     add_study_parsers(sub)  # study, report (the paper's ablations; the page)
+    add_extract_parser(sub)  # extract: images -> features (FastReID)
+    add_export_parser(sub)  # export: the extractor as ONNX / TorchScript (FastReID)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
         p.add_argument("--threads", type=int, default=0,
                        help="torch threads (0: $NFORMER_NUM_THREADS, else the available cores)")
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    add_index_parser(sub)  # index {build,add,query}
+    add_index_parser(sub)  # index {build,add,query,remove}
     return parser
 
 

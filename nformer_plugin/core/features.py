@@ -2,7 +2,9 @@
 
 A feature file is an ``.npz`` archive with ``feats`` (float32, N x d), ``pids`` (int, N) and
 ``camids`` (int, N), and optionally ``paths`` (N image paths, strings; ``nformer report`` needs
-them) and ``ids`` (N integer item ids; the gallery index's files, where the labels are optional). Every entry point that accepts features (the ``nformer`` command, the
+them) and ``ids`` (N integer item ids; the gallery index's files). ``pids`` / ``camids`` are
+optional together where nothing is scored (``nformer refine``, ``report``, ``index``;
+``load_feature_file(path, require_labels=False)``). Every entry point that accepts features (the ``nformer`` command, the
 re-ranking function, the refiner) validates them here so that bad input fails with an error
 that names the problem instead of producing NaN metrics.
 
@@ -70,8 +72,8 @@ class FeatureSet:
     """
 
     feats: np.ndarray
-    pids: Optional[np.ndarray]
-    camids: Optional[np.ndarray]
+    pids: Optional[np.ndarray] = None
+    camids: Optional[np.ndarray] = None
     paths: Optional[np.ndarray] = None  # image path per row (optional)
     ids: Optional[np.ndarray] = None  # item id per row (optional)
 
@@ -115,12 +117,14 @@ class FeatureSet:
         return self.feats.shape[0]
 
 
-def save_feature_file(path: str, feats: ArrayLike, pids, camids,
+def save_feature_file(path: str, feats: ArrayLike, pids=None, camids=None,
                       paths: Optional[Sequence[str]] = None) -> None:
-    """Write a feature file atomically (a temporary file renamed into place); ``paths`` (one
-    image path per row) is stored when given."""
+    """Write a feature file atomically (a temporary file renamed into place); labels and
+    ``paths`` (one image path per row) are stored when given."""
     fs = FeatureSet(feats, pids, camids, paths)
-    arrays = dict(feats=fs.feats, pids=fs.pids, camids=fs.camids)
+    arrays = dict(feats=fs.feats)
+    if fs.has_labels:
+        arrays.update(pids=fs.pids, camids=fs.camids)
     if fs.paths is not None:
         arrays["paths"] = fs.paths
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
@@ -145,7 +149,10 @@ def load_feature_file(path: str, require_labels: bool = True) -> FeatureSet:
     if missing:
         raise ValueError(
             f"{path}: missing array(s) {missing}; a feature file holds 'feats' (N x d), "
-            f"'pids' (N) and 'camids' (N)" + ("" if require_labels else " (labels optional)")
+            f"'pids' (N) and 'camids' (N)" + (
+                " (labels optional)" if not require_labels else
+                "; scoring needs the labels (nformer refine, report and index work without "
+                "them)" if "feats" not in missing else "")
         )
     try:
         def optional(name):

@@ -27,6 +27,7 @@ from ..core.features import save_feature_file
 from ..core.io import save_text, save_torch
 from ..core.training.reproducible import rng_state
 from . import loaders as data_build
+from .test_features import TestTimeFeatures, test_time_features
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -100,14 +101,10 @@ def extract_features(cfg, model, split: str = "train", is_train: bool = False,
     with the test feature definition (flip averaging as ``TEST.FLIP.ENABLED``); under training
     augmentation when ``is_train``. Identical order for every pass over one split."""
     loader = data_build.build_feature_loader(cfg, split, is_train, pass_index)
-    flip = cfg.TEST.FLIP.ENABLED
     feats, labels, camids = [], [], []
     with inference_context(model):
         for batch in loader:
-            out = model(batch)
-            if flip:
-                flipped = dict(batch, images=batch["images"].flip(dims=[3]))
-                out = (out + model(flipped)) / 2
+            out = test_time_features(model, batch, cfg.TEST.FLIP.ENABLED)
             feats.append(out.float().cpu())
             labels.append(batch["targets"].cpu())
             camids.append(batch["camids"].cpu())
@@ -174,6 +171,6 @@ class EvaluatingTrainer(DefaultTrainer):
         for name in cfg.DATASETS.TESTS:
             logger.info("Prepare testing set %s", name)
             data_loader, evaluator = cls.build_evaluator(cfg, name, model=model)
-            results[name] = inference_on_dataset(model, data_loader, evaluator,
-                                                 flip_test=cls.flip_test(cfg))
+            features = TestTimeFeatures(model, cls.flip_test(cfg))  # the one feature definition
+            results[name] = inference_on_dataset(features, data_loader, evaluator)
         return list(results.values())[0] if len(results) == 1 else results

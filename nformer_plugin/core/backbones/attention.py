@@ -22,14 +22,13 @@ class ChannelAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        flat = x.reshape(batch, channels, height * width)
+        flat = x.flatten(2)  # B x C x HW
         with torch.autocast(device_type=x.device.type, enabled=False):
             # float32: the C x C energy overflows float16 under mixed precision
             energy = flat.float() @ flat.float().transpose(1, 2)
             energy = energy.amax(dim=-1, keepdim=True) - energy
             attention = energy.softmax(dim=-1)
-        out = (attention.to(flat.dtype) @ flat).reshape(batch, channels, height, width)
+        out = (attention.to(flat.dtype) @ flat).reshape_as(x)  # reshape_as: ONNX-exportable
         return self.gamma * out + x
 
 
@@ -49,12 +48,11 @@ class PositionAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
         query = self.query(x).flatten(2).transpose(1, 2)  # B x HW x C'
         key = self.key(x).flatten(2)  # B x C' x HW
         attention = (query @ key).softmax(dim=-1)  # B x HW(query) x HW(key)
         value = self.value(x).flatten(2)  # B x C x HW
-        out = (value @ attention.transpose(1, 2)).reshape(batch, channels, height, width)
+        out = (value @ attention.transpose(1, 2)).reshape_as(x)  # dynamic batch in ONNX
         return self.gamma * out + x
 
 

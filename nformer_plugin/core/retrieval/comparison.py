@@ -58,24 +58,27 @@ def compare_pipelines(query: FeatureSet, gallery: FeatureSet, refine: Optional[R
     Returns ``{"baseline": {...}, "kr": {...}, "nformer": {...}, "nformer_kr": {...}}`` (rows
     present when ``rerank`` / ``refine`` are given); each value holds the metrics in percent and
     ``seconds``, and the distance matrix under ``"dist"`` when ``keep_distances``. Refined
-    features are returned under ``"refined"`` in the ``nformer`` row.
+    features are returned under ``"refined"`` in the ``nformer`` row. Without labels on both
+    sides nothing is scored: the rows hold ``seconds`` (and ``dist``) only.
     """
     check_same_dim(query.feats, gallery.feats, "query", "gallery")
     labels = (query.pids, gallery.pids, query.camids, gallery.camids)
+    scored = query.has_labels and gallery.has_labels
     rows: "OrderedDict[str, Dict]" = OrderedDict()
 
     def add(name: str, dist_fn: Callable[[], np.ndarray], extra: Optional[dict] = None):
         start = time.perf_counter()
         dist = dist_fn()
-        result = evaluate_ranking(dist, *labels)
+        result = evaluate_ranking(dist, *labels) if scored else {}
         result["seconds"] = time.perf_counter() - start
         if keep_distances:
             result["dist"] = dist
         if extra:
             result.update(extra)
         rows[name] = result
-        logger.info("%s: mAP %.2f Rank-1 %.2f (%.1f s)", ROW_NAMES[name], result["mAP"],
-                    result["Rank-1"], result["seconds"])
+        if scored:
+            logger.info("%s: mAP %.2f Rank-1 %.2f (%.1f s)", ROW_NAMES[name], result["mAP"],
+                        result["Rank-1"], result["seconds"])
 
     add("baseline", lambda: distances(query.feats, gallery.feats, metric))
     if rerank is not None:

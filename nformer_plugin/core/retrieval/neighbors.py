@@ -30,8 +30,8 @@ def _faiss():
         import faiss  # noqa: F401
     except ImportError as e:  # pragma: no cover - faiss is a declared dependency
         raise ImportError(
-            "faiss is required for neighbor search: pip install faiss-cpu (or faiss-gpu on a GPU "
-            "machine)"
+            "faiss is required for neighbor search: pip install 'nformer-fastreid[cpu]' "
+            "(faiss-cpu; [gpu] installs faiss-gpu)"
         ) from e
     return faiss
 

@@ -50,13 +50,14 @@ class GalleryIndex:
     small_call_threads: Optional[int] = 1
 
     def __init__(self, model: nn.Module, gallery: ServedGallery, metric: str = "cosine",
-                 search_index=None):
+                 search_index=None, meta: Optional[dict] = None):
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         self.model = model
         self.nformer, self.head = split_model(model)
         check_servable(self.nformer, self.head)
         self.metric, self.gallery = metric, gallery
+        self.meta: dict = dict(meta or {})  # what the index was built from (the extractor); saved
         self.device = next(self.nformer.parameters()).device
         self.last_update_reach: Optional[List[int]] = None  # per layer, rows the last update changed
         self._search_index = search_index
@@ -75,7 +76,7 @@ class GalleryIndex:
         check_gallery_size(nformer, len(inputs))
         rows = nformer.sample_landmarks(len(inputs), 0)
         landmark_ids = [None if r is None else ids[r.cpu().numpy()] for r in rows]
-        labels = check_labels(labels, len(ids))  # optional pids / camids (CLI metrics)
+        labels = check_labels(labels, len(ids))  # optional pids / camids / paths per item
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         logger.info("Building a gallery index: %d items, d=%d, %d layers", len(inputs),
@@ -133,6 +134,11 @@ class GalleryIndex:
     @property
     def dim(self) -> int:
         return self.nformer.dim
+
+    @property
+    def paths(self) -> Optional[np.ndarray]:
+        """The gallery items' image paths (when built from files that carry them)."""
+        return self.gallery.labels.get("paths")
 
     def landmark_rows(self) -> List[Optional[Tensor]]:
         """Per layer, the landmark rows' positions in the gallery (for ``NFormer(landmarks=)``:
@@ -237,11 +243,12 @@ class GalleryIndex:
     def save(self, directory: str) -> str:
         """Write the index to ``directory`` atomically (``persistence``); returns it."""
         return save_gallery(directory, self.model, self.gallery, self.metric,
-                            self.search_index())
+                            self.search_index(), meta=self.meta)
 
     @classmethod
     def load(cls, directory: str, model: Optional[nn.Module] = None) -> "GalleryIndex":
         """The index saved in ``directory``; ``model`` (optional) must be the one it was built
         with (checked by config and weights hash), else the stored weights are used."""
         loaded = load_gallery(directory, model)
-        return cls(loaded.model, loaded.gallery, loaded.metric, loaded.search_index)
+        return cls(loaded.model, loaded.gallery, loaded.metric, loaded.search_index,
+                   meta=loaded.meta)

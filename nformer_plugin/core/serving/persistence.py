@@ -113,9 +113,10 @@ def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
 
 
 def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metric: str,
-                 search) -> str:
+                 search, meta: Optional[dict] = None) -> str:
     """Write the served ``gallery`` of ``model`` with its faiss ``search`` index to
-    ``directory`` atomically (see the module docstring); returns it."""
+    ``directory`` atomically (see the module docstring); returns it. ``meta`` (JSON): what the
+    index was built from (e.g. the extractor of its gallery file), kept in the manifest."""
     import faiss
 
     nformer, head = split_model(model)
@@ -137,6 +138,7 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
             model), "model_config": model_config(nformer), "metric": metric,
         "num_items": len(gallery), "dim": nformer.dim, "num_layers": nformer.num_layers,
+        "meta": dict(meta or {}),
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
     }
@@ -190,6 +192,7 @@ class LoadedGallery(NamedTuple):
     gallery: ServedGallery
     metric: str
     search_index: object  # the faiss index over the refined gallery
+    meta: dict = {}  # the manifest's "meta" (what the index was built from)
 
 
 def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGallery:
@@ -239,4 +242,5 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGal
     labels = {k[len("label_"):]: v for k, v in arrays.items() if k.startswith("label_")}
     gallery = ServedGallery(arrays["ids"], landmark_ids, state, arrays["refined"], labels)
     search = faiss.read_index(os.path.join(folder, "search.faiss"))
-    return LoadedGallery(model, gallery, manifest["metric"], search)
+    return LoadedGallery(model, gallery, manifest["metric"], search,
+                         dict(manifest.get("meta", {})))

@@ -70,14 +70,16 @@ def log_reach(gallery: ServedGallery, old_prints: List[torch.Tensor], old_rows: 
 
 
 def _merge_labels(gallery: ServedGallery, labels: Optional[dict], count: int) -> dict:
-    if not gallery.labels:
-        return {}
-    if not labels or set(labels) != set(gallery.labels):
-        logger.warning("added items have no %s: the index drops its labels",
-                       "/".join(sorted(gallery.labels)))
-        return {}
+    """The per-item arrays (``pids`` / ``camids`` / ``paths``) both the gallery and the added
+    items carry (pids and camids only together); the others are dropped, with a warning."""
     labels = check_labels(labels, count)
-    return {k: np.concatenate([gallery.labels[k], labels[k]]) for k in gallery.labels}
+    kept = set(gallery.labels) & set(labels)
+    if not {"pids", "camids"} <= kept:
+        kept -= {"pids", "camids"}
+    dropped = sorted(set(gallery.labels) - kept)
+    if dropped:
+        logger.warning("added items have no %s: the index drops them", "/".join(dropped))
+    return {k: np.concatenate([gallery.labels[k], labels[k]]) for k in sorted(kept)}
 
 
 Update = Tuple[ServedGallery, List[int]]

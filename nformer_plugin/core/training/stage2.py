@@ -106,6 +106,8 @@ class Stage2Trainer:
         self.best: Optional[dict] = None  # {"epoch", "val_mAP", "state"} of the best validation
         self.last_neighbors = ""
         self.stopped_epoch: Optional[int] = None  # 0-based epoch after which early stop ended it
+        self.last_neighbor_stats: List[dict] = []  # per layer, of the epoch's last training set
+        self.events = None  # events.Stage2Events: TensorBoard + metrics.json per epoch
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -204,7 +206,8 @@ class Stage2Trainer:
                 sums[k] = sums.get(k, 0.0) + v
         stats = {k: v / self.iters_per_epoch for k, v in sums.items()}
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
-        layers = [st for st in self.stage.nformer.neighbor_stats if st]
+        self.last_neighbor_stats = [dict(st) for st in self.stage.nformer.neighbor_stats if st]
+        layers = self.last_neighbor_stats
         if layers:  # of the epoch's last training set
             stats["nbr_mean"] = sum(st["mean"] for st in layers) / len(layers)
             stats["nbr_self_only"] = max(st["self_only"] for st in layers)
@@ -225,6 +228,9 @@ class Stage2Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch, stats)  # may add validation figures to stats
             self.history.append(stats)
+            if self.events is not None:
+                self.events.write(epoch, (epoch + 1) * self.iters_per_epoch, stats,
+                                  self.last_neighbor_stats)
             done = epoch + 1 - start_epoch
             eta = (time.perf_counter() - started) / done * (self.max_epoch - epoch - 1)
             text = "  ".join(f"{k}: {v:.4g}" for k, v in stats.items())

@@ -21,6 +21,7 @@ from fastreid.utils import comm
 from fastreid.utils.logger import setup_logger
 
 from ...core.training import Stage2Settings, build_stage2
+from ...core.training.events import Stage2Events
 from ...core.training.reproducible import rng_state, set_rng_state
 from ...core.training.validation import make_validator
 from .. import loaders as data_build
@@ -159,6 +160,8 @@ class Trainer(EvaluatingTrainer):
             trainer.set_validator(validator, s2.VAL_PERIOD)
         if self._stage2_state is not None:
             trainer.load_state_dict(self._stage2_state)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:  # TensorBoard + metrics.json, as stage 1
+            trainer.events = Stage2Events(cfg.OUTPUT_DIR)
         saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())
         results = {}
 
@@ -176,7 +179,11 @@ class Trainer(EvaluatingTrainer):
                 if s2.CHECKPOINT_PERIOD > 0 and (epoch + 1) % s2.CHECKPOINT_PERIOD == 0:
                     saver.save(f"nformer_{epoch:04d}", **state)
 
-        trainer.train(self.stage2_start_epoch, on_epoch_end)
+        try:
+            trainer.train(self.stage2_start_epoch, on_epoch_end)
+        finally:
+            if trainer.events is not None:
+                trainer.events.close()
         trainer.restore_best()
         model.nformer_trained.fill_(True)
         state = {"epoch": s2.EPOCHS - 1, "stage": 2, "nformer_trainer": trainer.state_dict()}
