@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .graphs import (CandidatePool, Graphs, NeighborGraph, SparseSettings, build_neighbor_graphs,
                      chunks, feature_graphs, gather_rows, graph_counts, normalized_rows)
 from .masks import neighbor_stats
+from .ties import canonical_rows
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -160,6 +161,8 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
     del v
     for c in chunks(x.shape[0], settings.chunk_size):
         heads_out[c] = block.residual_tail(x[c], attn.out_proj(heads_out[c]))
+    if record is not None:
+        record["kept"] = None if kept is None else kept / attn.num_heads
     stats = neighbor_stats(kept / attn.num_heads) if kept is not None else {}
     return heads_out, stats
 
@@ -175,7 +178,16 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     is called after each layer with its input ``x``, the candidate ``pool``, what
     :func:`graphs.feature_graphs` records (``neighbors="layer"``) and what
     :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
+
+    Isolated queries (``num_query > 0``) are refined by the one kernel that ``GalleryIndex``
+    uses (``core.serving.gallery_state.refine_isolated``): the gallery as a set of its own, then
+    the query rows layer by layer against that layer's gallery state, so that batch rows and
+    ``index.refine`` are the same computation (``ties``, README "Exactness").
     """
+    if num_query:
+        from ..serving.gallery_state import refine_isolated  # lazy: serving builds on this module
+
+        return refine_isolated(blocks, feats, num_query, landmarks, settings, on_layer)
     x = feats.contiguous()
     masked = settings.mask != "none"
     graphs, pool = None, None
@@ -183,7 +195,7 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
         graphs = feature_graphs(x, num_query, settings)
     if (settings.neighbors == "layer" and masked and settings.layer_pool > 0
             and settings.layer_pool < x.shape[0] - num_query):
-        pool = CandidatePool(normalized_rows(x, settings.chunk_size), num_query,
+        pool = CandidatePool(canonical_rows(x, settings.chunk_size), num_query,
                              max(settings.layer_pool, settings.topk), settings)
     stats = []
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):
