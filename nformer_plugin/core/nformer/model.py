@@ -171,9 +171,10 @@ class NFormer(nn.Module):
     ``ann_threshold``: sets of at least this many rows are searched with an approximate IVF index
     in the sparse path (``None``: always exact); ``ann_nlist``/``ann_nprobe`` tune that index.
     ``layer_pool`` (sparse path, ``neighbors="layer"``): each row's ``layer_pool`` nearest are
-    found once, on the input, and every layer takes its top-k among them (one search instead of
-    one per layer; 0 searches every layer). Its agreement with per-layer search is measured in
-    ``benchmarks/bench_nformer_memory.py``.
+    found once, on the input, and every layer takes its exact top-k among them where a
+    certificate proves the pool holds it, else searches the row in full (``graphs.CandidatePool``;
+    the same neighbors as 0, a search per layer, tested). Every neighbor choice follows one tie
+    rule (``ties``). With ``ann_threshold`` the searches are IVF, approximate.
     """
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,
