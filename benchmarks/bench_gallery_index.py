@@ -24,7 +24,8 @@ neighbors ``layer`` with a pool of 64), untrained weights. Per gallery size it p
     python benchmarks/bench_gallery_index.py --gallery 2000 --queries 300 --skip-million  # check
     python benchmarks/bench_gallery_index.py --tmp-dir /big/disk                 # 10^6: ~12 GB
     python benchmarks/bench_gallery_index.py --skip-market --million-size 200000 # scaling point
-    python benchmarks/bench_gallery_index.py --skip-market --million-size 100000 --million-search exact
+    python benchmarks/bench_gallery_index.py --skip-market --million-size 100000 \
+        --million-search exact                                         # 10^5, exact
     python benchmarks/bench_gallery_index.py --skip-market --million-search both  # 10^6 exact + IVF
 
 The 10^6 run uses the approximate (IVF) neighbor search of the sparse path (``ANN_THRESHOLD``),

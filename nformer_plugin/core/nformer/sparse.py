@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .graphs import (CandidatePool, Graphs, NeighborGraph, SparseSettings, build_neighbor_graphs,
-                     chunks, feature_graphs, gather_rows, graph_counts, normalized_rows)
+                     chunks, feature_graphs, gather_rows, graph_counts)
 from .masks import neighbor_stats
 from .ties import canonical_rows
 
