@@ -70,9 +70,9 @@ def build(spec: Spec) -> torch.nn.Module:
     import nformer_plugin.fastreid_ext.backbone_registry  # noqa: F401  (compat fixes + registration)
     from fastreid.config import get_cfg
     from fastreid.modeling.backbones import build_backbone
-    from nformer_plugin.config import add_nformer_config
+    from nformer_plugin.config import add_plugin_config
 
-    cfg = add_nformer_config(get_cfg())
+    cfg = add_plugin_config(get_cfg())
     cfg.MODEL.BACKBONE.NAME = spec.builder
     cfg.MODEL.BACKBONE.DEPTH = spec.depth
     cfg.MODEL.BACKBONE.LAST_STRIDE = 1

@@ -75,18 +75,18 @@ def _setup(args):
     import torch
 
     sys.path.insert(0, ROOT)
-    from nformer_plugin.config import nformer_kwargs, standalone_config
+    from nformer_plugin.config import standalone_config
     from nformer_plugin.core.nformer import NFormer
 
     torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    kwargs = dict(nformer_kwargs(standalone_config()), dim=args.dim)
+    cfg = standalone_config()
     if args.ivf:
-        kwargs["ann_threshold"] = 1
+        cfg.MODEL.NFORMER.ANN_THRESHOLD = 1
     torch.manual_seed(0)
-    model = NFormer(**kwargs).eval()
+    model = NFormer.from_config(cfg, dim=args.dim).eval()
     gallery, queries = market_like(args.n, args.queries, args.dim)
     return model, torch.from_numpy(gallery), torch.from_numpy(queries)
 
@@ -215,11 +215,10 @@ def worker_index(args) -> Dict:
     result["single_ms_p95_all_threads"] = float(np.percentile(latencies, 95))
     ids32 = index.search(queries[:256], topk=100)[1]
     full = index.refined
-    index.refined = full.astype(np.float16).astype(np.float32)
-    index._search_index = None
+    index.refined = full.astype(np.float16).astype(np.float32)  # the search index follows
     ids16 = index.search(queries[:256], topk=100)[1]
     result["fp16_top100_unchanged"] = float((ids32 == ids16).all(axis=1).mean())
-    index.refined, index._search_index = full, None
+    index.refined = full
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         index.save(tmp)
         result["disk_mb"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in

@@ -12,7 +12,7 @@ skips the generated world. Each source gets its own table, the world's first.
 Features come from ``feature_world.py``: hundreds of training identities in attribute groups
 (near twins), six cameras with per-camera shifts and per-(identity, camera) viewpoint offsets,
 hard outliers; 200 test identities disjoint from training. Every row trains stage 2 with
-``nformer train``'s own code (``cli.train_on_features``: the key defaults plus the row's
+``nformer train``'s own code (``app.train_on_features``: the key defaults plus the row's
 overrides), holds out 10 % of the training identities as the validation split, keeps the epoch
 with the best validation mAP, and reports:
 
@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_world import WorldParams, make_world  # noqa: E402
 
-from nformer_plugin.cli import build_stage_module, load_cli_config, train_on_features  # noqa: E402
+from nformer_plugin.app import build_stage, load_feature_config, train_on_features  # noqa: E402
+from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
 from nformer_plugin.core.features import FeatureSet, load_feature_file  # noqa: E402
-from nformer_plugin.evaluate import evaluate_pipelines  # noqa: E402
 
 
 def stats_text(layers) -> str:
@@ -50,26 +50,42 @@ def stats_text(layers) -> str:
 
 
 def load_feature_dir(path: str) -> dict:
-    """A real feature directory as the world's ``{"train", "query", "gallery"}`` splits."""
+    """A real feature directory as the world's ``{"train", "query", "gallery"}`` splits; without
+    ``query.npz`` / ``gallery.npz`` only validation figures are reported (choosing needs no more)."""
     sets = {name: load_feature_file(os.path.join(path, f"{name}.npz"))
-            for name in ("train", "query", "gallery")}
+            for name in ("train", "query", "gallery")
+            if name == "train" or os.path.isfile(os.path.join(path, f"{name}.npz"))}
     return {name: (fs.feats, fs.pids, fs.camids) for name, fs in sets.items()}
 
 
-def run_row(world, opts, steps: int):
-    train, query, gallery = world["train"], FeatureSet(*world["query"]), FeatureSet(*world["gallery"])
+def run_row(world, opts, steps: int, device: str = "cpu"):
+    train = world["train"]
+    has_test = "query" in world and "gallery" in world
+    query = FeatureSet(*world["query"]) if has_test else None
+    gallery = FeatureSet(*world["gallery"]) if has_test else None
     dim = train[0].shape[1]
     base_opts = ["MODEL.NFORMER.DIM", str(dim), "MODEL.NFORMER.FFN_DIM", str(4 * dim),
                  "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "10",
                  "MODEL.NFORMER.STAGE2.EPOCHS", str(max(1, steps // 10)),
-                 "MODEL.DEVICE", "cpu"]
-    cfg = load_cli_config("", base_opts + list(opts))
-    fresh = build_stage_module(cfg, dim, 2).eval()
-    evaluate_pipelines(cfg, query, gallery, fresh)
-    fresh_stats = list(fresh.nformer.neighbor_stats)
+                 "MODEL.DEVICE", device]
+    cfg = load_feature_config("", base_opts + list(opts))
+    fresh = build_stage(cfg, dim, 2).eval()
+    if has_test:
+        evaluate_pipelines(cfg, query, gallery, fresh)
+        fresh_stats = list(fresh.nformer.neighbor_stats)
     started = time.perf_counter()
     stage, trainer = train_on_features(cfg, train[0][None], train[1], train[2])
     seconds = time.perf_counter() - started
+    if not has_test:  # validation only: the stats of the last validation refinement
+        trainer.validator(stage)
+        stats = list(stage.nformer.neighbor_stats)
+        trainer.validator(fresh.to(next(stage.parameters()).device))
+        fresh_stats = list(fresh.nformer.neighbor_stats)
+        nan = float("nan")
+        return {"opts": " ".join(opts), "val_mAP": trainer.best["val_mAP"],
+                "best_epoch": trainer.best["epoch"] + 1, "base_mAP": nan, "base_R1": nan,
+                "mAP": nan, "R1": nan, "neighbors": stats, "fresh_neighbors": fresh_stats,
+                "train_seconds": seconds, "val_baseline_mAP": trainer.validator.baseline["val_mAP"]}
     rows = evaluate_pipelines(cfg, query, gallery, stage)
     return {
         "opts": " ".join(opts), "val_mAP": trainer.best["val_mAP"], "best_epoch": trainer.best["epoch"] + 1,
@@ -80,22 +96,26 @@ def run_row(world, opts, steps: int):
     }
 
 
-def run_source(name: str, world: dict, grid, extra, steps: int, output: str) -> list:
+def run_source(name: str, world: dict, grid, extra, steps: int, output: str,
+               device: str = "cpu") -> list:
     """Every row of ``grid`` on one feature source; prints and writes its Markdown table."""
-    print(f"{name}: {len(world['train'][0])} training features, {len(world['query'][0])} "
-          f"queries, {len(world['gallery'][0])} gallery, d={world['train'][0].shape[1]}",
-          flush=True)
+    sizes = {k: len(v[0]) for k, v in world.items()}
+    print(f"{name}: {sizes.get('train')} training features, {sizes.get('query', 0)} queries, "
+          f"{sizes.get('gallery', 0)} gallery, d={world['train'][0].shape[1]}", flush=True)
     results = []
     header = ("| setting | val mAP | test mAP (baseline -> NFormer) | test Rank-1 | neighbors "
               "kept: mean / p5 / self-only, trained | same, untrained | train s |")
     lines = [f"### {name}", "", header, "|" + "---|" * 7]
     for opts in grid:
-        r = run_row(world, opts, steps)
+        r = run_row(world, opts, steps, device)
         results.append(r)
         label = r["opts"].replace("MODEL.NFORMER.", "")
         if opts in grid[:len(grid) - len(extra)]:  # source, l, k
             label = " ".join(opts[1::2])
-        line = (f"| {label} | {r['val_mAP']:.2f} | {r['base_mAP']:.2f} -> {r['mAP']:.2f} | "
+        val = f"{r['val_mAP']:.2f}"
+        if "val_baseline_mAP" in r:
+            val = f"{r['val_baseline_mAP']:.2f} -> {val}"
+        line = (f"| {label} | {val} | {r['base_mAP']:.2f} -> {r['mAP']:.2f} | "
                 f"{r['base_R1']:.2f} -> {r['R1']:.2f} | {stats_text(r['neighbors'])} | "
                 f"{stats_text(r['fresh_neighbors'])} | {r['train_seconds']:.0f} |")
         lines.append(line)
@@ -125,6 +145,7 @@ def main() -> None:
                         help="a real feature directory (train/query/gallery .npz); repeatable")
     parser.add_argument("--no-world", action="store_true", help="skip the generated world")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every row (cpu, cuda)")
     parser.add_argument("--output", default="logs/bench_nformer_gain")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +156,7 @@ def main() -> None:
     sources = [] if args.no_world else [("generated world", lambda: make_world(WorldParams()))]
     sources += [(f"features {d}", lambda d=d: load_feature_dir(d)) for d in args.features]
     for name, load in sources:
-        run_source(name, load(), grid, args.extra, args.steps, args.output)
+        run_source(name, load(), grid, args.extra, args.steps, args.output, args.device)
 
 
 if __name__ == "__main__":

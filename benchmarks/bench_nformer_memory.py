@@ -57,7 +57,8 @@ def _import_nformer():
         package = types.ModuleType("nformer_plugin")
         package.__path__ = [os.path.join(ROOT, "nformer_plugin")]
         sys.modules["nformer_plugin"] = package
-    return importlib.import_module("nformer_plugin.core.nformer").NFormer
+    module = importlib.import_module("nformer_plugin.core.nformer")
+    return module.NFormer, module.InferenceSettings
 
 
 def _default_config():
@@ -71,17 +72,18 @@ def _default_config():
 def run_worker(args) -> None:
     import torch
 
-    NFormer = _import_nformer()
+    NFormer, InferenceSettings = _import_nformer()
     torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
     torch.manual_seed(0)
+    settings = InferenceSettings(inference=args.path, chunk_size=args.chunk_size,
+                                 ann_threshold=1 if args.approximate else None,
+                                 ann_nlist=args.nlist, ann_nprobe=args.nprobe,
+                                 layer_pool=args.layer_pool)
     model = NFormer(dim=args.dim, num_layers=args.layers, num_heads=2, ffn_dim=4 * args.dim,
-                    num_landmarks=5, topk=20, inference=args.path, chunk_size=args.chunk_size,
-                    ann_threshold=1 if args.approximate else None, ann_nlist=args.nlist,
-                    ann_nprobe=args.nprobe, neighbors=args.neighbors,
-                    layer_pool=args.layer_pool).eval()
+                    num_landmarks=5, topk=20, neighbors=args.neighbors, settings=settings).eval()
     feats = clustered_features(args.n, args.dim)
     num_query = args.n // 8
     rss_before = status_mb("VmRSS")
@@ -93,7 +95,7 @@ def run_worker(args) -> None:
     peak = status_mb("VmHWM")
     if args.save:
         np.save(args.save, out.numpy())
-    search = "-" if args.path == "dense" else ("IVF" if model.ann_threshold else "exact")
+    search = "-" if args.path == "dense" else ("IVF" if settings.ann_threshold else "exact")
     print(json.dumps(dict(seconds=seconds, rss_before_mb=rss_before, peak_rss_mb=peak,
                           peak_is_forward_only=reset, search=search)))
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proc_memory import status_mb  # noqa: E402
 
-from nformer_plugin.cli import build_stage_module, load_cli_config  # noqa: E402
+from nformer_plugin.app import build_stage, load_feature_config  # noqa: E402
 from nformer_plugin.core.losses import stage2_losses  # noqa: E402
 from nformer_plugin.core.training import Stage2Settings, build_stage2  # noqa: E402
 
@@ -67,11 +67,11 @@ def main() -> None:
     parser.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_cli_config("", ["MODEL.DEVICE", "cpu"] + list(args.opts))
+    cfg = load_feature_config("", ["MODEL.DEVICE", "cpu"] + list(args.opts))
     bank, labels = clustered_bank(args.rows, args.ids, args.dim)
     settings = Stage2Settings.from_config(cfg.MODEL.NFORMER.STAGE2)
     torch.manual_seed(cfg.SEED)
-    stage = build_stage_module(cfg, args.dim, args.ids)
+    stage = build_stage(cfg, args.dim, args.ids)
     minimal_stage = copy.deepcopy(stage)
     trainer = build_stage2(stage, bank, labels, settings, cfg.SEED)
     stage.train()

@@ -140,3 +140,13 @@ def write_feature_files(directory, num_ids, per_id, num_train_ids, dim=32, seed=
     for name, part in zip(names, (train, query, gallery)):
         save_feature_file(paths[name], *part)
     return paths, (train, query, gallery)
+
+
+def build_nformer(**kwargs):
+    """``NFormer(...)`` from flat keyword arguments: the fields of ``InferenceSettings`` (query
+    mode, landmark seed, inference, chunk size, ANN settings, layer pool) go into ``settings``."""
+    from nformer_plugin.core.nformer import InferenceSettings, NFormer
+
+    names = set(InferenceSettings.field_names())
+    settings = InferenceSettings(**{k: v for k, v in kwargs.items() if k in names})
+    return NFormer(**{k: v for k, v in kwargs.items() if k not in names}, settings=settings)

@@ -9,7 +9,7 @@ from torch import nn
 import nformer_plugin.fastreid_ext.backbone_registry as glue  # applies the compat fixes before FastReID imports
 from fastreid.config import get_cfg
 from fastreid.modeling.backbones import build_backbone
-from nformer_plugin.config import add_nformer_config
+from nformer_plugin.config import add_plugin_config
 from nformer_plugin.core.backbones import (
     ABDNet, APNet, DilatedResNet, feature_orthogonality, spectral_extremes, weight_orthogonality)
 
@@ -20,7 +20,7 @@ SMALL = (64, 32)  # H x W of the test images: a 4 x 2 map at stride 16
 def make_cfg(name, depth="18x", size=SMALL, abd_dim=None):
     """A config for backbone ``name``; ``abd_dim`` shrinks ABD's branch widths (speed)."""
     cfg = get_cfg()
-    add_nformer_config(cfg)
+    add_plugin_config(cfg)
     cfg.MODEL.BACKBONE.NAME = name
     cfg.MODEL.BACKBONE.DEPTH = depth
     cfg.MODEL.BACKBONE.PRETRAIN = False
@@ -320,7 +320,7 @@ def test_backbone_output_dim(name, depth, expected):
 ])
 def test_configs_merge(config, name, size, rerank):
     cfg = get_cfg()
-    add_nformer_config(cfg)
+    add_plugin_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "NFormer" / config))
     assert cfg.MODEL.BACKBONE.NAME == name
     assert list(cfg.INPUT.SIZE_TRAIN) == size and list(cfg.INPUT.SIZE_TEST) == size

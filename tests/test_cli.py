@@ -10,7 +10,8 @@ import pytest
 from conftest import write_feature_files
 import torch
 
-from nformer_plugin.cli import load_stage, main
+from nformer_plugin.app import load_stage
+from nformer_plugin.cli import main
 from nformer_plugin.core.features import load_feature_file, save_feature_file
 
 TRAIN_OPTS = ["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM", "64",

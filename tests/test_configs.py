@@ -85,14 +85,14 @@ def test_both_entry_points_build_stage2_from_the_same_settings(config):
     """fastreid-train and nformer train call core.training.build_stage2 with
     Stage2Settings.from_config(MODEL.NFORMER.STAGE2): a shipped config changes the stage-2
     optimiser only where it says so, and with no config file both get the key defaults."""
-    from nformer_plugin.cli import load_cli_config
+    from nformer_plugin.app import load_feature_config
     from nformer_plugin.core.training import Stage2Settings
 
     path = os.path.join(REPO, "configs/NFormer", config)
     train_net = Stage2Settings.from_config(load_config(path).MODEL.NFORMER.STAGE2)
-    features = Stage2Settings.from_config(load_cli_config(path).MODEL.NFORMER.STAGE2)
+    features = Stage2Settings.from_config(load_feature_config(path).MODEL.NFORMER.STAGE2)
     assert train_net == features
-    defaults = Stage2Settings.from_config(load_cli_config().MODEL.NFORMER.STAGE2)
+    defaults = Stage2Settings.from_config(load_feature_config().MODEL.NFORMER.STAGE2)
     if config != "demo.yml":
         assert (train_net.opt, train_net.base_lr) == (defaults.opt, defaults.base_lr)
 

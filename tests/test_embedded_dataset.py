@@ -1,4 +1,4 @@
-"""The embedded dataset generator (nformer_plugin.embedded) and its FastReID glue."""
+"""The embedded dataset generator (nformer_plugin.synthetic_dataset) and its FastReID glue."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nformer_plugin.embedded import (
+from nformer_plugin.synthetic_dataset import (
     GALLERY_DIR,
     MARKER,
     MARKET_FOLDER,
@@ -33,7 +33,7 @@ from nformer_plugin.embedded import (
     random_identity,
     render_image,
 )
-from nformer_plugin.embedded import writer  # its helpers are monkeypatched below
+from nformer_plugin.synthetic_dataset import writer  # its helpers are monkeypatched below
 
 TINY = dict(seed=0, num_train_ids=3, num_test_ids=4, num_cameras=3, images_per_id=6,
             queries_per_id=2, height=32, outlier_ratio=0.2)
@@ -280,7 +280,7 @@ def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
     from fastreid.data.datasets import DATASET_REGISTRY
 
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     assert DATASET_REGISTRY.get("EmbeddedReID") is EmbeddedReID
     ds = EmbeddedReID(root=str(tmp_path / "ignored"), **TINY)
@@ -301,7 +301,7 @@ def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
 
 def test_embedded_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     with pytest.raises(ValueError, match="cameras"):
         EmbeddedReID(**{**TINY, "num_cameras": 7})
@@ -311,10 +311,10 @@ def test_embedded_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_p
 def test_kwargs_from_config():
     from fastreid.config import get_cfg
 
-    from nformer_plugin.config import add_nformer_config
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.config import add_plugin_config
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
-    cfg = add_nformer_config(get_cfg())
+    cfg = add_plugin_config(get_cfg())
     cfg.DATASETS.EMBEDDED.SEED = 7
     cfg.DATASETS.EMBEDDED.HEIGHT = 32
     kwargs = EmbeddedReID.kwargs_from_config(cfg)
@@ -324,7 +324,7 @@ def test_kwargs_from_config():
 def test_defaults_have_one_source():
     """A fresh config's DATASETS.EMBEDDED holds EmbeddedParams' defaults, nothing else."""
     from nformer_plugin.fastreid_ext.config import load_config
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     cfg = load_config()
     assert EmbeddedReID.kwargs_from_config(cfg) == EmbeddedParams().as_dict()
@@ -334,7 +334,7 @@ def test_defaults_have_one_source():
 
 def test_embedded_reid_takes_a_params_object(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
 
     ds = EmbeddedReID(params=EmbeddedParams(**{**TINY, "seed": 1}), seed=2)
     assert ds.generator_params == EmbeddedParams(**{**TINY, "seed": 2})
@@ -369,8 +369,8 @@ def test_params_from_config_node_and_mappings():
 
 
 def test_embedded_package_is_pure():
-    """nformer_plugin.embedded imports only the standard library, numpy, PIL, tqdm and itself."""
-    import nformer_plugin.embedded as pkg
+    """nformer_plugin.synthetic_dataset imports only the standard library, numpy, PIL, tqdm and itself."""
+    import nformer_plugin.synthetic_dataset as pkg
 
     stdlib = getattr(sys, "stdlib_module_names", None) or {  # Python < 3.10: what it uses
         "dataclasses", "functools", "hashlib", "json", "math", "os", "shutil", "socket", "typing",

@@ -3,12 +3,11 @@
 Galleries with exact duplicates, near duplicates (noise 1e-7) and clustered rows; small sizes so
 the file runs in seconds. Rows that differ by more than 1e-4 must be 0 (and, on this platform,
 the rows are equal bit for bit)."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import clustered_features
+from conftest import build_nformer, clustered_features
 from nformer_plugin import GalleryIndex, NFormer
 from nformer_plugin.core.nformer import ties
 
@@ -38,7 +37,7 @@ def make_model(**overrides) -> NFormer:
                   topk=10, layer_pool=24)
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return NFormer(**kwargs).eval()
+    return build_nformer(**kwargs).eval()
 
 
 def batch(model, queries, gallery):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import clustered_features, write_feature_files
+from conftest import build_nformer, clustered_features, write_feature_files
 from nformer_plugin import GalleryIndex, NFormer
-from nformer_plugin.cli import load_stage, main
+from nformer_plugin.app import load_stage
+from nformer_plugin.cli import main
 from nformer_plugin.core.features import save_feature_file
 from nformer_plugin.core.nformer import NFormerStage
 from nformer_plugin.core.retrieval.metrics import cosine_distance, euclidean_distance
@@ -27,7 +28,7 @@ def make_model(**overrides) -> NFormer:
                   topk=5, layer_pool=16)
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return NFormer(**kwargs).eval()
+    return build_nformer(**kwargs).eval()
 
 
 def data(kind: str, n: int, seed: int) -> torch.Tensor:

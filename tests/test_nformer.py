@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import build_nformer
 from nformer_plugin.core.nformer import (
     LandmarkAgentAttention, NFormer, build_neighbor_mask, reciprocal_neighbor_mask,
     reciprocal_neighbor_softmax, topk_neighbor_mask,
@@ -22,7 +23,7 @@ def make_model(**overrides) -> NFormer:
                   topk=5)
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return NFormer(**kwargs).eval()
+    return build_nformer(**kwargs).eval()
 
 
 def clustered(n: int, seed: int = 0, clusters: int = 8, dim: int = DIM) -> torch.Tensor:
@@ -185,7 +186,8 @@ def test_approximate_ivf_with_all_cells_probed_is_exact():
     model = make_model()
     x = clustered(300, seed=2)
     exact = model(x, num_query=20)
-    model.ann_threshold, model.ann_nlist, model.ann_nprobe = 1, 4, 4
+    s = model.settings
+    s.ann_threshold, s.ann_nlist, s.ann_nprobe = 1, 4, 4
     approx = model(x, num_query=20)
     assert torch.allclose(exact, approx, atol=1e-4)
 
@@ -302,4 +304,4 @@ def test_clear_errors():
     for kwargs in (dict(neighbors="x"), dict(query_mode="x"), dict(inference="x"),
                    dict(dim=30, num_heads=4), dict(topk=0), dict(dropout=1.0)):
         with pytest.raises(ValueError):
-            NFormer(**kwargs)
+            build_nformer(**kwargs)

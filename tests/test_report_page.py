@@ -172,7 +172,7 @@ def test_evaluator_exports_paths_and_writes_the_report_page(report_inputs, tmp_p
     pytest.importorskip("fastreid")
     from nformer_plugin.core.nformer import NFormer, NFormerStage
     from nformer_plugin.fastreid_ext.config import default_config
-    from nformer_plugin.fastreid_ext.evaluator import NFormerEvaluator
+    from nformer_plugin.fastreid_ext.nformer.evaluator import NFormerEvaluator
 
     root, query, gallery, _ = report_inputs
     cfg = default_config()

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import clustered_features
-from nformer_plugin.config import nformer_kwargs, standalone_config
+from nformer_plugin.config import standalone_config
 from nformer_plugin.core.losses import batch_hard_triplet, stage2_losses
-from nformer_plugin.core.nformer import NFormer, NFormerStage
+from nformer_plugin.core.nformer import InferenceSettings, NFormer, NFormerStage
 from nformer_plugin.core.training import (NeighborhoodSetSampler, Stage2Settings, build_stage2,
                                           iterations_per_epoch)
 from nformer_plugin.core.training.validation import (make_validator, split_validation_ids,
@@ -184,12 +184,14 @@ def test_early_stop_after_patience_epochs_without_gain_and_resume_stops_the_same
 
 
 def test_evaluation_does_not_replay_training_landmarks():
-    model = NFormer(dim=16, num_layers=2, num_heads=2, ffn_dim=32, topk=5, landmark_seed=3)
+    model = NFormer(dim=16, num_layers=2, num_heads=2, ffn_dim=32, topk=5,
+                    settings=InferenceSettings(landmark_seed=3))
     x = torch.randn(1, 40, 16)
     model.train()
     model(x)
     plain = [lm.clone() for lm in model.last_landmarks]
-    model2 = NFormer(dim=16, num_layers=2, num_heads=2, ffn_dim=32, topk=5, landmark_seed=3)
+    model2 = NFormer(dim=16, num_layers=2, num_heads=2, ffn_dim=32, topk=5,
+                     settings=InferenceSettings(landmark_seed=3))
     model2.train()
     model2(x)
     model2.eval()
@@ -232,9 +234,9 @@ def world(num_ids=120, per_id=17, dim=64, seed=0):
 def test_default_source_keeps_neighbors_and_they_are_mostly_same_identity(inference):
     x, pids = world()
     cfg = standalone_config()
-    kwargs = dict(nformer_kwargs(cfg), dim=64, inference=inference)
+    cfg.MODEL.NFORMER.INFERENCE = inference
     torch.manual_seed(0)
-    model = NFormer(**kwargs).eval()  # fresh, untrained: the mask must exist from the start
+    model = NFormer.from_config(cfg, dim=64).eval()  # fresh, untrained: the mask must exist from the start
     model(x, num_query=0)
     k = model.topk
     for stats in model.neighbor_stats:
@@ -251,7 +253,8 @@ def test_default_source_keeps_neighbors_and_they_are_mostly_same_identity(infere
 def test_paper_literal_source_starves_attention_and_the_stats_show_it():
     x, _ = world()
     torch.manual_seed(0)
-    model = NFormer(dim=64, neighbors="affinity", inference="dense").eval()
+    model = NFormer(dim=64, neighbors="affinity",
+                    settings=InferenceSettings(inference="dense")).eval()
     model(x)
     assert model.neighbor_stats[0]["self_only"] > 0.5  # what the issue measured (~90 %)
     assert "self-only" in model.describe_neighbors()
@@ -273,17 +276,18 @@ def test_approximate_search_regime_is_used_and_keeps_retrieval_quality():
                                 camids[:100], camids[100:])["mAP"]
 
     exact = model(x, num_query=100)
-    model.ann_threshold, model.ann_nlist, model.ann_nprobe = 1, 16, 4  # 4 of 16 cells probed
+    s = model.settings
+    s.ann_threshold, s.ann_nlist, s.ann_nprobe = 1, 16, 4  # 4 of 16 cells probed
     approx = model(x, num_query=100)
     assert (exact - approx).abs().max() > 1e-3  # truly approximate: some neighbor lists differ
     assert abs(map_of(approx) - map_of(exact)) < 3.0
 
 
 def test_a_short_stage2_run_raises_validation_map_above_the_baseline():
-    from nformer_plugin.cli import load_cli_config, train_on_features
+    from nformer_plugin.app import load_feature_config, train_on_features
 
     feats, pids, camids = clustered_features(120, 10, dim=32, seed=6, noise=1.1)
-    cfg = load_cli_config("", ["MODEL.NFORMER.DIM", "32", "MODEL.NFORMER.FFN_DIM", "64",
+    cfg = load_feature_config("", ["MODEL.NFORMER.DIM", "32", "MODEL.NFORMER.FFN_DIM", "64",
                                "MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.TOPK", "10",
                                "MODEL.NFORMER.STAGE2.EPOCHS", "4",
                                "MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH", "20",
@@ -315,9 +319,9 @@ def test_layer_pool_first_layer_is_exact_and_later_layers_rerank_the_pool():
     # a pool as large as the set is the exact search at every layer
     torch.manual_seed(0)
     model = NFormer(dim=32, num_layers=3, ffn_dim=64, topk=10).eval()
-    model.layer_pool = 0
+    model.settings.layer_pool = 0
     per_layer = model(x, num_query=60)
-    model.layer_pool = len(x)
+    model.settings.layer_pool = len(x)
     assert torch.allclose(model(x, num_query=60), per_layer, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import clustered_features, split_query_gallery, write_feature_files
 from nformer_plugin.core.features import FeatureSet
-from nformer_plugin.core.nformer import NFormer
+from nformer_plugin.core.nformer import InferenceSettings, NFormer
 from nformer_plugin.core.retrieval.metrics import evaluate_ranking
 from nformer_plugin.studies import STUDIES, run_study
 from nformer_plugin.studies.affinity import (affinity_cosine, affinity_cosine_direct,
@@ -61,7 +61,8 @@ def test_flops_counter_matches_a_hand_count():
 def test_flops_counter_matches_torch_flop_counter_on_the_dense_forward(mask, neighbors, exact):
     n, d = 40, 16
     model = NFormer(dim=d, num_layers=2, num_heads=2, ffn_dim=24, num_landmarks=3, topk=4,
-                    mask=mask, neighbors=neighbors, exact_affinity=exact, inference="dense")
+                    mask=mask, neighbors=neighbors, exact_affinity=exact,
+                    settings=InferenceSettings(inference="dense"))
     counted = measured_dense_flops(model, torch.randn(n, d))
     macs = nformer_macs(n, d, num_layers=2, num_heads=2, ffn_dim=24, num_landmarks=3, topk=4,
                         mask=mask, neighbors=neighbors, exact_affinity=exact, path="dense")

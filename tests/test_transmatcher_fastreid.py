@@ -107,7 +107,7 @@ def test_freeze_bn_stats_keeps_running_statistics():
 def test_meta_arch_builds_with_ibn_b_and_fastreid_backbones(backbone):
     from fastreid.modeling import build_model
 
-    from nformer_plugin.fastreid_ext.transmatcher_arch import TransMatcherReID
+    from nformer_plugin.fastreid_ext.transmatcher.meta_arch import TransMatcherReID
 
     model = build_model(tm_config(backbone))
     assert isinstance(model, TransMatcherReID)
@@ -149,7 +149,7 @@ def test_meta_arch_rejects_bad_settings():
 def test_optimizer_groups_and_clipping_follow_sec_6_2():
     from fastreid.modeling import build_model
 
-    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
 
     cfg = tm_config(["SOLVER.OPT", "SGD", "SOLVER.BASE_LR", "0.0005",
                      "MODEL.TRANSMATCHER.NEW_LR", "0.005"])
@@ -174,7 +174,7 @@ def test_short_training_lowers_loss_and_beats_untrained_matcher_across_domains(
     cross-domain mAP ends above the same network untrained."""
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
 
     cfg = tm_config(["OUTPUT_DIR", str(tmp_path / "out"), "SEED", "1"])
     cfg.freeze()
@@ -199,7 +199,7 @@ def test_short_training_lowers_loss_and_beats_untrained_matcher_across_domains(
 def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
         monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
-    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
 
     cfg = tm_config(["OUTPUT_DIR", str(tmp_path), "TEST.RERANK.ENABLED", "True",
                      "TEST.RERANK.K1", "5", "TEST.RERANK.K2", "2",
@@ -219,7 +219,7 @@ def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
 
 def test_domain_datasets_are_registered_and_differ(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.dataset import EmbeddedReIDDomainA, EmbeddedReIDDomainB
+    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReIDDomainA, EmbeddedReIDDomainB
 
     cfg = tm_config()
     a = EmbeddedReIDDomainA(**EmbeddedReIDDomainA.kwargs_from_config(cfg))
@@ -270,7 +270,7 @@ def test_real_config_builds_paper_model():
 def test_cuhk03np_reads_the_market_style_release(monkeypatch, tmp_path):
     from PIL import Image
 
-    from nformer_plugin.fastreid_ext.cross_datasets import CUHK03NP
+    from nformer_plugin.fastreid_ext.datasets.cross_dataset import CUHK03NP
 
     root = tmp_path / "cuhk03-np" / "detected"
     for sub, names in (("bounding_box_train", ["0001_c1_1.png", "0001_c2_2.png"]),
@@ -319,7 +319,7 @@ def test_resume_continues_at_the_next_epoch_and_ends_identically(monkeypatch, tm
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
     from nformer_plugin.core.io import save_text
     from nformer_plugin.fastreid_ext.trainer import AtomicCheckpointer
-    from nformer_plugin.fastreid_ext.transmatcher_trainer import TransMatcherTrainer
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
 
     out = tmp_path / "out"
     out.mkdir()  # fastreid-train's default_setup makes it

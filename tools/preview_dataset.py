@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nformer_plugin.embedded import (  # noqa: E402
+from nformer_plugin.synthetic_dataset import (  # noqa: E402
     QUERY_DIR,
     TRAIN_DIR,
     EmbeddedParams,

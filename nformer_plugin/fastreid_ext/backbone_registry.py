@@ -17,6 +17,7 @@ applies to the ResNet body; the new attention layers use plain BatchNorm.
 Pretrained weights come only from ``MODEL.BACKBONE.PRETRAIN_PATH``: nothing is downloaded.
 :func:`check_pretrain_available` applies the same rule to any backbone (FastReID's own builders
 would otherwise try to download when the path is empty); the trainer calls it before building.
+Shared by both meta-architectures: :func:`backbone_output_dim`, :func:`normalized_images`.
 """
 from __future__ import annotations
 
@@ -159,3 +160,14 @@ def build_mobilenet_v2_backbone(cfg) -> MobileNetV2Backbone:
                          "build_mobilenet_v2_backbone (BatchNorm only); set it BN")
     model = MobileNetV2Backbone(last_stride=bb.LAST_STRIDE)
     return _maybe_load_pretrained(model, cfg)
+
+
+def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
+                      pixel_std: torch.Tensor) -> torch.Tensor:
+    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
+    place, so a flipped second pass sees the raw images."""
+    images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
+    images = images.to(pixel_mean.device, non_blocking=True).float()
+    return (images - pixel_mean) / pixel_std

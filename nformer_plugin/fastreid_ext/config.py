@@ -5,12 +5,12 @@ from typing import Sequence
 
 from fastreid.config import CfgNode, get_cfg
 
-from ..config import add_nformer_config, merge_config
+from ..config import add_plugin_config, merge_config
 
 
 def default_config() -> CfgNode:
     """FastReID's defaults with the plugin's keys."""
-    return add_nformer_config(get_cfg())
+    return add_plugin_config(get_cfg())
 
 
 def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:

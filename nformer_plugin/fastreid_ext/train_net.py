@@ -19,7 +19,8 @@ from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
 from .config import load_config
-from .trainer import AtomicCheckpointer, Trainer, export_training_features
+from .nformer.trainer import Trainer
+from .trainer import AtomicCheckpointer, export_training_features
 
 
 DEBUG_ENV = "NFORMER_DEBUG"  # set (or pass --debug) to see the traceback behind a user error
@@ -115,7 +116,7 @@ def trainer_class(cfg):
     """The trainer of ``MODEL.META_ARCHITECTURE``: TransMatcher's recipe for
     ``TransMatcherReID``, the two-stage NFormer trainer otherwise."""
     if cfg.MODEL.META_ARCHITECTURE == "TransMatcherReID":
-        from .transmatcher_trainer import TransMatcherTrainer
+        from .transmatcher.trainer import TransMatcherTrainer
 
         return TransMatcherTrainer
     return Trainer

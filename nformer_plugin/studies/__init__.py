@@ -1,12 +1,13 @@
 """The NFormer paper's ablations as studies on any features (``nformer study NAME ...``).
 
 Each study takes training / query / gallery feature files (``.npz``), trains what it needs through
-``cli.train_on_features`` (the ``nformer train`` code path) and writes ``OUTPUT/NAME.csv``,
+``app.training.train_on_features`` (the ``nformer train`` code path) and writes ``OUTPUT/NAME.csv``,
 ``NAME.json`` and ``NAME.png``. Python API: ``run_study(name, train, query, gallery, output,
 config_file="", opts=())`` or the function of the same name (``table1(...)``,
 ``images_per_id(...)``, ...). Deterministic under ``SEED``; the JSON holds no timings.
 
-Never imports FastReID (``cli`` reaches it only to read FastReID config files when installed).
+Never imports FastReID (``app.config`` reaches it only to read FastReID config files when
+installed) and never a command module.
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def run_study(name: str, train: Union[Features, Sequence[Features]], query: Feat
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; expected one of {', '.join(STUDIES)}")
     if cfg is None:
-        from ..cli import load_cli_config
+        from ..app.config import load_feature_config
 
-        cfg = load_cli_config(config_file, opts)
+        cfg = load_feature_config(config_file, opts)
     trains = [train] if isinstance(train, (str, FeatureSet)) else list(train or [])
     start = time.time()
     ctx = StudyContext(name, cfg, [_load(t) for t in trains], _load(query), _load(gallery), output)

@@ -1,7 +1,7 @@
 """What every study shares: the features, the baseline ranking, trained variants, evaluation of a
 trained model under evaluation-time settings, progress with ETA, and the three output files.
 
-Training goes through ``cli.train_on_features`` (the ``nformer train`` code path: validation
+Training goes through ``app.training.train_on_features`` (the ``nformer train`` code path: validation
 split of the *training* identities picks the epoch; nothing is chosen on the test split).
 """
 from __future__ import annotations
@@ -25,10 +25,11 @@ from ..core.retrieval.metrics import evaluate_ranking
 logger = logging.getLogger("fastreid.nformer")
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "mINP")
-#: evaluation-time settings of a trained NFormer: attribute of NFormer / of each attention
+#: evaluation-time settings of a trained NFormer: attribute of NFormer (dotted: of an attribute)
+#: / of each attention block
 EVAL_SETTINGS = {"num_landmarks": ("num_landmarks", None), "topk": ("topk", "topk"),
                  "mask": ("mask", "mask"), "exact_affinity": ("exact_affinity", "exact_affinity"),
-                 "landmark_seed": ("landmark_seed", None)}
+                 "landmark_seed": ("settings.landmark_seed", None)}
 
 
 class Progress:
@@ -75,7 +76,7 @@ class StudyContext:
         overrides = {k: v for k, v in overrides.items() if self.cfg.MODEL.NFORMER[k] != v}
         key = tuple(sorted(overrides.items()))
         if key not in self._models:
-            from ..cli import train_on_features
+            from ..app.training import train_on_features
 
             if not self.train:
                 raise ValueError(f"study {self.name!r} trains NFormer: pass --train TRAIN.npz")
@@ -142,8 +143,12 @@ class eval_settings:
     def __enter__(self):
         for name, value in self.settings.items():
             top, attn = EVAL_SETTINGS[name]
-            self.saved.append((self.nformer, top, getattr(self.nformer, top)))
-            setattr(self.nformer, top, value)
+            owner = self.nformer
+            *path, top = top.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            self.saved.append((owner, top, getattr(owner, top)))
+            setattr(owner, top, value)
             if attn:
                 for block in self.nformer.blocks:
                     self.saved.append((block.attn, attn, getattr(block.attn, attn)))

@@ -123,8 +123,9 @@ class InnerProductSearcher:
             metric = "l2"
         scores, idx = knn_search(q, None, k, metric=metric, index=self.index,
                                  chunk_size=self.settings.chunk_size)
-        scores = None if self.settings.approximate else torch.from_numpy(scores)
-        return scores, torch.from_numpy(idx).to(queries.device)
+        device = queries.device  # faiss answers on the host; the lists follow the features
+        scores = None if self.settings.approximate else torch.from_numpy(scores).to(device)
+        return scores, torch.from_numpy(idx).to(device)
 
 
 def outside_bound(last_scores: Tensor, queries: Tensor, max_norm: float, dim: int) -> Tensor:

@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from .masks import (MASK_MODES, build_neighbor_mask, check_choice, check_topk, cosine_affinity,
                     mask_neighbor_counts, neighbor_stats, reciprocal_neighbor_softmax)
-from .sparse import SparseSettings, sparse_nformer_forward
+from .settings import InferenceSettings
+from .forward import sparse_nformer_forward
+from .sparse import SparseSettings
 
 NEIGHBOR_SOURCES = ("affinity", "input", "layer")
-QUERY_MODES = ("isolated", "joint")
-INFERENCE_MODES = ("sparse", "dense")
 ACTIVATIONS = ("gelu", "relu")
 
 # ----------------------------------------------------------------------------- modules
@@ -148,12 +148,13 @@ class NFormer(nn.Module):
       come from ``train_generator``, which advances from call to call (and is checkpointed).
     * Evaluation (``model.eval()``): ``model(feats, num_query=Q)`` with one set ``feats`` (N, d)
       whose first ``Q`` rows are queries returns the refined (N, d). Landmarks come from a
-      generator seeded with ``landmark_seed`` on every call (never the training one), so equal
-      inputs give equal outputs. ``inference="sparse"`` never builds an ``N x N`` matrix (see
-      ``sparse``; not differentiable), ``"dense"`` does. A (B, N, d) input in eval mode is dense.
-    * ``query_mode="isolated"`` (paper, sec. 4.2): landmarks are drawn from gallery rows only,
-      the gallery is refined as a set without the queries and each query attends to the gallery
-      and itself (:func:`build_neighbor_mask`); layer ``L`` of a query sees the gallery's layer
+      generator seeded with ``settings.landmark_seed`` on every call (never the training one), so
+      equal inputs give equal outputs. ``settings.inference="sparse"`` never builds an ``N x N``
+      matrix (see ``sparse``; not differentiable), ``"dense"`` does. A (B, N, d) input in eval
+      mode is dense.
+    * ``settings.query_mode="isolated"`` (paper, sec. 4.2): landmarks are drawn from gallery rows
+      only, the gallery is refined as a set without the queries and each query attends to the
+      gallery and itself (:func:`build_neighbor_mask`); layer ``L`` of a query sees the gallery's layer
       ``L-1`` states. ``"joint"`` (official code): all rows form one set.
     * ``neighbors`` (where the mask's neighbors come from):
       ``"layer"`` (default, chosen on validation data, see README): the cosine top-k of each
@@ -168,52 +169,57 @@ class NFormer(nn.Module):
     neighbors kept per row (self loop excluded, averaged over heads) and the share of rows that
     keep only themselves.
 
-    ``ann_threshold``: sets of at least this many rows are searched with an approximate IVF index
-    in the sparse path (``None``: always exact); ``ann_nlist``/``ann_nprobe`` tune that index.
-    ``layer_pool`` (sparse path, ``neighbors="layer"``): each row's ``layer_pool`` nearest are
-    found once, on the input, and every layer takes its exact top-k among them where a
-    certificate proves the pool holds it, else searches the row in full (``graphs.CandidatePool``;
-    the same neighbors as 0, a search per layer, tested). Every neighbor choice follows one tie
-    rule (``ties``). With ``ann_threshold`` the searches are IVF, approximate.
+    ``NFormer(...)`` takes the architecture; how it runs at evaluation (query mode, landmark
+    seed, sparse / dense, chunks, approximate search, the layer pool) is one
+    :class:`~.settings.InferenceSettings` (``settings=``, default ``InferenceSettings()``), kept as
+    :attr:`settings` and changeable after training.
+    Every neighbor choice follows one tie rule (``ties``: exact scores, then row index); with
+    ``settings.layer_pool`` the pool is exact by certificate (``graphs.CandidatePool``).
     """
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,
                  ffn_dim: int = 1024, dropout: float = 0.1, num_landmarks: int = 5,
                  topk: int = 20, mask: str = "reciprocal", neighbors: str = "layer",
-                 exact_affinity: bool = False, landmark_seed: int = 0,
-                 query_mode: str = "isolated", inference: str = "sparse", chunk_size: int = 8192,
-                 activation: str = "gelu", ann_threshold: Optional[int] = None,
-                 ann_nlist: Optional[int] = None, ann_nprobe: int = 16, layer_pool: int = 64):
+                 exact_affinity: bool = False, activation: str = "gelu",
+                 settings: Optional[InferenceSettings] = None):
         super().__init__()
         check_choice("mask", mask, MASK_MODES)
         check_choice("neighbors", neighbors, NEIGHBOR_SOURCES)
-        check_choice("query_mode", query_mode, QUERY_MODES)
-        check_choice("inference", inference, INFERENCE_MODES)
         for name, value in (("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads),
                             ("ffn_dim", ffn_dim), ("num_landmarks", num_landmarks),
-                            ("topk", topk), ("chunk_size", chunk_size), ("ann_nprobe", ann_nprobe)):
+                            ("topk", topk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if settings is None:
+            settings = InferenceSettings()
+        if not isinstance(settings, InferenceSettings):
+            raise TypeError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
         self.dim, self.num_layers, self.num_heads = dim, num_layers, num_heads
         self.num_landmarks, self.topk = num_landmarks, topk
-        self.mask, self.neighbors = mask, neighbors
-        self.exact_affinity, self.landmark_seed = exact_affinity, int(landmark_seed)
-        self.query_mode, self.inference, self.chunk_size = query_mode, inference, chunk_size
-        self.ann_threshold, self.ann_nlist, self.ann_nprobe = ann_threshold, ann_nlist, ann_nprobe
-        if not isinstance(layer_pool, int) or layer_pool < 0:
-            raise ValueError(f"layer_pool must be an integer >= 0, got {layer_pool!r}")
-        self.layer_pool = layer_pool
+        self.mask, self.neighbors, self.exact_affinity = mask, neighbors, exact_affinity
+        self.settings = settings
         self.blocks = nn.ModuleList(
             NFormerBlock(dim, num_heads, ffn_dim, dropout, topk, mask, exact_affinity, activation)
             for _ in range(num_layers)
         )
-        self.train_generator = torch.Generator().manual_seed(self.landmark_seed)
+        self.train_generator = torch.Generator().manual_seed(settings.landmark_seed)
         self.last_landmarks: List[Optional[Tensor]] = []  # landmarks of the latest forward
         self.neighbor_stats: List[Dict[str, float]] = []  # per layer, of the latest forward
+
+    @classmethod
+    def from_config(cls, cfg, dim: Optional[int] = None) -> "NFormer":
+        """From ``cfg.MODEL.NFORMER`` (``core.nformer.config``); ``dim`` overrides ``DIM`` (the
+        features define the width)."""
+        from .config import nformer_kwargs
+
+        kwargs = nformer_kwargs(cfg)
+        if dim is not None:
+            kwargs["dim"] = dim
+        return cls(**kwargs)
 
     # ------------------------------------------------------------------ landmarks
     def sample_landmarks(self, num_rows: int, num_query: int = 0) -> List[Optional[Tensor]]:
@@ -221,12 +227,12 @@ class NFormer(nn.Module):
 
         Drawn without replacement from the gallery rows ``[num_query, num_rows)`` when queries are
         isolated, else from all rows: from ``train_generator`` in training, from a generator
-        seeded with ``landmark_seed`` in eval mode.
+        seeded with ``settings.landmark_seed`` in eval mode.
         """
         if self.exact_affinity:
             return [None] * self.num_layers
         generator = (self.train_generator if self.training
-                     else torch.Generator().manual_seed(self.landmark_seed))
+                     else torch.Generator().manual_seed(self.settings.landmark_seed))
         start = self._isolated_queries(num_query)
         pool = num_rows - start
         if self.num_landmarks > pool:
@@ -236,7 +242,7 @@ class NFormer(nn.Module):
                 for _ in range(self.num_layers)]
 
     def _isolated_queries(self, num_query: int) -> int:
-        return num_query if self.query_mode == "isolated" else 0
+        return num_query if self.settings.query_mode == "isolated" else 0
 
     # ------------------------------------------------------------------ validation
     def _check_input(self, feats: Tensor, num_query: int) -> None:
@@ -272,7 +278,7 @@ class NFormer(nn.Module):
     def forward(self, feats: Tensor, num_query: int = 0,
                 landmarks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
         """Refine ``feats``; see the class docstring. ``landmarks`` overrides the sampler."""
-        if not self.training and feats.dim() == 2 and self.inference == "sparse":
+        if not self.training and feats.dim() == 2 and self.settings.inference == "sparse":
             return self.forward_sparse(feats, num_query, landmarks)
         return self.forward_dense(feats, num_query, landmarks)
 
@@ -320,12 +326,13 @@ class NFormer(nn.Module):
 
     def sparse_settings(self, set_size: int) -> SparseSettings:
         """The sparse path's settings for a set (the gallery, with isolated queries) of
-        ``set_size`` rows: approximate search from ``ann_threshold`` rows on."""
+        ``set_size`` rows: approximate search from ``settings.ann_threshold`` rows on."""
+        s = self.settings
         return SparseSettings(
             topk=self.topk, mask=self.mask, neighbors=self.neighbors,
-            exact_affinity=self.exact_affinity, chunk_size=self.chunk_size,
-            approximate=self.ann_threshold is not None and set_size >= self.ann_threshold,
-            nlist=self.ann_nlist, nprobe=self.ann_nprobe, layer_pool=self.layer_pool,
+            exact_affinity=self.exact_affinity, chunk_size=s.chunk_size,
+            approximate=s.ann_threshold is not None and set_size >= s.ann_threshold,
+            nlist=s.ann_nlist, nprobe=s.ann_nprobe, layer_pool=s.layer_pool,
         )
 
     def describe_neighbors(self) -> str:
@@ -339,4 +346,5 @@ class NFormer(nn.Module):
         return (f"dim={self.dim}, layers={self.num_layers}, heads={self.num_heads}, "
                 f"landmarks={self.num_landmarks}, topk={self.topk}, mask={self.mask!r}, "
                 f"neighbors={self.neighbors!r}, exact_affinity={self.exact_affinity}, "
-                f"query_mode={self.query_mode!r}, inference={self.inference!r}")
+                f"query_mode={self.settings.query_mode!r}, "
+                f"inference={self.settings.inference!r}")

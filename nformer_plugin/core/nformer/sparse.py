@@ -167,10 +167,10 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
     return heads_out, stats
 
 
-def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                           landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
-                           on_layer: Optional[Callable[[int, dict], None]] = None
-                           ) -> Tuple[Tensor, List[Dict[str, float]]]:
+def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
+                       landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+                       on_layer: Optional[Callable[[int, dict], None]] = None
+                       ) -> Tuple[Tensor, List[Dict[str, float]]]:
     """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
 
@@ -179,15 +179,10 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     :func:`graphs.feature_graphs` records (``neighbors="layer"``) and what
     :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
 
-    Isolated queries (``num_query > 0``) are refined by the one kernel that ``GalleryIndex``
-    uses (``core.serving.gallery_state.refine_isolated``): the gallery as a set of its own, then
-    the query rows layer by layer against that layer's gallery state, so that batch rows and
-    ``index.refine`` are the same computation (``ties``, README "Exactness").
+    ``num_query > 0`` here runs the older route (queries in the set's graphs); NFormer's
+    isolated queries go through ``forward.sparse_nformer_forward``, which refines them with the
+    index's kernel (``core.serving.isolated``). ``core.serving`` calls this for its galleries.
     """
-    if num_query:
-        from ..serving.gallery_state import refine_isolated  # lazy: serving builds on this module
-
-        return refine_isolated(blocks, feats, num_query, landmarks, settings, on_layer)
     x = feats.contiguous()
     masked = settings.mask != "none"
     graphs, pool = None, None

@@ -1,15 +1,16 @@
 """Step 1 of k-reciprocal re-ranking: nearest lists and row maxima of the original distance.
 
 The row-normalized squared Euclidean distance of Zhong et al. (eq. 1), without an N x N array:
-one blocked pass over the distances on the CPU (faiss kNN and farthest-point searches on a
-GPU) yields each row's ``k1 + 1`` nearest and its maximum; :func:`pair_distances` measures
+one blocked pass over the distances on the CPU (:func:`blocked_nearest_lists`, also used on
+precomputed distances; faiss kNN and farthest-point searches on a GPU) yields each row's
+``k1 + 1`` nearest and its maximum; :func:`pair_distances` measures
 the normalized distance of any listed pair. See ``rerank`` for the whole algorithm.
 
 Pure numpy/faiss: importing this module does not import FastReID.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -100,32 +101,51 @@ def _blocked_nearest_and_farthest(
     """Steps 1-2 from one blocked pass over the distances (CPU).
 
     Distances are ``||x_i||^2 + ||x_j||^2 - 2 x_i . x_j`` in float32 (as in the ports), formed
-    for ``BLOCK_CELLS // N`` rows at a time; each block yields its rows' maxima and their
-    ``width`` smallest entries (ties in index order), and query rows copy their gallery part
-    into ``query_gallery``.
+    for ``BLOCK_CELLS // N`` rows at a time (:func:`blocked_nearest_lists`); query rows copy
+    their gallery part into ``query_gallery``.
     """
-    n = feats.shape[0]
     sq32 = sq_norms.astype(np.float32)
+
+    def distance_rows(start: int, stop: int) -> np.ndarray:
+        dist = feats[start:stop] @ feats.T
+        dist *= -2.0
+        dist += sq32[None, :]
+        dist += sq32[start:stop, None]
+        return dist
+
+    def keep_query_gallery(start: int, stop: int, dist: np.ndarray) -> None:
+        if start < num_query:
+            last_query = min(stop, num_query)
+            np.maximum(dist[: last_query - start, num_query:], 0.0,
+                       out=query_gallery[start:last_query])
+
+    return blocked_nearest_lists(feats.shape[0], width, distance_rows, keep_query_gallery)
+
+
+def blocked_nearest_lists(
+    n: int, width: int, distance_rows: Callable[[int, int], np.ndarray],
+    on_block: Optional[Callable[[int, int, np.ndarray], None]] = None,
+) -> NearestLists:
+    """Steps 1-2 over row blocks of an (n, n) distance matrix that is never held whole:
+    ``distance_rows(start, stop)`` gives rows ``start:stop`` (float32, ``BLOCK_CELLS // n`` rows
+    at a time); each block yields its rows' maxima and their ``width`` smallest entries (ties in
+    index order), then goes to ``on_block(start, stop, block)`` when given. Shared by the
+    feature path and the precomputed-distance path (``rerank_precomputed``)."""
     indices = np.empty((n, width), dtype=np.int64)
-    sq_dists = np.empty((n, width), dtype=np.float32)
+    dists = np.empty((n, width), dtype=np.float32)
     row_max = np.empty(n, dtype=np.float64)
     rows_per_block = max(1, BLOCK_CELLS // n)
     mask_buffer = np.empty((min(rows_per_block, n), n), dtype=bool)
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
-        dist = feats[start:stop] @ feats.T
-        dist *= -2.0
-        dist += sq32[None, :]
-        dist += sq32[start:stop, None]
-        row_max[start:stop] = dist.max(axis=1)
-        nearest = _smallest_per_row(dist, width, mask_buffer[: stop - start])
+        block = distance_rows(start, stop)
+        row_max[start:stop] = block.max(axis=1)
+        nearest = _smallest_per_row(block, width, mask_buffer[: stop - start])
         indices[start:stop] = nearest
-        sq_dists[start:stop] = np.take_along_axis(dist, nearest, axis=1)
-        if start < num_query:
-            last_query = min(stop, num_query)
-            np.maximum(dist[: last_query - start, num_query:], 0.0,
-                       out=query_gallery[start:last_query])
-    return NearestLists(indices, sq_dists, row_max)
+        dists[start:stop] = np.take_along_axis(block, nearest, axis=1)
+        if on_block is not None:
+            on_block(start, stop, block)
+    return NearestLists(indices, dists, row_max)
 
 
 def _smallest_per_row(dist: np.ndarray, width: int, mask: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from .rerank import (_blend_with_jaccard, _check_parameters, _expanded_reciprocal_pairs,
                      _local_query_expansion)
-from .rerank_distances import BLOCK_CELLS, NearestLists, _smallest_per_row
+from .rerank_distances import NearestLists, blocked_nearest_lists
 
 if TYPE_CHECKING:  # blocks may be torch tensors; numpy alone is needed at run time
     import torch
@@ -115,22 +115,12 @@ def _row_block(qg: np.ndarray, qq: np.ndarray, gg: np.ndarray, start: int, stop:
 def _nearest_lists(qg: np.ndarray, qq: np.ndarray, gg: np.ndarray, width: int) -> NearestLists:
     """Steps 1-2 over row blocks: each sample's ``width`` nearest and its largest distance."""
     n = qg.shape[0] + qg.shape[1]
-    indices = np.empty((n, width), dtype=np.int64)
-    dists = np.empty((n, width), dtype=np.float32)
-    row_max = np.empty(n, dtype=np.float64)
-    rows_per_block = max(1, BLOCK_CELLS // n)
-    mask_buffer = np.empty((min(rows_per_block, n), n), dtype=bool)
-    for start in range(0, n, rows_per_block):
-        stop = min(start + rows_per_block, n)
-        block = _row_block(qg, qq, gg, start, stop)
-        row_max[start:stop] = block.max(axis=1)
-        nearest = _smallest_per_row(block, width, mask_buffer[:stop - start])
-        indices[start:stop] = nearest
-        dists[start:stop] = np.take_along_axis(block, nearest, axis=1)
-    if not (row_max > 0).all():
+    nearest = blocked_nearest_lists(n, width, lambda start, stop: _row_block(qg, qq, gg, start,
+                                                                               stop))
+    if not (nearest.row_max > 0).all():
         raise ValueError("a sample is at distance 0 from every other sample: the "
                          "row-normalized distance of k-reciprocal re-ranking is undefined")
-    return NearestLists(indices, dists, row_max)
+    return nearest
 
 
 def _pair_lookup(qg: np.ndarray, qq: np.ndarray, gg: np.ndarray, rows: np.ndarray,

@@ -11,9 +11,13 @@ affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbo
 query-side reciprocal test). Float32, except the k-th scores: float64, exact (``ties``). The
 feature bases are canonical rows (``ties.canonical_rows``).
 
-:func:`refine_isolated` is batch isolated refinement (``NFormer(cat([Q, G]), num_query=|Q|)``)
-built from the same pieces: the gallery refined by :func:`refine_gallery`, the queries by
-``query_refine.query_layer`` against each layer's state as soon as it exists (then dropped).
+``isolated.refine_isolated`` is batch isolated refinement (``NFormer(cat([Q, G]),
+num_query=|Q|)``) built from the same pieces: the gallery refined by :func:`refine_gallery`, the
+queries by ``query_refine.query_layer`` against each layer's state as soon as it exists.
+
+The public gallery-state API that ``index``, ``updates`` and ``persistence`` share:
+:class:`ServedGallery` (the items, their pinned landmark ids, this state and the served features)
+and :func:`serve_gallery` (refine a gallery into one).
 
 Pure torch / faiss; must not import FastReID.
 """
@@ -23,12 +27,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import SparseSettings, chunks
-from ..nformer.masks import neighbor_stats
-from ..nformer.sparse import landmark_projections, sparse_nformer_forward
+from ..nformer.graphs import SparseSettings
+from ..nformer.sparse import landmark_projections, sparse_set_forward
 from ..nformer.ties import canonical_rows, exact_scores
 
 logger = logging.getLogger("fastreid.nformer")
@@ -93,7 +97,7 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
     """Refine the gallery alone (sec. 4.2: it never sees a query) with the batch sparse path and
     keep what a query needs per layer (see the module docstring), layer by layer as the forward
     goes (so that no layer's transient state outlives it). ``after_layer(i, state, record)`` runs
-    once layer ``i``'s state is kept (:func:`refine_isolated`)."""
+    once layer ``i``'s state is kept (``isolated.refine_isolated``)."""
     masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
     source, chunk = settings.neighbors, settings.chunk_size
     state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=settings)
@@ -126,42 +130,56 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
         if after_layer is not None:
             after_layer(i, state, record)
 
-    state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
+    state.outputs, _ = sparse_set_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
     return state
 
 
+@dataclass
+class ServedGallery:
+    """What a gallery index serves: the items' ``ids`` (and optional per-item ``labels``), the
+    landmark rows of every layer pinned as item ids (eq. 4; ``None`` with exact affinity), the
+    per-layer :class:`GalleryState` of the refined gallery, and the served features ``refined``
+    (the NFormer output, through the model's BNNeck head when it has one)."""
+
+    ids: np.ndarray
+    landmark_ids: List[Optional[np.ndarray]]
+    state: Optional[GalleryState]
+    refined: Optional[np.ndarray]
+    labels: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def landmark_rows(self) -> List[Optional[Tensor]]:
+        """Per layer, the landmark rows' positions in the gallery."""
+        return landmark_positions(self.ids, self.landmark_ids)
+
+    def release(self) -> None:
+        """Drop the state and the served features (an update frees them before it builds the
+        new ones, so that it needs no more memory than a build)."""
+        self.state, self.refined = None, None
+
+
+def landmark_positions(ids: np.ndarray, landmark_ids: Sequence[Optional[np.ndarray]]
+                       ) -> List[Optional[Tensor]]:
+    """Per layer, the positions in ``ids`` of that layer's landmark ids."""
+    position = {int(i): p for p, i in enumerate(ids)}
+    return [None if lm is None else torch.tensor([position[int(i)] for i in lm])
+            for lm in landmark_ids]
+
+
 @torch.no_grad()
-def refine_isolated(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                    landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
-                    on_layer: Optional[Callable[[int, dict], None]] = None
-                    ) -> Tuple[Tensor, List[Dict[str, float]]]:
-    """Batch isolated refinement of ``feats`` (N, d) whose first ``num_query`` rows are queries
-    (``sparse.sparse_nformer_forward`` with ``num_query > 0``): the gallery rows as a set of their
-    own (:func:`refine_gallery`), the query rows by ``query_refine.query_layer`` - the kernel of
-    ``GalleryIndex.refine`` - in chunks of ``query_refine.QUERY_CHUNK``, each layer's gallery
-    state dropped once the queries have passed it. ``landmarks`` index ``feats`` (gallery rows).
+def apply_head(head: Optional[nn.Module], x: Tensor) -> np.ndarray:
+    """The served features: ``head(x)`` (the BNNeck) or ``x``, as float32 numpy on the CPU."""
+    return (head(x) if head is not None else x).detach().cpu().numpy()
 
-    Returns the refined (N, d) and per layer the neighbor statistics over all rows."""
-    from .query_refine import QUERY_CHUNK, QueryPass, query_layer
 
-    nq = num_query
-    passes = [QueryPass(feats[c].contiguous()) for c in chunks(nq, QUERY_CHUNK)]
-    gallery_landmarks = [None if lm is None else lm - nq for lm in landmarks]
-    stats: List[Dict[str, float]] = []
-
-    def step(i: int, state: GalleryState, record: dict) -> None:
-        for qp in passes:
-            query_layer(blocks[i], state, i, qp)
-        if on_layer is not None:
-            on_layer(i, record)
-        kept = record.get("kept")
-        if settings.mask != "none" and kept is not None:
-            stats.append(neighbor_stats(torch.cat([qp.kept[i] for qp in passes] + [kept])))
-        else:
-            stats.append({})
-        state.layers[i] = None  # this layer's state is no longer needed
-        for key in [key for key in state.searchers if i in key]:  # this layer's searchers
-            del state.searchers[key]
-
-    state = refine_gallery(blocks, feats[nq:], gallery_landmarks, settings, step)
-    return torch.cat([qp.x for qp in passes] + [state.outputs]), stats
+def serve_gallery(nformer: nn.Module, head: Optional[nn.Module], inputs: Tensor, ids: np.ndarray,
+                  landmark_ids: List[Optional[np.ndarray]], labels: Optional[dict] = None
+                  ) -> ServedGallery:
+    """Refine the gallery ``inputs`` (items ``ids``) with the eval-mode ``nformer`` and the
+    landmark rows pinned by ``landmark_ids`` (:func:`refine_gallery`), then apply ``head``."""
+    rows = landmark_positions(ids, landmark_ids)
+    state = refine_gallery(nformer.blocks, inputs, rows, nformer.sparse_settings(len(inputs)))
+    return ServedGallery(ids, landmark_ids, state, apply_head(head, state.outputs),
+                         dict(labels or {}))

@@ -7,88 +7,38 @@ feature depends only on the gallery's per-layer state and on itself, so
 Landmark rows (eq. 4) are pinned as gallery ids, so ``add`` / ``remove`` give what a build over the
 new gallery with those landmark rows (``landmarks=`` of ``NFormer``) gives (``updates``).
 
+The index holds a ``gallery_state.ServedGallery``; ``updates`` and ``persistence`` work on that
+public gallery-state API (they never import this module), and the index calls them.
+
 Pure torch / numpy / faiss; must not import FastReID.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nformer.model import NFormer
-from ..nformer.stage import NFormerStage
-from ..retrieval.metrics import l2_normalize
 from ..retrieval.neighbors import build_index
-from .gallery_state import GalleryState, refine_gallery
+from .checks import (METRICS, Features, as_features, as_ids, check_gallery_size, check_labels,
+                     check_servable, normalize_rows, split_model)
+from .gallery_state import GalleryState, ServedGallery, serve_gallery
+from .persistence import load_gallery, save_gallery
 from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
                            matmul_topk, refine_queries, torch_threads)
+from .updates import add_items, remove_items
 
 logger = logging.getLogger("fastreid.nformer")
-
-METRICS = ("cosine", "euclidean")
-Features = Union[np.ndarray, Tensor]
-
-
-def split_model(model: nn.Module) -> Tuple[NFormer, Optional[nn.Module]]:
-    """``(nformer, head)``: an ``NFormerStage`` serves NFormer then its BNNeck when its test
-    feature is ``after_bn`` (what ``NFormerStage.refine`` and ``nformer eval`` rank)."""
-    if isinstance(model, NFormerStage):
-        head = model.bottleneck if model.test_feat == "after_bn" else None
-        return model.nformer, head
-    if isinstance(model, NFormer):
-        return model, None
-    raise TypeError(f"GalleryIndex serves an NFormer or NFormerStage, got {type(model).__name__}")
-
-
-def check_servable(nformer: NFormer, head: Optional[nn.Module]) -> None:
-    """Only an eval-mode model with isolated queries can be served (queries must not interact)."""
-    if nformer.training or (head is not None and head.training):
-        raise ValueError("GalleryIndex needs an eval-mode model: call model.eval() first")
-    if nformer.query_mode != "isolated":
-        raise ValueError(f"cannot serve a model with query_mode={nformer.query_mode!r}: its "
-                         f"queries interact with each other and with the gallery, so a query's "
-                         f"refined feature depends on the other queries; use "
-                         f"query_mode='isolated' (sec. 4.2)")
-
-
-def as_features(feats: Features, dim: int, name: str, device: torch.device) -> Tensor:
-    """A float32 (N, d) tensor on ``device``; a clear error for a wrong shape or NaN/inf."""
-    x = torch.as_tensor(np.asarray(feats) if not isinstance(feats, Tensor) else feats)
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"{name} must be (N, {dim}) features (the model's width d={dim}), got "
-                         f"shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return x.detach().to(device=device, dtype=torch.float32).contiguous()
-
-
-def as_ids(ids, count: int, name: str = "ids") -> np.ndarray:
-    """``count`` unique integer ids as int64; a clear error otherwise."""
-    ids = np.asarray(ids).reshape(-1)
-    if len(ids) != count:
-        raise ValueError(f"{name}: expected {count} ids (one per feature), got {len(ids)}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64)
-    sorted_ids = np.sort(ids)
-    repeated = sorted_ids[1:][np.diff(sorted_ids) == 0]
-    if len(repeated):
-        raise ValueError(f"duplicate {name}: {repeated[:5].tolist()}")
-    return ids
 
 
 class GalleryIndex:
     """A refined gallery that answers isolated queries exactly as batch NFormer evaluation.
 
-    ``build(model, gallery_feats, ids)`` / ``from_weights(path, gallery_feats, ids)``;
+    ``build(model, gallery_feats, ids)`` / ``from_weights(load_stage(path), gallery_feats, ids)``;
     ``refine(Q)`` -> refined queries; ``search(Q, topk)`` -> (distances, ids);
     ``add(feats, ids)`` / ``remove(ids)``; ``save(dir)`` / ``load(dir)`` (``persistence``).
 
@@ -99,21 +49,17 @@ class GalleryIndex:
 
     small_call_threads: Optional[int] = 1
 
-    def __init__(self, model: nn.Module, inputs: Tensor, ids: np.ndarray,
-                 landmark_ids: List[Optional[np.ndarray]], metric: str = "cosine",
-                 state: Optional[GalleryState] = None, refined: Optional[np.ndarray] = None,
-                 labels: Optional[dict] = None):
+    def __init__(self, model: nn.Module, gallery: ServedGallery, metric: str = "cosine",
+                 search_index=None):
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         self.model = model
         self.nformer, self.head = split_model(model)
         check_servable(self.nformer, self.head)
-        self.metric, self.ids, self.landmark_ids = metric, ids, landmark_ids
-        self.labels = check_labels(labels, len(ids))  # optional pids / camids (CLI metrics)
+        self.metric, self.gallery = metric, gallery
         self.device = next(self.nformer.parameters()).device
-        self.state = state if state is not None else self._refine_gallery(inputs)
-        self.refined = refined if refined is not None else self._apply_head(self.state.outputs)
-        self._search_index = None
+        self.last_update_reach: Optional[List[int]] = None  # per layer, rows the last update changed
+        self._search_index = search_index
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,40 +75,61 @@ class GalleryIndex:
         check_gallery_size(nformer, len(inputs))
         rows = nformer.sample_landmarks(len(inputs), 0)
         landmark_ids = [None if r is None else ids[r.cpu().numpy()] for r in rows]
+        labels = check_labels(labels, len(ids))  # optional pids / camids (CLI metrics)
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         logger.info("Building a gallery index: %d items, d=%d, %d layers", len(inputs),
                     nformer.dim, nformer.num_layers)
         start = time.perf_counter()
-        index = cls(model, inputs, ids, landmark_ids, metric, labels=labels)
+        index = cls(model, serve_gallery(nformer, head, inputs, ids, landmark_ids, labels), metric)
         logger.info("Gallery refined and indexed in %.1f s", time.perf_counter() - start)
         return index
 
     @classmethod
-    def from_weights(cls, path: str, gallery_feats: Features, ids=None,
-                     opts: Sequence[str] = (), labels: Optional[dict] = None) -> "GalleryIndex":
-        """Build from what ``nformer train`` writes, serving the feature ``nformer eval`` ranks
-        (NFormer then the BNNeck for ``TEST_FEAT after_bn``), via the CLI's one loader."""
-        from ...cli import load_stage  # the loader nformer eval uses (lazy: layering)
+    def from_weights(cls, loaded, gallery_feats: Features, ids=None,
+                     labels: Optional[dict] = None) -> "GalleryIndex":
+        """Build from a loaded stage - what ``nformer_plugin.app.load_stage(path)`` returns for
+        the weights ``nformer train`` writes (``.stage``, ``.cfg``) - serving the feature
+        ``nformer eval`` ranks (NFormer then the BNNeck for ``TEST_FEAT after_bn``) under its
+        ``TEST.METRIC``. Reading the file is the application layer's
+        (``app.serving.index_from_weights(path, ...)`` does both)."""
+        if isinstance(loaded, (str, bytes, os.PathLike)):
+            raise TypeError("GalleryIndex.from_weights takes a loaded stage: "
+                            "GalleryIndex.from_weights(nformer_plugin.app.load_stage(path), "
+                            "feats), or nformer_plugin.app.index_from_weights(path, feats)")
+        return cls.build(loaded.stage, gallery_feats, ids, metric=loaded.cfg.TEST.METRIC,
+                         labels=labels)
 
-        stage, cfg, _ = load_stage(path, list(opts))
-        return cls.build(stage, gallery_feats, ids, metric=cfg.TEST.METRIC, labels=labels)
+    # ------------------------------------------------------------------ the served gallery
+    def __len__(self) -> int:
+        return len(self.gallery)
 
-    def _landmark_rows(self) -> List[Optional[Tensor]]:
-        position = {int(i): p for p, i in enumerate(self.ids)}
-        return [None if lm is None else torch.tensor([position[int(i)] for i in lm])
-                for lm in self.landmark_ids]
+    @property
+    def ids(self) -> np.ndarray:
+        return self.gallery.ids
 
-    def _refine_gallery(self, inputs: Tensor) -> GalleryState:
-        settings = self.nformer.sparse_settings(len(inputs))
-        return refine_gallery(self.nformer.blocks, inputs, self._landmark_rows(), settings)
+    @property
+    def landmark_ids(self) -> List[Optional[np.ndarray]]:
+        return self.gallery.landmark_ids
 
-    @torch.no_grad()
-    def _apply_head(self, x: Tensor) -> np.ndarray:
-        return (self.head(x) if self.head is not None else x).detach().cpu().numpy()
+    @property
+    def labels(self) -> dict:
+        return self.gallery.labels
+
+    @property
+    def state(self) -> GalleryState:
+        return self.gallery.state
+
+    @property
+    def refined(self) -> np.ndarray:
+        """The served gallery features (G, d); assigning new ones rebuilds the search index."""
+        return self.gallery.refined
+
+    @refined.setter
+    def refined(self, features: np.ndarray) -> None:
+        self.gallery.refined, self._search_index = features, None
 
     # ------------------------------------------------------------------ queries
-    def __len__(self) -> int:
-        return len(self.ids)
-
     @property
     def dim(self) -> int:
         return self.nformer.dim
@@ -170,7 +137,7 @@ class GalleryIndex:
     def landmark_rows(self) -> List[Optional[Tensor]]:
         """Per layer, the landmark rows' positions in the gallery (for ``NFormer(landmarks=)``:
         add the number of queries)."""
-        return self._landmark_rows()
+        return self.gallery.landmark_rows()
 
     def refine_nformer(self, query_feats: Features) -> Tensor:
         """NFormer output (Q, d) of isolated queries (before any BNNeck head)."""
@@ -251,54 +218,30 @@ class GalleryIndex:
         return dist.astype(np.float32), self.ids[rows]
 
     # ------------------------------------------------------------------ updates, persistence
+    def _update(self, update, *args) -> "GalleryIndex":
+        self._search_index = None  # freed before the new gallery is built (memory)
+        self.gallery, self.last_update_reach = update(self.nformer, self.head, self.gallery, *args)
+        return self
+
     def add(self, new_feats: Features, ids=None, labels: Optional[dict] = None
             ) -> "GalleryIndex":
         """Add items (ids default to after the largest); equals a build over the union with the
         same landmark rows. ``labels``: their pids / camids when the index keeps labels."""
-        from .updates import add_items
-
-        return add_items(self, new_feats, ids, labels)
+        return self._update(add_items, new_feats, ids, labels)
 
     def remove(self, ids) -> "GalleryIndex":
         """Remove items by id; equals a build over the rest with the same (or, for a removed
         landmark row, a replaced) landmark rows."""
-        from .updates import remove_items
-
-        return remove_items(self, ids)
+        return self._update(remove_items, ids)
 
     def save(self, directory: str) -> str:
-        from .persistence import save_index
-
-        return save_index(self, directory)
+        """Write the index to ``directory`` atomically (``persistence``); returns it."""
+        return save_gallery(directory, self.model, self.gallery, self.metric,
+                            self.search_index())
 
     @classmethod
     def load(cls, directory: str, model: Optional[nn.Module] = None) -> "GalleryIndex":
-        from .persistence import load_index
-
-        return load_index(directory, model)
-
-
-def check_labels(labels: Optional[dict], count: int) -> dict:
-    """Per-item label arrays (e.g. ``pids``, ``camids``), one entry per gallery item."""
-    out = {}
-    for name, values in (labels or {}).items():
-        values = np.asarray(values).reshape(-1)
-        if len(values) != count:
-            raise ValueError(f"labels {name!r}: expected {count} values (one per gallery item), "
-                             f"got {len(values)}")
-        out[name] = values
-    return out
-
-
-def check_gallery_size(nformer: NFormer, size: int) -> None:
-    """The gallery is the set the top-k and the landmarks are drawn from."""
-    if nformer.mask != "none" and nformer.topk > size:
-        raise ValueError(f"topk={nformer.topk} is larger than the gallery ({size} items)")
-    if not nformer.exact_affinity and nformer.num_landmarks > size:
-        raise ValueError(f"num_landmarks={nformer.num_landmarks} is larger than the gallery "
-                         f"({size} items)")
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows at unit length, exactly as the evaluator's cosine distance normalizes them."""
-    return np.ascontiguousarray(l2_normalize(x), dtype=np.float32)
+        """The index saved in ``directory``; ``model`` (optional) must be the one it was built
+        with (checked by config and weights hash), else the stored weights are used."""
+        loaded = load_gallery(directory, model)
+        return cls(loaded.model, loaded.gallery, loaded.metric, loaded.search_index)

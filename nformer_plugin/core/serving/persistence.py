@@ -11,6 +11,9 @@ old version: a crash at any point leaves the previous index loadable.
 ``NFORMER_INDEX_CRASH_AFTER=<file>`` kills the saving process right after writing that file (the
 hook the killed-save test uses).
 
+Works on the public gallery-state API (``gallery_state.ServedGallery``): :func:`save_gallery` and
+:func:`load_gallery`; ``GalleryIndex.save`` / ``load`` call them.
+
 Pure torch / numpy / faiss; must not import FastReID.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -29,9 +32,10 @@ from torch import nn
 
 from ..io import save_text
 from ..nformer.model import NFormer
+from ..nformer.settings import InferenceSettings
 from ..nformer.stage import NFormerStage
-from .gallery_state import GalleryLayer, GalleryState, candidate_pool_size
-from .index import GalleryIndex, split_model
+from .checks import split_model
+from .gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 1
@@ -40,16 +44,26 @@ RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index ho
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth")
 
 
+ARCHITECTURE = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
+                "exact_affinity")
+
+
 def model_config(nformer: NFormer) -> dict:
-    """The constructor arguments that rebuild ``nformer``."""
+    """What rebuilds ``nformer``, as one flat dict (the manifest's ``model_config``): the
+    architecture and every field of its ``settings`` (``InferenceSettings``)."""
     block = nformer.blocks[0]
-    names = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
-             "exact_affinity", "landmark_seed", "query_mode", "inference", "chunk_size",
-             "ann_threshold", "ann_nlist", "ann_nprobe", "layer_pool")
-    config = {name: getattr(nformer, name) for name in names}
+    config = {name: getattr(nformer, name) for name in ARCHITECTURE}
+    config.update(nformer.settings.as_dict())
     config.update(ffn_dim=block.ffn[0].out_features, dropout=block.dropout.p,
                   activation="gelu" if isinstance(block.ffn[1], nn.GELU) else "relu")
     return config
+
+
+def nformer_from_config(config: dict) -> NFormer:
+    """The NFormer that :func:`model_config` describes (untrained weights)."""
+    names = set(InferenceSettings.field_names())
+    settings = InferenceSettings(**{k: v for k, v in config.items() if k in names})
+    return NFormer(**{k: v for k, v in config.items() if k not in names}, settings=settings)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -78,10 +92,10 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _arrays(index: GalleryIndex) -> Dict[str, np.ndarray]:
-    state = index.state
-    out = {"inputs": state.inputs, "outputs": state.outputs, "ids": index.ids,
-           "refined": index.refined, "input_normed": state.input_normed,
+def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
+    state = gallery.state
+    out = {"inputs": state.inputs, "outputs": state.outputs, "ids": gallery.ids,
+           "refined": gallery.refined, "input_normed": state.input_normed,
            "input_kth": state.input_kth}
     for i, layer in enumerate(state.layers):
         for name in LAYER_FIELDS:
@@ -90,37 +104,39 @@ def _arrays(index: GalleryIndex) -> Dict[str, np.ndarray]:
             out[f"layer{i}_normed"], out[f"layer{i}_normed_is_input"] = None, np.ones(1)
         if layer.landmark_proj is not None:
             out[f"layer{i}_landmark_q"], out[f"layer{i}_landmark_k"] = layer.landmark_proj
-        if index.landmark_ids[i] is not None:
-            out[f"layer{i}_landmark_ids"] = index.landmark_ids[i]
-    for name, values in index.labels.items():
+        if gallery.landmark_ids[i] is not None:
+            out[f"layer{i}_landmark_ids"] = gallery.landmark_ids[i]
+    for name, values in gallery.labels.items():
         out[f"label_{name}"] = values
     return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
             for k, v in out.items() if v is not None}
 
 
-def save_index(index: GalleryIndex, directory: str) -> str:
-    """Write ``index`` to ``directory`` atomically (see the module docstring); returns it."""
+def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metric: str,
+                 search) -> str:
+    """Write the served ``gallery`` of ``model`` with its faiss ``search`` index to
+    ``directory`` atomically (see the module docstring); returns it."""
     import faiss
 
+    nformer, head = split_model(model)
     os.makedirs(directory, exist_ok=True)
     version = f"v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}"
     tmp = os.path.join(directory, f".tmp-{version}")
     os.makedirs(tmp)
-    np.savez(os.path.join(tmp, "arrays.npz"), **_arrays(index))
+    np.savez(os.path.join(tmp, "arrays.npz"), **_arrays(gallery))
     _crash_point("arrays.npz")
-    head = index.head.state_dict() if index.head is not None else None
-    torch.save({"config": model_config(index.nformer), "nformer": index.nformer.state_dict(),
-                "head": head}, os.path.join(tmp, "model.pth"))
+    head_state = head.state_dict() if head is not None else None
+    torch.save({"config": model_config(nformer), "nformer": nformer.state_dict(),
+                "head": head_state}, os.path.join(tmp, "model.pth"))
     _crash_point("model.pth")
-    search = index.search_index()
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(search).__name__:
         search = faiss.index_gpu_to_cpu(search)
     faiss.write_index(search, os.path.join(tmp, "search.faiss"))
     _crash_point("search.faiss")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
-            index.model), "model_config": model_config(index.nformer), "metric": index.metric,
-        "num_items": len(index), "dim": index.dim, "num_layers": index.nformer.num_layers,
+            model), "model_config": model_config(nformer), "metric": metric,
+        "num_items": len(gallery), "dim": nformer.dim, "num_layers": nformer.num_layers,
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
     }
@@ -167,13 +183,24 @@ def _tensor(arrays, name: str, device) -> Optional[torch.Tensor]:
     return torch.from_numpy(arrays[name]).to(device) if name in arrays else None
 
 
-def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryIndex:
-    """Load an index saved by :func:`save_index`; ``model`` (optional) must be the model it was
-    built with (weights hash), else the stored weights are used."""
+class LoadedGallery(NamedTuple):
+    """What :func:`load_gallery` returns."""
+
+    model: nn.Module  # the given model, or the one rebuilt from the stored weights
+    gallery: ServedGallery
+    metric: str
+    search_index: object  # the faiss index over the refined gallery
+
+
+def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGallery:
+    """Load what :func:`save_gallery` wrote; ``model`` (optional) must be the model it was
+    built with (config and weights hash), else the stored weights are used."""
+    import faiss
+
     folder, manifest = read_manifest(directory)
     ckpt = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", weights_only=True)
     if model is None:
-        model = NFormer(**ckpt["config"])
+        model = nformer_from_config(ckpt["config"])
         model.load_state_dict(ckpt["nformer"])
         if ckpt["head"] is not None:
             model = NFormerStage(model, num_classes=1, test_feat="after_bn")
@@ -210,10 +237,6 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
                          pool_size=candidate_pool_size(settings, len(inputs)))
     landmark_ids = [arrays.get(f"layer{i}_landmark_ids") for i in range(manifest["num_layers"])]
     labels = {k[len("label_"):]: v for k, v in arrays.items() if k.startswith("label_")}
-    index = GalleryIndex(model, inputs, arrays["ids"], landmark_ids, manifest["metric"],
-                         state=state, refined=arrays["refined"], labels=labels)
-    import faiss
-
-    index._search_index = faiss.read_index(os.path.join(folder, "search.faiss"))
-    return index
-
+    gallery = ServedGallery(arrays["ids"], landmark_ids, state, arrays["refined"], labels)
+    search = faiss.read_index(os.path.join(folder, "search.faiss"))
+    return LoadedGallery(model, gallery, manifest["metric"], search)

@@ -1,6 +1,6 @@
 """Refine isolated queries against a fixed gallery state, layer by layer (sec. 4.2): the one
 kernel for query rows, used by ``GalleryIndex.refine`` and by batch isolated refinement
-(``NFormer(cat([Q, G]), num_query=|Q|)``, via ``gallery_state.refine_isolated``) alike.
+(``NFormer(cat([Q, G]), num_query=|Q|)``, via ``isolated.refine_isolated``) alike.
 
 Query ``i`` at layer ``L`` forms ``q~_i = q_i k_l^T`` and ``k~_i = k_i q_l^T`` with the gallery's
 landmark rows (eq. 4), takes its top-k over ``G u {i}`` (eq. 6), keeps a gallery neighbor ``j``

@@ -16,17 +16,20 @@ is checked before anything changes.
 A removed landmark row is replaced by the first gallery row of the model's seeded landmark
 permutation that is not a landmark of that layer yet (logged).
 
-Pure torch / numpy; must not import FastReID.
+Works on the public gallery-state API (``gallery_state.ServedGallery``, ``serve_gallery``); the
+index calls it. Pure torch / numpy; must not import FastReID.
 """
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
-from .index import GalleryIndex, as_features, as_ids, check_gallery_size, check_labels
+from .checks import as_features, as_ids, check_gallery_size, check_labels
+from .gallery_state import ServedGallery, serve_gallery
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -46,17 +49,17 @@ def fingerprints(state) -> List[torch.Tensor]:
     return out
 
 
-def log_reach(index: GalleryIndex, old_prints: List[torch.Tensor], old_rows: np.ndarray,
+def log_reach(gallery: ServedGallery, old_prints: List[torch.Tensor], old_rows: np.ndarray,
               new_rows: np.ndarray, what: str, atol: float = 1e-5) -> List[int]:
     """Log, per layer, how many kept rows' layer inputs changed and whether a landmark row did
     (then every row's ``q~, k~`` changed with it, eq. 4); returns the changed counts."""
     counts = []
-    landmark_pos = index.landmark_rows()
-    for i, (old, new) in enumerate(zip(old_prints, fingerprints(index.state))):
+    landmark_pos = gallery.landmark_rows()
+    for i, (old, new) in enumerate(zip(old_prints, fingerprints(gallery.state))):
         changed = ((old[old_rows] - new[new_rows]).abs().amax(dim=1) > atol).numpy()
         counts.append(int(changed.sum()))
         lm = landmark_pos[i]
-        touched = np.zeros(len(index), bool)
+        touched = np.zeros(len(gallery), bool)
         touched[new_rows[changed]] = True
         landmark_changed = lm is not None and bool(touched[lm.numpy()].any())
         logger.info("%s: layer %d input changed for %d of %d kept rows%s", what, i + 1,
@@ -66,67 +69,75 @@ def log_reach(index: GalleryIndex, old_prints: List[torch.Tensor], old_rows: np.
     return counts
 
 
-def _merge_labels(index: GalleryIndex, labels: Optional[dict], count: int) -> dict:
-    if not index.labels:
+def _merge_labels(gallery: ServedGallery, labels: Optional[dict], count: int) -> dict:
+    if not gallery.labels:
         return {}
-    if not labels or set(labels) != set(index.labels):
+    if not labels or set(labels) != set(gallery.labels):
         logger.warning("added items have no %s: the index drops its labels",
-                       "/".join(sorted(index.labels)))
+                       "/".join(sorted(gallery.labels)))
         return {}
     labels = check_labels(labels, count)
-    return {k: np.concatenate([index.labels[k], labels[k]]) for k in index.labels}
+    return {k: np.concatenate([gallery.labels[k], labels[k]]) for k in gallery.labels}
 
 
-def _rebuild(index: GalleryIndex, inputs: torch.Tensor, ids: np.ndarray, what: str,
-             old_rows: np.ndarray, new_rows: np.ndarray) -> GalleryIndex:
-    old_prints = fingerprints(index.state)
-    index.ids, index.state, index.refined, index._search_index = ids, None, None, None  # free
-    index.state = index._refine_gallery(inputs)
-    index.refined = index._apply_head(index.state.outputs)
-    index.last_update_reach = log_reach(index, old_prints, old_rows, new_rows, what)
-    return index
+Update = Tuple[ServedGallery, List[int]]
 
 
-def add_items(index: GalleryIndex, new_feats, ids=None, labels: Optional[dict] = None
-              ) -> GalleryIndex:
-    """Append ``new_feats`` with ``ids`` (default: after the largest id) to the gallery."""
-    x = as_features(new_feats, index.dim, "new gallery features", index.device)
-    start = int(index.ids.max()) + 1 if len(index.ids) else 0
+def _rebuild(nformer: nn.Module, head: Optional[nn.Module], old: ServedGallery,
+             inputs: torch.Tensor, ids: np.ndarray, landmark_ids, labels: dict, what: str,
+             old_rows: np.ndarray, new_rows: np.ndarray) -> Update:
+    old_prints = fingerprints(old.state)
+    old.release()  # freed before the new state is built
+    new = serve_gallery(nformer, head, inputs, ids, landmark_ids, labels)
+    return new, log_reach(new, old_prints, old_rows, new_rows, what)
+
+
+def add_items(nformer: nn.Module, head: Optional[nn.Module], gallery: ServedGallery, new_feats,
+              ids=None, labels: Optional[dict] = None) -> Update:
+    """Append ``new_feats`` with ``ids`` (default: after the largest id) to ``gallery``; returns
+    the new served gallery (``gallery`` is released) and the per-layer reach."""
+    device = next(nformer.parameters()).device
+    x = as_features(new_feats, nformer.dim, "new gallery features", device)
+    start = int(gallery.ids.max()) + 1 if len(gallery.ids) else 0
     ids = as_ids(np.arange(start, start + len(x)) if ids is None else ids, len(x))
-    clash = np.intersect1d(ids, index.ids)
+    clash = np.intersect1d(ids, gallery.ids)
     if len(clash):
         raise ValueError(f"ids already in the index: {clash[:5].tolist()}")
-    old_n = len(index)
-    index.labels = _merge_labels(index, labels, len(x))
-    inputs = torch.cat([index.state.inputs, x])
-    kept = np.arange(old_n)
-    return _rebuild(index, inputs, np.concatenate([index.ids, ids]), f"add {len(x)}", kept, kept)
+    merged = _merge_labels(gallery, labels, len(x))
+    inputs = torch.cat([gallery.state.inputs, x])
+    kept = np.arange(len(gallery))
+    return _rebuild(nformer, head, gallery, inputs, np.concatenate([gallery.ids, ids]),
+                    gallery.landmark_ids, merged, f"add {len(x)}", kept, kept)
 
 
-def remove_items(index: GalleryIndex, ids) -> GalleryIndex:
-    """Remove the items ``ids`` (all must be in the index); landmark rows are replaced."""
+def remove_items(nformer: nn.Module, head: Optional[nn.Module], gallery: ServedGallery, ids
+                 ) -> Update:
+    """Remove the items ``ids`` (all must be in ``gallery``); landmark rows are replaced.
+    Returns the new served gallery (``gallery`` is released) and the per-layer reach."""
     ids = as_ids(ids, len(np.asarray(ids).reshape(-1)), "ids to remove")
-    unknown = np.setdiff1d(ids, index.ids)
+    unknown = np.setdiff1d(ids, gallery.ids)
     if len(unknown):
         raise ValueError(f"cannot remove unknown ids: {unknown[:5].tolist()}")
-    keep = ~np.isin(index.ids, ids)
-    check_gallery_size(index.nformer, int(keep.sum()))
-    kept_ids = index.ids[keep]
-    index.landmark_ids = replace_landmarks(index, kept_ids)
-    index.labels = {k: v[keep] for k, v in index.labels.items()}
+    keep = ~np.isin(gallery.ids, ids)
+    check_gallery_size(nformer, int(keep.sum()))
+    kept_ids = gallery.ids[keep]
+    landmark_ids = replace_landmarks(gallery.landmark_ids, kept_ids,
+                                     nformer.settings.landmark_seed)
+    labels = {k: v[keep] for k, v in gallery.labels.items()}
     old_rows = np.flatnonzero(keep)
-    inputs = index.state.inputs[torch.from_numpy(old_rows).to(index.device)]
-    return _rebuild(index, inputs, kept_ids, f"remove {len(ids)}", old_rows,
-                    np.arange(len(kept_ids)))
+    inputs = gallery.state.inputs[torch.from_numpy(old_rows).to(next(nformer.parameters()).device)]
+    return _rebuild(nformer, head, gallery, inputs, kept_ids, landmark_ids, labels,
+                    f"remove {len(ids)}", old_rows, np.arange(len(kept_ids)))
 
 
-def replace_landmarks(index: GalleryIndex, kept_ids: np.ndarray) -> List[Optional[np.ndarray]]:
+def replace_landmarks(landmark_ids: List[Optional[np.ndarray]], kept_ids: np.ndarray,
+                      landmark_seed: int) -> List[Optional[np.ndarray]]:
     """Landmark ids per layer after a removal: removed ones replaced (see the module docstring)."""
     alive = set(kept_ids.tolist())
     order = torch.randperm(len(kept_ids), generator=torch.Generator().manual_seed(
-        index.nformer.landmark_seed)).numpy()
+        landmark_seed)).numpy()
     out = []
-    for layer, lm in enumerate(index.landmark_ids):
+    for layer, lm in enumerate(landmark_ids):
         if lm is None or all(int(i) in alive for i in lm):
             out.append(lm)
             continue

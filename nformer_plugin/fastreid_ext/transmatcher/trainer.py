@@ -37,13 +37,13 @@ from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 from fastreid.utils.logger import setup_logger
 
-from ..core.training.graph_sampler import GraphSampler
-from ..core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
+from ...core.training.graph_sampler import GraphSampler
+from ...core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
-from ..core.transmatcher.scoring import MapStore, match_scores
-from . import loaders as data_build
-from .trainer import EvaluatingTrainer
-from .transmatcher_evaluator import TransMatcherEvaluator, _storage_dtype
+from ...core.transmatcher.scoring import MapStore, match_scores
+from .. import loaders as data_build
+from ..trainer import EvaluatingTrainer
+from .evaluator import TransMatcherEvaluator, _storage_dtype
 
 logger = logging.getLogger("fastreid.nformer")
 

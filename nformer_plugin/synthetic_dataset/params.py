@@ -103,7 +103,7 @@ class EmbeddedParams:
         keys = {name: name.upper() for name in cls.field_names()}
         missing = [key for key in keys.values() if not hasattr(node, key)]
         if missing:
-            raise ValueError(f"embedded dataset config lacks {missing} (add_nformer_config "
+            raise ValueError(f"embedded dataset config lacks {missing} (add_plugin_config "
                              f"declares DATASETS.EMBEDDED.<field name in upper case>)")
         values = {name: getattr(node, key) for name, key in keys.items()}
         return cls(**values)

@@ -20,11 +20,10 @@ from fastreid.config import configurable
 from fastreid.modeling.backbones import build_backbone
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
-from ..core.backbones import freeze_bn_stats
-from ..core.transmatcher import TransMatcher
-from ..core.transmatcher.loss import pairwise_matching_loss
-from .backbone_registry import check_pretrain_available
-from .meta_arch import normalized_images
+from ...core.backbones import freeze_bn_stats
+from ...core.transmatcher import TransMatcher
+from ...core.transmatcher.loss import pairwise_matching_loss
+from ..backbone_registry import check_pretrain_available, normalized_images
 
 logger = logging.getLogger("fastreid.nformer")
 

@@ -11,7 +11,6 @@ each writes DIR/NAME.csv, DIR/NAME.json and DIR/NAME.png. Sweep settings are ``S
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
 STUDY_USAGE = ("nformer study NAME --train TRAIN.npz [MORE.npz ...] --query Q.npz --gallery G.npz "
@@ -67,7 +66,7 @@ def parse_study_args(tokens):
 
 
 def cmd_study(args) -> int:
-    from .studies import run_study
+    from ..studies import run_study
 
     opts, overrides = parse_study_args(args.opts)
     args.debug = args.debug or opts.debug  # --debug may follow NAME
@@ -79,25 +78,10 @@ def cmd_study(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from collections import OrderedDict
+    from ..app.evaluation import report_from_weights
 
-    from .cli import _load_pair, load_stage
-    from .evaluate import evaluate_pipelines
-    from .report import write_report
-
-    stage, cfg, dim = load_stage(args.weights, args.opts)
-    query, gallery = _load_pair(args, dim)
-    for fs, path in ((query, args.query), (gallery, args.gallery)):
-        if fs.paths is None:
-            raise ValueError(f"{path}: no 'paths' array (image paths), which the report page "
-                             f"needs; fastreid-train ... TEST.EXPORT_FEATURES DIR writes it")
-    cfg.TEST.RERANK.ENABLED = bool(args.rerank)
-    rows = evaluate_pipelines(cfg, query, gallery, stage, next(stage.parameters()).device,
-                              keep_distances=True)
-    dists = OrderedDict((name, row["dist"]) for name, row in rows.items())
-    queries = cfg.TEST.REPORT.QUERIES if args.queries is None else args.queries
-    path = write_report(args.output, query, gallery, dists, args.images_root, queries,
-                        title=f"NFormer ranked lists: {os.path.basename(args.query)}")
+    path = report_from_weights(args.weights, args.query, args.gallery, args.output,
+                               args.images_root, args.queries, args.rerank, args.opts)
     print(f"Report page written to {path}")
     return 0
 

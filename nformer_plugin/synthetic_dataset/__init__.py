@@ -1,7 +1,8 @@
-"""Procedural pedestrian-like re-id images in Market-1501 layout: the embedded default dataset.
+"""Procedural pedestrian-like re-id images in Market-1501 layout: the built-in synthetic dataset.
 
 No real re-id dataset can ship with the package, so this package draws one. Pure numpy + PIL:
-it never imports FastReID (``nformer_plugin.fastreid_ext.dataset`` registers it there).
+it never imports FastReID (``nformer_plugin.fastreid_ext.datasets.synthetic`` registers it there as
+``EmbeddedReID``; its config keys are ``DATASETS.EMBEDDED.*``). Formerly ``nformer_plugin.embedded``.
 
 An identity is a fixed set of attributes drawn from shared palettes, a third of them near-twins of
 another identity (:mod:`.identities`). Each image adds the nuisances re-id has to see through:

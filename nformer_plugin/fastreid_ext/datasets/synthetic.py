@@ -1,12 +1,12 @@
 """``EmbeddedReID``: the generated default dataset, registered in FastReID's DATASET_REGISTRY.
 
-The images come from :mod:`nformer_plugin.embedded` and are written in Market-1501 layout, so this
+The images come from :mod:`nformer_plugin.synthetic_dataset` and are written in Market-1501 layout, so this
 class is FastReID's own ``Market1501`` loader pointed at the generated folder: the same parsing
 code serves the embedded data and real Market-1501 data.
 
 ``root`` (FastReID passes ``FASTREID_DATASETS`` there) is ignored: the data lives in the cache,
 ``$NFORMER_CACHE/embedded-<hash of the generator parameters>`` (see
-:func:`~nformer_plugin.embedded.dataset_cache_dir`), generated on first use and reused
+:func:`~nformer_plugin.synthetic_dataset.dataset_cache_dir`), generated on first use and reused
 afterwards. Market-1501's parser accepts camera ids 1..6 and pids up to 1501, which bounds
 ``num_cameras`` and ``num_train_ids + num_test_ids`` here.
 """
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.market1501 import Market1501
 
-from ..embedded import EmbeddedParams, dataset_cache_dir, generate_market_layout
+from ...synthetic_dataset import EmbeddedParams, dataset_cache_dir, generate_market_layout
 
 __all__ = ["EmbeddedReID", "EmbeddedReIDDomainA", "EmbeddedReIDDomainB"]
 
@@ -89,7 +89,7 @@ class EmbeddedReIDDomainA(_FixedDomain):
 @DATASET_REGISTRY.register()
 class EmbeddedReIDDomainB(_FixedDomain):
     """The embedded dataset in domain B: other colour casts, exposure, backgrounds, person scale
-    and illumination (``nformer_plugin.embedded.domains``); same identities and plan."""
+    and illumination (``nformer_plugin.synthetic_dataset.domains``); same identities and plan."""
 
     dataset_name = "embeddedB"
     domain = "B"

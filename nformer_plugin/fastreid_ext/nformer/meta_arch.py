@@ -2,8 +2,8 @@
 
 Stage 1 trains backbone + head (identity loss with label smoothing, triplet, centre loss and any
 backbone regularisers); stage 2 trains the NFormer stage on frozen features (see
-``fastreid_ext/trainer.py``). At evaluation the model returns per-image features; the
-evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.evaluate``).
+``fastreid_ext/nformer/trainer.py``). At evaluation the model returns per-image features; the
+evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.app.evaluation``).
 """
 from __future__ import annotations
 
@@ -19,22 +19,11 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.modeling.losses import cross_entropy_loss, log_accuracy
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
-from ..config import nformer_kwargs
-from ..core.heads import EmbeddingReductionHead
-from ..core.losses import CenterLoss, batch_hard_triplet
-from ..core.nformer import NFormer, NFormerStage
-from .backbone_registry import backbone_output_dim, check_pretrain_available
-
-
-def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
-                      pixel_std: torch.Tensor) -> torch.Tensor:
-    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
-    place, so a flipped second pass sees the raw images."""
-    images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
-    images = images.to(pixel_mean.device, non_blocking=True).float()
-    return (images - pixel_mean) / pixel_std
+from ...core.heads import EmbeddingReductionHead
+from ...core.losses import CenterLoss, batch_hard_triplet
+from ...core.nformer import NFormer, NFormerStage
+from ..backbone_registry import (backbone_output_dim, check_pretrain_available,
+                                normalized_images)
 
 
 @REID_HEADS_REGISTRY.register()
@@ -107,7 +96,7 @@ class NFormerReID(nn.Module):
                 raise ValueError(
                     f"MODEL.NFORMER.DIM ({cfg.MODEL.NFORMER.DIM}) must equal the head's feature "
                     f"width ({heads.out_dim}, MODEL.HEADS.NFORMER_FEAT_DIM)")
-            nformer_stage = NFormerStage(NFormer(**nformer_kwargs(cfg)),
+            nformer_stage = NFormerStage(NFormer.from_config(cfg),
                                          cfg.MODEL.HEADS.NUM_CLASSES, cfg.MODEL.NFORMER.TEST_FEAT)
         losses = cfg.MODEL.LOSSES
         if "TripletLoss" in losses.NAME and not losses.TRI.HARD_MINING:

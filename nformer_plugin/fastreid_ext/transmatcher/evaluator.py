@@ -31,13 +31,13 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
-from ..core.io import save_text
-from ..core.retrieval import comparison
-from ..core.retrieval.comparison import distances, format_table, metrics_only
-from ..core.retrieval.metrics import evaluate_ranking, l2_normalize
-from ..core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
+from ...core.io import save_text
+from ...core.retrieval import comparison
+from ...core.retrieval.comparison import distances, format_table, metrics_only
+from ...core.retrieval.metrics import evaluate_ranking, l2_normalize
+from ...core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
                                           scores_to_distances)
-from ..evaluate import rerank_params
+from ...app.evaluation import rerank_params
 
 logger = logging.getLogger("fastreid.nformer")
 

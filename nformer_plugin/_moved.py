@@ -1,0 +1,64 @@
+"""Old module paths that still import, with a deprecation message: one table, one finder.
+
+``import nformer_plugin.embedded`` (or any moved module, or one of its submodules) returns the
+module at its new path - the same module object, so a monkeypatch through the old name reaches
+the code that runs - after a ``DeprecationWarning`` that names the new path. Installed by
+``nformer_plugin/__init__.py``; nothing in the package imports an old path.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from typing import Dict, Optional
+
+#: old module path -> new module path (submodules follow their package)
+MOVED: Dict[str, str] = {
+    "nformer_plugin.embedded": "nformer_plugin.synthetic_dataset",
+    "nformer_plugin.evaluate": "nformer_plugin.app.evaluation",
+    "nformer_plugin.cli_study": "nformer_plugin.cli.study",
+    "nformer_plugin.cli_index": "nformer_plugin.cli.index",
+    "nformer_plugin.fastreid_ext.meta_arch": "nformer_plugin.fastreid_ext.nformer.meta_arch",
+    "nformer_plugin.fastreid_ext.evaluator": "nformer_plugin.fastreid_ext.nformer.evaluator",
+    "nformer_plugin.fastreid_ext.transmatcher_arch": "nformer_plugin.fastreid_ext.transmatcher.meta_arch",
+    "nformer_plugin.fastreid_ext.transmatcher_trainer": "nformer_plugin.fastreid_ext.transmatcher.trainer",
+    "nformer_plugin.fastreid_ext.transmatcher_evaluator":
+        "nformer_plugin.fastreid_ext.transmatcher.evaluator",
+    "nformer_plugin.fastreid_ext.dataset": "nformer_plugin.fastreid_ext.datasets.synthetic",
+    "nformer_plugin.fastreid_ext.cross_datasets": "nformer_plugin.fastreid_ext.datasets.cross_dataset",
+}
+
+
+def new_name(old: str) -> Optional[str]:
+    """The new path of ``old`` (a moved module or a submodule of one), else ``None``."""
+    for prefix, target in MOVED.items():
+        if old == prefix or old.startswith(prefix + "."):
+            return target + old[len(prefix):]
+    return None
+
+
+class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves an old path to the module already imported (or importable) at its new path."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if new_name(fullname) is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        target = new_name(spec.name)
+        warnings.warn(f"{spec.name} is deprecated: it moved to {target}", DeprecationWarning,
+                      stacklevel=2)
+        module = importlib.import_module(target)
+        self._real_spec = module.__spec__  # the import machinery overwrites it; restored below
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self._real_spec  # the module keeps its own name and spec
+
+
+def install() -> None:
+    if not any(isinstance(f, MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, MovedModuleFinder())  # before any finder of an installed copy

@@ -1,0 +1,40 @@
+"""TransMatcher's config keys (``MODEL.TRANSMATCHER.*``). Liao & Shao, NeurIPS 2021; the keys
+name the symbols of its sec. 5 / 6.2 / Table 3. Meta-architecture ``TransMatcherReID``
+(``fastreid_ext/transmatcher/meta_arch.py``), trainer ``fastreid_ext/transmatcher/trainer.py``.
+
+Pure Python (no yacs import): works on any yacs-style ``CfgNode``.
+"""
+from __future__ import annotations
+
+from ..config_keys import node
+
+
+def add_transmatcher_config(cfg):
+    """Add TransMatcher's keys (with their defaults) to ``cfg`` in place; returns ``cfg``."""
+    CN = type(cfg)
+    _C = cfg
+    node(_C, "MODEL")
+    _C.MODEL.TRANSMATCHER = CN()
+    _C.MODEL.TRANSMATCHER.FEATURE_LAYER = "layer3"  # backbone child whose map is matched (sec. 6.2: layer3); "" = the whole backbone
+    _C.MODEL.TRANSMATCHER.NECK = 512  # output channels of the 3x3 neck conv after FEATURE_LAYER (sec. 6.2); 0 = no neck
+    _C.MODEL.TRANSMATCHER.D_MODEL = 512  # d, width of the encodings Q_n, K_n (sec. 6.2: 512)
+    _C.MODEL.TRANSMATCHER.DIM_FEEDFORWARD = 2048  # D, width of MLPHead_1 and of the encoders' FFN (sec. 6.2: 2048)
+    _C.MODEL.TRANSMATCHER.NUM_HEADS = 1  # H, encoder attention heads (sec. 6.2: 1)
+    _C.MODEL.TRANSMATCHER.NUM_LAYERS = 3  # N, encoder-decoder blocks (sec. 6.2: 3)
+    _C.MODEL.TRANSMATCHER.ENCODER_LAYERS = -1  # encoders: -1 = N - 1, the backbone map pairs decoder 1 (sec. 6.2, appendix B.3); N = Fig. 1
+    _C.MODEL.TRANSMATCHER.FC1 = True  # Table 3 "FC_1": shared projection W_n of Eq. (4)
+    _C.MODEL.TRANSMATCHER.BN1 = True  # Table 3 "BN_1" after the GMP of Eq. (7)
+    _C.MODEL.TRANSMATCHER.MLP_HEAD = True  # Table 3 "MLPHead_1" (FC_2, BN_2, ReLU: hw -> D)
+    _C.MODEL.TRANSMATCHER.PRIOR_EMBED = True  # Table 3 prior score embedding R of Eq. (6)
+    _C.MODEL.TRANSMATCHER.POS_EMBED = False  # Table 3 learnable positional embedding (worse in the paper)
+    _C.MODEL.TRANSMATCHER.DROPOUT = 0.0  # encoder dropout (authors' code: 0)
+    _C.MODEL.TRANSMATCHER.FREEZE_BN = True  # backbone BN running statistics fixed while training (sec. 6.2)
+    _C.MODEL.TRANSMATCHER.NEW_LR = 0.005  # LR of new layers (neck, matcher); SOLVER.BASE_LR (0.0005) is the backbone's (sec. 6.2)
+    _C.MODEL.TRANSMATCHER.GRAD_CLIP = 4.0  # T, gradient-norm clipping of backbone+neck and of the matcher, separately (sec. 6.2); 0 = off
+    _C.MODEL.TRANSMATCHER.SAMPLER = "GS"  # GS: graph sampler of QAConv-GS (batch = a class + its nearest classes, K = DATALOADER.NUM_INSTANCE) | identity: SAMPLER_TRAIN
+    _C.MODEL.TRANSMATCHER.GS_CHUNK = 64  # images per chunk when the graph sampler scores one image per class with the matcher
+    _C.MODEL.TRANSMATCHER.TEST_QUERY_CHUNK = 512  # evaluation: queries encoded at once (bounded-memory scoring)
+    _C.MODEL.TRANSMATCHER.TEST_GALLERY_CHUNK = 128  # evaluation: gallery maps encoded at once
+    _C.MODEL.TRANSMATCHER.TEST_STORAGE = "float16"  # evaluation: dtype the maps are stored in (float16 | float32)
+    _C.MODEL.TRANSMATCHER.GLOBAL_ROW = True  # evaluation: also rank the global-average-pooled maps (cosine), a reference row
+    return cfg
