@@ -34,7 +34,7 @@ def tricky_world(num_gallery: int = 600, num_query: int = 40, seed: int = 0):
 
 def make_model(**overrides) -> NFormer:
     kwargs = dict(dim=DIM, num_layers=3, num_heads=2, ffn_dim=64, dropout=0.0, num_landmarks=5,
-                  topk=10, layer_pool=24)
+                  topk=10)  # LAYER_POOL: the default, 0 (a search per layer)
     kwargs.update(overrides)
     torch.manual_seed(0)
     return build_nformer(**kwargs).eval()
@@ -91,7 +91,7 @@ def test_certified_topk_falls_back_on_duplicates():
     assert refused == 1 and i.tolist() == [[0, 1, 2, 3, 4]]
 
 
-SETTINGS = [dict(neighbors="layer"), dict(neighbors="layer", layer_pool=0),
+SETTINGS = [dict(neighbors="layer"), dict(neighbors="layer", layer_pool=24),
             dict(neighbors="input"), dict(neighbors="affinity"),
             dict(neighbors="layer", mask="topk"), dict(neighbors="layer", exact_affinity=True)]
 
@@ -133,7 +133,7 @@ def test_pool_certificate_counts_are_logged(caplog):
 
     gallery, queries = tricky_world(seed=4)
     with caplog.at_level(logging.INFO, logger="fastreid.nformer"):
-        batch(make_model(), queries, gallery)
+        batch(make_model(layer_pool=24), queries, gallery)
     lines = [r.getMessage() for r in caplog.records if "layer pool" in r.getMessage()]
     assert len(lines) == 3 and all("without the pool certificate" in m for m in lines)
 
@@ -151,3 +151,28 @@ def test_dense_path_breaks_ties_like_the_sparse_path():
         sparse = make_model(neighbors=neighbors, layer_pool=0, num_layers=layers)
         a, b = batch(dense, queries, gallery), batch(sparse, queries, gallery)
         assert rows_differing(a, b) == 0, neighbors
+
+
+def test_rows_whose_bound_cannot_pass_skip_the_rescoring():
+    """``certified_topk(max_score=...)``: a row whose outside bound reaches the largest possible
+    score goes to the fallback without rescoring its candidates; the result is the same."""
+    gen = torch.Generator().manual_seed(6)
+    base = ties.canonical_rows(torch.randn(300, DIM, generator=gen))
+    rows = ties.canonical_rows(torch.randn(20, DIM, generator=gen))
+    cand = torch.randint(0, 300, (20, 30), generator=gen)
+    upper = torch.full((20,), 2.0, dtype=torch.float64)
+    upper[::2] = -2.0  # half the rows: the candidates' bound passes trivially (still rescored)
+    expected = ties.exact_full_topk(rows, base, 10)
+    cap = ties.score_cap(rows, 1.0)
+    seen = []
+
+    def fallback(refused):
+        seen.append(refused.clone())
+        return None, torch.arange(300).expand(len(refused), 300)
+
+    s, i, refused = ties.certified_topk(rows, base, 10, cand, upper, fallback=fallback,
+                                        max_score=cap)
+    assert refused == 10 and torch.equal(seen[0], torch.arange(1, 20, 2))
+    plain = ties.certified_topk(rows, base, 10, cand, upper, fallback=fallback)
+    assert torch.equal(i, plain[1]) and torch.equal(s, plain[0])
+    assert torch.equal(i[1::2], expected[1][1::2]) and torch.equal(s[1::2], expected[0][1::2])

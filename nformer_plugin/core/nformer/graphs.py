@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..retrieval.neighbors import build_index, knn_search
 from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
-                   float32_dot_bound, lex_sort)
+                   float32_dot_bound, lex_sort, score_cap)
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -303,6 +303,7 @@ class CandidatePool:
         if not first_layer:
             drift = (normed - self.base0).norm(dim=1).double() * (1 + NORM_SLACK) + NORM_SLACK
         drift_max = float(drift[nq:].max()) if drift is not None and len(base) else 0.0
+        base_norm = float(base.norm(dim=1).max()) if drift is not None and len(base) else 0.0
         searcher = []
 
         def fallback(first_row: int):
@@ -316,11 +317,13 @@ class CandidatePool:
 
         def best(pool: Tensor, upper: Optional[Tensor], first_row: int):
             rows = normed[first_row:first_row + pool.shape[0]]
+            cap = None
             if upper is not None and drift is not None:
                 upper = upper + drift[first_row:first_row + pool.shape[0]] + drift_max
+                cap = score_cap(rows, base_norm)  # rows whose bound reaches it: no rescoring
             scores, local, refused = certified_topk(
                 rows, base, k, pool - nq, upper, chunk_size, fallback(first_row),
-                exhaustive_ok=not settings.approximate)
+                exhaustive_ok=not settings.approximate, max_score=cap)
             return local + nq, scores, refused
 
         set_nbrs, set_scores, refused = best(self.set_pool, self.set_upper, nq)

@@ -133,8 +133,8 @@ Fallback = Callable[[Tensor], Tuple[Optional[Tensor], Tensor]]
 
 def certified_topk(rows: Tensor, base: Tensor, k: int, candidates: Tensor,
                    outside_upper: Optional[Tensor], chunk_size: int = 8192,
-                   fallback: Optional[Fallback] = None, exhaustive_ok: bool = True
-                   ) -> Tuple[Tensor, Tensor, int]:
+                   fallback: Optional[Fallback] = None, exhaustive_ok: bool = True,
+                   max_score: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, int]:
     """The exact top ``k`` (scores float64, base indices; best first under :func:`lex_sort`) of
     each row among ``candidates`` (R, K), accepted where the ``k``-th exact score is strictly
     above ``outside_upper`` (R,), an upper bound on the exact score of every base row not in the
@@ -143,8 +143,18 @@ def certified_topk(rows: Tensor, base: Tensor, k: int, candidates: Tensor,
     (new candidates and bound), and what that still refuses to :func:`exact_full_topk`
     (``exhaustive_ok=False``: an approximate setting, the fallback's lists are final).
 
+    ``max_score`` (R,): an upper bound on any exact score of the row (``|row| max|base|``); a
+    row whose ``outside_upper`` reaches it cannot pass, so its candidates are not rescored and it
+    goes straight to the fallback (the layer pool's rows after much drift).
+
     Returns ``(scores, indices, refused)``: ``refused`` counts the rows the first certificate
     refused (logged by the callers)."""
+    if (max_score is not None and outside_upper is not None
+            and candidates.shape[1] < base.shape[0]):
+        hopeless = outside_upper.double() >= max_score.to(outside_upper.device).double()
+        if bool(hopeless.any()):
+            return _split_hopeless(rows, base, k, candidates, outside_upper, chunk_size, fallback,
+                                   exhaustive_ok, hopeless)
     scores, index = lex_sort(exact_scores(rows, base, candidates, chunk_size), candidates)
     scores, index = scores[:, :k].contiguous(), index[:, :k].contiguous()
     if outside_upper is None or candidates.shape[1] >= base.shape[0]:
@@ -160,6 +170,36 @@ def certified_topk(rows: Tensor, base: Tensor, k: int, candidates: Tensor,
         s, i = exact_full_topk(sub, base, k)
     scores[refused], index[refused] = s, i
     return scores, index, int(refused.numel())
+
+
+def _split_hopeless(rows: Tensor, base: Tensor, k: int, candidates: Tensor, outside_upper: Tensor,
+                    chunk_size: int, fallback: Optional[Fallback], exhaustive_ok: bool,
+                    hopeless: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """:func:`certified_topk` with the rows that cannot pass (``hopeless``) sent to the fallback
+    without rescoring their candidates; the others as usual."""
+    scores = torch.empty(rows.shape[0], k, dtype=torch.float64, device=rows.device)
+    index = torch.empty(rows.shape[0], k, dtype=torch.long, device=rows.device)
+    bad, good = hopeless.nonzero().squeeze(1), (~hopeless).nonzero().squeeze(1)
+    refused = int(bad.numel())
+    if good.numel():
+        sub_fallback = None if fallback is None else (lambda r: fallback(good[r.to(good.device)]))
+        s, i, more = certified_topk(rows[good], base, k, candidates[good], outside_upper[good],
+                                    chunk_size, sub_fallback, exhaustive_ok)
+        scores[good], index[good] = s, i
+        refused += more
+    if fallback is not None:
+        upper, cand = fallback(bad)
+        s, i, _ = certified_topk(rows[bad], base, k, cand, upper, chunk_size, None, exhaustive_ok)
+    else:
+        s, i = exact_full_topk(rows[bad], base, k)
+    scores[bad], index[bad] = s, i
+    return scores, index, refused
+
+
+def score_cap(rows: Tensor, base_max_norm: float) -> Tensor:
+    """An upper bound (R,) on any exact score ``<row, b>`` with ``|b| <= base_max_norm``."""
+    norms = rows.detach().double().norm(dim=1) * (1 + NORM_SLACK) + NORM_SLACK
+    return norms * (base_max_norm * (1 + NORM_SLACK) + NORM_SLACK)
 
 
 # ----------------------------------------------------------------------------- stable GEMMs

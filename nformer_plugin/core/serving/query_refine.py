@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep, outside_bound,
                               row_scores)
 from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
-                            exact_scores, stable_rows)
+                            exact_scores, score_cap, stable_rows)
 from .gallery_state import GalleryLayer, GalleryState
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
 
@@ -47,11 +47,6 @@ def searcher(state: GalleryState, key: tuple, base: Tensor) -> InnerProductSearc
     if key not in state.searchers:
         state.searchers[key] = InnerProductSearcher(base, state.settings)
     return state.searchers[key]
-
-
-def _sorted(nbrs: Tensor, scores: Tensor) -> Tuple[Tensor, Tensor]:
-    scores, order = scores.sort(dim=1, descending=True)
-    return nbrs.gather(1, order), scores
 
 
 def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, head: int,
@@ -164,9 +159,11 @@ def candidates(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, coun
 
 
 def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
-                    found: Optional[Candidates] = None) -> Tuple[Tensor, Tensor]:
+                    found: Optional[Candidates] = None, max_score: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
     """Exact top-k ``(indices, scores)`` of ``rows`` over ``base`` in the ``ties`` order, from
-    ``found`` candidates (default: a search), refused rows searched again in full."""
+    ``found`` candidates (default: a search), refused rows searched again in full (``max_score``:
+    as ``ties.certified_topk``)."""
     k, chunk = state.settings.topk, state.settings.chunk_size
     count = k if state.settings.approximate else candidate_count(k, base.shape[0])
     if found is None:
@@ -177,7 +174,8 @@ def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
         return candidates(state, key, base, rows[refused], count, prefilter=False)
 
     scores, nbrs, _ = certified_topk(rows, base, k, cand, upper, chunk, fallback,
-                                     exhaustive_ok=not state.settings.approximate)
+                                     exhaustive_ok=not state.settings.approximate,
+                                     max_score=max_score)
     return nbrs, scores
 
 
@@ -262,14 +260,15 @@ def _lists(state: GalleryState, layer_index: int, normed: Tensor, qp: "QueryPass
     is_layer = state.settings.neighbors == "layer"
     base = state.layers[layer_index].normed if is_layer else state.input_normed
     key = ("feature", layer_index) if is_layer else ("input",)
-    found = None
+    found, cap = None, None
     if qp.pool is not None:
         upper, pool_rows = qp.pool
         if upper is not None and layer_index > 0:
             drift = (normed - qp.normed0).norm(dim=1).double() * (1 + NORM_SLACK) + NORM_SLACK
             upper = upper + drift + gallery_drift(state, layer_index)
+            cap = score_cap(normed, base_max_norm(state, key, base))  # reached: no rescoring
         found = (upper, pool_rows)
-    return certified_lists(state, key, base, normed, found)
+    return certified_lists(state, key, base, normed, found, cap)
 
 
 def gallery_drift(state: GalleryState, layer_index: int) -> float:
