@@ -103,11 +103,15 @@ class InnerProductSearcher:
         """``(outside_upper, indices)``: each query's ``count`` best rows by the float32 search
         and an upper bound (R,) on the exact score of every row left out (``None`` for an
         approximate index, which bounds nothing); for ``ties.certified_topk``."""
+        return self.scored_candidates(queries, count)[:2]
+
+    def scored_candidates(self, queries: Tensor, count: int):
+        """:meth:`candidates` plus ``approx``: the float32 scores and their error bound, for
+        ``ties.certified_topk(approx=...)`` (``None`` for an approximate index)."""
         scores, idx = self.search_with_scores(queries, count)
         if scores is None:
-            return None, idx
-        return outside_bound(scores[:, -1].to(queries.device), queries, self.max_norm,
-                             self.dim), idx
+            return None, idx, None
+        return scored(scores.to(queries.device), idx, queries, self.max_norm, self.dim)
 
     def search(self, queries: Tensor, k: int) -> Tensor:
         """Indices (R, k) into ``base`` of each query's ``k`` largest inner products."""
@@ -136,15 +140,22 @@ def outside_bound(last_scores: Tensor, queries: Tensor, max_norm: float, dim: in
                                                                     + NORM_SLACK)
 
 
+def scored(scores: Tensor, idx: Tensor, queries: Tensor, max_norm: float, dim: int):
+    """``(outside_upper, idx, (scores, err))`` of a float32 search's sorted results: the bound of
+    :func:`outside_bound` and the per-row float32 error bound ``err``."""
+    err = outside_bound(torch.zeros_like(scores[:, 0]), queries, max_norm, dim)
+    return scores[:, -1].double() + err, idx, (scores, err)
+
+
 def certified_search(queries: Tensor, base: Tensor, searcher: "InnerProductSearcher", k: int,
                      chunk_size: int) -> Tuple[Tensor, Tensor, int]:
     """The exact top-k of ``queries`` over ``base`` under ``ties`` (candidates from ``searcher``,
     over ``base``): ``(scores float64, base indices, refused)``, best first."""
     approximate = searcher.settings.approximate  # IVF: the k it finds, nothing to certify
-    upper, cand = searcher.candidates(queries, k if approximate else
-                                      candidate_count(k, base.shape[0]))
+    upper, cand, approx = searcher.scored_candidates(queries, k if approximate else
+                                                     candidate_count(k, base.shape[0]))
     return certified_topk(queries, base, k, cand, upper, chunk_size,
-                          exhaustive_ok=not searcher.settings.approximate)
+                          exhaustive_ok=not searcher.settings.approximate, approx=approx)
 
 
 def pair_scores(left: Tensor, right: Tensor, left_rows: Tensor, right_rows: Tensor,
