@@ -235,8 +235,6 @@ class Trainer(EvaluatingTrainer):
         if not (resume and self.checkpointer.has_checkpoint()):
             return
         stage, epoch = int(checkpoint.get("stage", 1)), int(checkpoint.get("epoch", -1))
-        if "rng" in checkpoint:  # every generator training draws from, as it was at the save
-            set_rng_state(checkpoint["rng"])
         if stage == 1:
             self.start_epoch = epoch + 1
             self._stage1_done = self.start_epoch >= self.max_epoch
@@ -249,6 +247,10 @@ class Trainer(EvaluatingTrainer):
             self._stage1_done = True
             self.stage2_start_epoch = epoch + 1
             self._stage2_state = checkpoint.get("nformer_trainer")
+        # every generator training draws from, as it was at the save; restored last, because
+        # creating a DataLoader iterator (above) draws its base seed from the global generator
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
         logger.info("Resuming in stage %d after epoch %d", stage, epoch)
 
     # ------------------------------------------------------------------ train
