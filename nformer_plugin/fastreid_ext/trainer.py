@@ -320,17 +320,19 @@ class Trainer(EvaluatingTrainer):
 
         def on_epoch_end(epoch: int, stats: dict) -> None:
             nonlocal results
+            last = epoch + 1 >= s2.EPOCHS
+            if not last and s2.EVAL_PERIOD > 0 and (epoch + 1) % s2.EVAL_PERIOD == 0:
+                model.nformer_trained.fill_(True)
+                results = self.test(cfg, model)  # monitoring only: nothing is chosen on it
+                model.nformer_trained.fill_(False)
+                comm.synchronize()
+            # the state after everything the epoch does (evaluating draws loader seeds from the
+            # global generator), so a resume from either file continues as this run does
             state = {"epoch": epoch, "stage": 2, "nformer_trainer": trainer.state_dict()}
             if trainer.best is not None and trainer.best["epoch"] == epoch:
                 saver.save("model_best", **state)
-            if epoch + 1 < s2.EPOCHS:
-                if s2.EVAL_PERIOD > 0 and (epoch + 1) % s2.EVAL_PERIOD == 0:
-                    model.nformer_trained.fill_(True)
-                    results = self.test(cfg, model)  # monitoring only: nothing is chosen on it
-                    model.nformer_trained.fill_(False)
-                    comm.synchronize()
-                if s2.CHECKPOINT_PERIOD > 0 and (epoch + 1) % s2.CHECKPOINT_PERIOD == 0:
-                    saver.save(f"nformer_{epoch:04d}", **state)
+            if not last and s2.CHECKPOINT_PERIOD > 0 and (epoch + 1) % s2.CHECKPOINT_PERIOD == 0:
+                saver.save(f"nformer_{epoch:04d}", **state)
 
         trainer.train(self.stage2_start_epoch, on_epoch_end)
         trainer.restore_best()

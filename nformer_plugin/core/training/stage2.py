@@ -198,9 +198,9 @@ class Stage2Trainer:
         for epoch in range(start_epoch, self.max_epoch):
             stats = self.run_epoch()
             self._validate(epoch, stats)
+            self.history.append(stats)  # before the callback: its checkpoints hold this epoch
             if on_epoch_end is not None:
-                on_epoch_end(epoch, stats)  # may add validation figures to stats
-            self.history.append(stats)
+                on_epoch_end(epoch, stats)
             done = epoch + 1 - start_epoch
             eta = (time.perf_counter() - started) / done * (self.max_epoch - epoch - 1)
             text = "  ".join(f"{k}: {v:.4g}" for k, v in stats.items())
