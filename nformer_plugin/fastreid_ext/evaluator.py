@@ -18,6 +18,7 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
+from ..core.faults import fault_point
 from ..core.features import FeatureSet
 from ..core.retrieval.comparison import format_table, headline, metrics_only
 from ..evaluate import evaluate_pipelines, export_features
@@ -41,6 +42,7 @@ class NFormerEvaluator(DatasetEvaluator):
         self._predictions = []
 
     def process(self, inputs, outputs):
+        fault_point("eval_batch")
         self._predictions.append({
             "feats": outputs.detach().to("cpu", torch.float32),
             "pids": inputs["targets"].to("cpu"),
@@ -73,6 +75,7 @@ class NFormerEvaluator(DatasetEvaluator):
         if gathered is None:
             return {}
         feats, pids, camids, paths = gathered
+        fault_point("eval_metrics")
         nq = self._num_query
         has_paths = len(paths) == len(feats)  # exported with the features (nformer report)
         query = FeatureSet(feats[:nq], pids[:nq], camids[:nq], paths[:nq] if has_paths else None)

@@ -7,7 +7,8 @@ NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2 builder
 model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
 written, in either stage. Differences from ``DefaultTrainer``: plain data loaders without a GPU,
 DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes, per-sample seeded
-augmentation, RNG states in checkpoints, our evaluator, nothing chosen on the test set.
+augmentation, RNG states in checkpoints, our evaluator, nothing chosen on the test set,
+``core.faults`` points (testing hook).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
 from fastreid.utils.logger import setup_logger
 
+from ..core.faults import fault_point
 from ..core.features import save_feature_file
 from ..core.io import save_text, save_torch
 from ..core.training import Stage2Settings, build_stage2
@@ -56,7 +58,8 @@ class AtomicCheckpointer(Checkpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        save_torch(data, path)
+        save_torch(data, path, fault="checkpoint_write")
+        fault_point("checkpoint_unrecorded")
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -118,6 +121,7 @@ def extract_features(cfg, model, split: str = "train", is_train: bool = False,
             if flip:
                 flipped = dict(batch, images=batch["images"].flip(dims=[3]))
                 out = (out + model(flipped)) / 2
+            fault_point("feature_batch")
             feats.append(out.float().cpu())
             labels.append(batch["targets"].cpu())
             camids.append(batch["camids"].cpu())
@@ -157,6 +161,10 @@ class EvaluatingTrainer(DefaultTrainer):
         self.max_iter = self.max_epoch * self.iters_per_epoch
         self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
         self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+
+    def run_step(self):
+        fault_point("stage1_step")
+        super().run_step()
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

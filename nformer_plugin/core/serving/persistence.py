@@ -9,7 +9,8 @@ then switches ``CURRENT`` with an atomic rename (``io.atomic_write``) and only t
 old version: a crash at any point leaves the previous index loadable.
 
 ``NFORMER_INDEX_CRASH_AFTER=<file>`` kills the saving process right after writing that file (the
-hook the killed-save test uses).
+hook the killed-save test uses); each of those moments is also the ``index_save`` point of
+``core.faults`` (``NFORMER_FAULT_AT=index_save:<n>``).
 
 Pure torch / numpy / faiss; must not import FastReID.
 """
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..io import save_text
 from ..nformer.model import NFormer
 from ..nformer.stage import NFormerStage
@@ -76,6 +78,7 @@ def file_sha256(path: str) -> str:
 def _crash_point(name: str) -> None:
     if os.environ.get("NFORMER_INDEX_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    fault_point("index_save")
 
 
 def _arrays(index: GalleryIndex) -> Dict[str, np.ndarray]:
@@ -128,6 +131,7 @@ def save_index(index: GalleryIndex, directory: str) -> str:
     os.replace(tmp, os.path.join(directory, version))
     _crash_point("version")
     save_text(version + "\n", os.path.join(directory, "CURRENT"))  # the atomic switch
+    _crash_point("CURRENT")
     for name in os.listdir(directory):  # old versions and interrupted saves
         if name not in (version, "CURRENT") and (name.startswith(("v", ".tmp-"))):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
@@ -161,6 +162,7 @@ class Stage2Trainer:
 
     # ------------------------------------------------------------------ loop
     def step(self) -> Dict[str, float]:
+        fault_point("stage2_step")
         sets, labels = self.sampler()
         refined, logits = self.forward(sets.to(self.device))
         s = self.settings
