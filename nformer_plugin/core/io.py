@@ -55,10 +55,19 @@ def atomic_write(path: str, write: Callable[[str], Any], fault: str = "atomic_wr
 
 
 def save_torch(obj: Any, path: str, fault: str = "atomic_write") -> str:
-    """``torch.save`` through :func:`atomic_write`."""
+    """``torch.save`` through :func:`atomic_write`. A full disk, a quota or a file-size limit
+    raises the ``OSError`` behind it (torch's writer reports them as an opaque RuntimeError)."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fault)
+    try:
+        return atomic_write(path, lambda tmp: torch.save(obj, tmp), fault)
+    except RuntimeError as e:
+        from .writable import space_error, state_bytes
+
+        error = space_error(os.path.dirname(os.path.abspath(path)), state_bytes(obj) + 2 ** 20)
+        if error is None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), path) from e
 
 
 def save_text(text: str, path: str) -> str:

@@ -6,9 +6,9 @@ NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2 builder
 (``core.training.build_stage2``), validating on held-out identities. Both stages live in one
 model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
 written, in either stage. Differences from ``DefaultTrainer``: plain data loaders without a GPU,
-DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes, per-sample seeded
-augmentation, RNG states in checkpoints, our evaluator, nothing chosen on the test set,
-``core.faults`` points (testing hook).
+DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes (a failed one replaces
+nothing), room for a checkpoint checked before training, per-sample seeded augmentation, RNG
+states in checkpoints, our evaluator, nothing chosen on the test set, ``core.faults`` points.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from ..core.io import save_text, save_torch
 from ..core.training import Stage2Settings, build_stage2
 from ..core.training.reproducible import rng_state, set_rng_state
 from ..core.training.validation import make_validator
+from ..core.writable import check_writable, checkpoint_bytes, last_good, write_failure
 from . import loaders as data_build
 from .evaluator import NFormerEvaluator
 
@@ -58,9 +59,12 @@ class AtomicCheckpointer(Checkpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        save_torch(data, path, fault="checkpoint_write")
-        fault_point("checkpoint_unrecorded")
-        self.tag_last_checkpoint(basename)
+        try:
+            save_torch(data, path, fault="checkpoint_write")
+            fault_point("checkpoint_unrecorded")
+            self.tag_last_checkpoint(basename)
+        except OSError as e:  # disk full, folder gone read-only: the last good one stays
+            raise write_failure(path, e, last_good(self.save_dir)) from e
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         save_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
@@ -161,6 +165,8 @@ class EvaluatingTrainer(DefaultTrainer):
         self.max_iter = self.max_epoch * self.iters_per_epoch
         self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
         self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        if comm.is_main_process():  # room for one checkpoint, before any training is spent
+            check_writable(cfg.OUTPUT_DIR, checkpoint_bytes(model), "OUTPUT_DIR")
 
     def run_step(self):
         fault_point("stage1_step")
