@@ -1,6 +1,7 @@
 """``nformer``: NFormer on saved features, for any re-id model (FastReID not required).
 
-    nformer train  --train TRAIN.npz [MORE.npz ...] --output DIR [--config-file FILE] [KEY VALUE ...]
+    nformer train  --train TRAIN.npz [MORE.npz ...] --output DIR [--config-file FILE] [--resume]
+                   [KEY VALUE ...]
     nformer eval   --weights DIR/model_final.pth --query Q.npz --gallery G.npz [--rerank]
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
@@ -83,10 +84,13 @@ def _load_training_bank(paths: Sequence[str]):
     return np.stack([fs.feats for fs in sets]), first.pids, first.camids
 
 
-def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray):
+def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,
+                      checkpoints=None, resume: bool = False):
     """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
     ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
-    Returns ``(stage, trainer)``; the stage is in eval mode."""
+    ``checkpoints`` (``core.training.checkpoints.Stage2Checkpoints``) writes checkpoints and,
+    with ``resume``, continues from the last one. Returns ``(stage, trainer)``; the stage is in
+    eval mode."""
     from .core.training import Stage2Settings, build_stage2
     from .core.training.validation import make_validator, split_validation_ids
 
@@ -109,17 +113,26 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
         trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
     logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
                 int((~is_val).sum()), bank.shape[0], bank.shape[2], num_classes)
-    trainer.train()
+    start, on_epoch_end = 0, None
+    if checkpoints is not None:
+        checkpoints.check_space(stage)
+        start = checkpoints.resume(stage, trainer) if resume else 0
+        on_epoch_end = checkpoints.callback(stage, trainer)
+    trainer.train(start, on_epoch_end)
     trainer.restore_best()
     return stage.eval(), trainer
 
 
 def cmd_train(args) -> int:
     from .core.io import save_text, save_torch
+    from .core.training.checkpoints import make_checkpoints
+    from .core.writable import check_writable
 
     cfg = load_cli_config(args.config_file, args.opts)
+    check_writable(args.output, what="--output")
     bank, pids, camids = _load_training_bank(args.train)
-    stage, trainer = train_on_features(cfg, bank, pids, camids)
+    checkpoints = make_checkpoints(args.output, cfg, bank, pids)
+    stage, trainer = train_on_features(cfg, bank, pids, camids, checkpoints, args.resume)
     meta = {"dim": bank.shape[2], "num_classes": stage.classifier.out_features,
             "config": cfg.dump()}
     path = save_torch(dict(meta, model=stage.state_dict()),
@@ -208,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
     p.add_argument("--config-file", default="", help="YAML with MODEL.NFORMER.* keys")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/last_checkpoint.pth (written every "
+                        "MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD epochs and after the last)")
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("eval", cmd_eval, "metrics of input vs refined features"),
