@@ -8,7 +8,9 @@ Gallery / query files are ``.npz`` with ``feats`` (N x d) and optionally ``ids``
 default: row numbers, continuing after the largest id for ``add``), ``pids`` and ``camids``. With
 labels in both the index and the query file, ``query`` also prints the metrics table of
 ``nformer eval`` for the same files (the same refined features, the same evaluator). ``--weights``
-checks that the index was built with that model. Pure: works without FastReID.
+checks that the index was built with that model. The index records the sha256 of every gallery
+file it holds: ``add`` of a file already in it adds nothing, so rerunning a killed ``add`` (or
+``build``) finishes it. Pure: works without FastReID.
 """
 from __future__ import annotations
 
@@ -69,18 +71,32 @@ def _load(args):
 
 def cmd_build(args) -> int:
     from .core.serving import GalleryIndex
+    from .core.serving.persistence import file_sha256
+    from .core.writable import check_writable
 
+    check_writable(args.output, what="--output")
     feats, ids, labels = read_features(args.gallery)
     index = GalleryIndex.from_weights(args.weights, feats, ids, opts=args.opts, labels=labels)
+    index.sources = [file_sha256(args.gallery)]
     index.save(args.output)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
 
 
 def cmd_add(args) -> int:
+    from .core.serving.persistence import file_sha256
+    from .core.writable import check_writable
+
+    check_writable(args.index, what="--index")
     index = _load(args)
     feats, ids, labels = read_features(args.gallery)
+    digest, sources = file_sha256(args.gallery), list(getattr(index, "sources", []))
+    if digest in sources:  # e.g. a rerun of an add killed after its save
+        print(f"{args.gallery} is already in the index at {args.index} (nothing added); it "
+              f"holds {len(index)}")
+        return 0
     index.add(feats, ids, labels)
+    index.sources = sources + [digest]
     index.save(args.index)
     print(f"Added {len(feats)} items; the index at {args.index} holds {len(index)}")
     return 0

@@ -124,6 +124,7 @@ def save_index(index: GalleryIndex, directory: str) -> str:
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
             index.model), "model_config": model_config(index.nformer), "metric": index.metric,
         "num_items": len(index), "dim": index.dim, "num_layers": index.nformer.num_layers,
+        "sources": list(getattr(index, "sources", [])),  # sha256 of the files built / added
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
     }
@@ -219,5 +220,6 @@ def load_index(directory: str, model: Optional[nn.Module] = None) -> GalleryInde
     import faiss
 
     index._search_index = faiss.read_index(os.path.join(folder, "search.faiss"))
+    index.sources = list(manifest.get("sources", []))
     return index
 
