@@ -8,7 +8,9 @@ Gallery / query files are ``.npz`` with ``feats`` (N x d) and optionally ``ids``
 default: row numbers, continuing after the largest id for ``add``), ``pids`` and ``camids``. With
 labels in both the index and the query file, ``query`` also prints the metrics table of
 ``nformer eval`` for the same files (the same refined features, the same evaluator). ``--weights``
-checks that the index was built with that model. The work is ``app.serving``'s.
+checks that the index was built with that model. The index records the sha256 of every gallery
+file it holds: ``add`` of a file already in it adds nothing, so rerunning a killed ``add`` (or
+``build``) finishes it. The work is ``app.serving``'s.
 """
 from __future__ import annotations
 
@@ -23,24 +25,22 @@ FORMATS = """\
 
 
 def cmd_build(args) -> int:
-    from ..app.serving import index_from_weights, labels_of, read_index_features
+    from ..app.serving import build_index_file
 
-    gallery = read_index_features(args.gallery)
-    index = index_from_weights(args.weights, gallery.feats, gallery.ids, opts=args.opts,
-                               labels=labels_of(gallery))
-    index.save(args.output)
+    index = build_index_file(args.weights, args.gallery, args.output, args.opts)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
 
 
 def cmd_add(args) -> int:
-    from ..app.serving import labels_of, open_index, read_index_features
+    from ..app.serving import add_index_file
 
-    index = open_index(args.index, args.weights)
-    new = read_index_features(args.gallery)
-    index.add(new.feats, new.ids, labels_of(new))
-    index.save(args.index)
-    print(f"Added {len(new)} items; the index at {args.index} holds {len(index)}")
+    index, added = add_index_file(args.index, args.gallery, args.weights)
+    if added is None:  # e.g. a rerun of an add killed after its save
+        print(f"{args.gallery} is already in the index at {args.index} (nothing added); it "
+              f"holds {len(index)}")
+    else:
+        print(f"Added {added} items; the index at {args.index} holds {len(index)}")
     return 0
 
 

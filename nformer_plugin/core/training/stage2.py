@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
@@ -182,6 +183,7 @@ class Stage2Trainer:
 
     # ------------------------------------------------------------------ loop
     def step(self) -> Dict[str, float]:
+        fault_point("stage2_step")
         sets, labels = self.sampler()
         refined, logits = self.forward(sets.to(self.device))
         s = self.settings
@@ -222,9 +224,9 @@ class Stage2Trainer:
         for epoch in range(start_epoch, self.max_epoch):
             stats = self.run_epoch()
             self._validate(epoch, stats)
+            self.history.append(stats)  # before the callback: its checkpoints hold this epoch
             if on_epoch_end is not None:
-                on_epoch_end(epoch, stats)  # may add validation figures to stats
-            self.history.append(stats)
+                on_epoch_end(epoch, stats)
             done = epoch + 1 - start_epoch
             eta = (time.perf_counter() - started) / done * (self.max_epoch - epoch - 1)
             text = "  ".join(f"{k}: {v:.4g}" for k, v in stats.items())
