@@ -24,6 +24,9 @@ neighbors ``layer`` with a pool of 64), untrained weights. Per gallery size it p
     python benchmarks/bench_gallery_index.py --gallery 2000 --queries 300 --skip-million  # check
     python benchmarks/bench_gallery_index.py --tmp-dir /big/disk                 # 10^6: ~12 GB
     python benchmarks/bench_gallery_index.py --skip-market --million-size 200000 # scaling point
+    python benchmarks/bench_gallery_index.py --skip-market --million-size 100000 \
+        --million-search exact                                         # 10^5, exact
+    python benchmarks/bench_gallery_index.py --skip-market --million-search both  # 10^6 exact + IVF
 
 The 10^6 run uses the approximate (IVF) neighbor search of the sparse path (``ANN_THRESHOLD``),
 for the batch reference and the index alike. Run it from the repository root, alone on the box.
@@ -113,6 +116,48 @@ def worker_batch(args) -> Dict:
                 peak_is_step_only=reset)
 
 
+def decision_margins(index, queries):
+    """The smallest decision margins the queries' refinement met (``neighbors layer``): the gap
+    between the k-th and (k+1)-th exact score of a row's neighbor search, and the smallest
+    ``|A_ji - kth_j|`` of its reciprocal tests, over every layer (exact scores, ``ties``)."""
+    import torch
+
+    from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
+    from nformer_plugin.core.serving.query_refine import QueryPass, query_layer
+
+    state = index.state
+    k = state.settings.topk
+    if state.settings.neighbors != "layer" or state.settings.mask == "none":
+        return float("nan"), float("nan")
+    qp, gap, margin = QueryPass(queries.contiguous()), float("inf"), float("inf")
+    with torch.inference_mode():
+        for i, block in enumerate(index.nformer.blocks):
+            layer = state.layers[i]
+            scores, rows = exact_full_topk(canonical_rows(qp.x), layer.normed, k + 1)
+            gap = min(gap, float((scores[:, k - 1] - scores[:, k]).min()))
+            if layer.kth is not None:
+                margin = min(margin, float((scores[:, :k] - layer.kth[0][rows[:, :k]]).abs().min()))
+            query_layer(block, state, i, qp)
+    return gap, margin
+
+
+def ivf_recall(index, queries) -> float:
+    """Recall@k of the IVF neighbor lists of the queries (layer 0, the NFormer input) against
+    an exact search of the same rows."""
+    import torch
+
+    from nformer_plugin.core.nformer.graphs import InnerProductSearcher
+    from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
+
+    state, k = index.state, index.state.settings.topk
+    rows = canonical_rows(queries)
+    base = state.input_normed if state.input_normed is not None else canonical_rows(state.inputs)
+    approx = InnerProductSearcher(base, state.settings).search(rows, k)
+    exact = exact_full_topk(rows, base, k)[1]
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approx, exact))
+    return hits / exact.numel()
+
+
 def _latencies(index, queries, count: int) -> List[float]:
     out = []
     for i in range(min(count, len(queries))):
@@ -150,8 +195,13 @@ def worker_index(args) -> Dict:
         result["rebuild_seconds"] = build  # the 99 % build: a lower bound of a rebuild
     index.search(queries[:2], topk=100)  # warm up (search index, lazily built searchers)
     reference = np.load(args.save)
-    result["max_abs_diff_vs_batch"] = float(np.abs(
-        index.refine(queries[: len(reference)]).numpy() - reference).max())
+    gap = np.abs(index.refine(queries[: len(reference)]).numpy() - reference)
+    result["max_abs_diff_vs_batch"] = float(gap.max())
+    result["rows_differing_vs_batch"] = int((gap.max(axis=1) > 1e-4).sum())  # must be 0
+    result["min_topk_gap"], result["min_reciprocal_margin"] = decision_margins(
+        index, queries[: len(reference)])
+    if args.ivf:  # the IVF lists against an exact search, layer 0 (the same IVF on both sides)
+        result["ivf_recall_at_k"] = ivf_recall(index, queries[: len(reference)])
     batches = [queries[s:s + args.batch] for s in range(0, len(queries), args.batch)]
     _, seconds = _timed(lambda: [index.search(b, topk=100) for b in batches])
     result["queries_per_second"] = len(queries) / seconds
@@ -196,8 +246,8 @@ def measure(kind: str, n: int, args, save: str, ivf: bool) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(n: int, batch: Dict, index: Dict) -> None:
-    print(f"\n### gallery {n:,}\n")
+def report(n: int, batch: Dict, index: Dict, ivf: bool = False) -> None:
+    print(f"\n### gallery {n:,} ({'IVF' if ivf else 'exact'} neighbor search)\n")
     if "error" in batch or "error" in index:
         print(f"batch: {batch.get('error', 'ok')}; index: {index.get('error', 'ok')}")
         return
@@ -211,6 +261,11 @@ def report(n: int, batch: Dict, index: Dict) -> None:
          f"{index['index_held_mb']:.0f})", f"{batch['step_mb']:.0f}",
          f"{index['build_step_mb'] / max(batch['step_mb'], 1):.2f}x the batch refinement"),
         ("refine vs batch rows, max abs diff", f"{index['max_abs_diff_vs_batch']:.1e}", "0", "-"),
+        ("refine vs batch: rows differing by > 1e-4", str(index["rows_differing_vs_batch"]), "0",
+         "must be 0"),
+        ("smallest decision margin: top-k gap / reciprocal abs(A_ji - kth_j)",
+         f"{index['min_topk_gap']:.1e} / {index['min_reciprocal_margin']:.1e}", "-",
+         "exact scores (ties): any margin > 0 is decided the same on both paths"),
         ("queries / s (batches of 256, top-100)", f"{index['queries_per_second']:.0f}", "-",
          "target >= 2,000 (Market size)"),
         ("single query (ms), median / p95", f"{index['single_ms_median']:.1f} / "
@@ -227,6 +282,10 @@ def report(n: int, batch: Dict, index: Dict) -> None:
         rows.append(("add: peak RSS (MB)", f"{index['add_peak_rss_mb']:.0f}", "-", "-"))
         rows.append(("add: rows whose layer input changed, per layer",
                      str(index["add_changed_rows_per_layer"]), "-", "-"))
+    if "ivf_recall_at_k" in index:
+        rows.append(("IVF recall@k against exact search (layer 0)",
+                     f"{100 * index['ivf_recall_at_k']:.2f} %", "-",
+                     "index and batch search the same IVF index"))
     rows.append(("index size on disk (MB)", f"{index['disk_mb']:.0f}", "-", "-"))
     rows.append(("float16 refined gallery: top-100 unchanged",
                  f"{100 * index['fp16_top100_unchanged']:.0f} % of queries", "-",
@@ -248,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--million-queries", type=int, default=512, help="queries at that size")
     p.add_argument("--skip-million", action="store_true", help="only the Market-sized run")
     p.add_argument("--skip-market", action="store_true", help="only the large run")
+    p.add_argument("--million-search", choices=["ivf", "exact", "both"], default="ivf",
+                   help="neighbor search of the large run: IVF (ANN_THRESHOLD), exact, or both")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=256, help="queries per search call")
@@ -267,16 +328,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         result = (worker_batch if args.worker == "batch" else worker_index)(args)
         print(json.dumps(result))
         return
+    large = {"ivf": [True], "exact": [False], "both": [False, True]}[args.million_search]
     runs = (([] if args.skip_market else [(args.gallery, False)])
-            + ([] if args.skip_million else [(args.million, True)]))
+            + ([] if args.skip_million else [(args.million, ivf) for ivf in large]))
     print(f"GalleryIndex vs batch refinement: d={args.dim}, default NFormer config, "
           f"{args.threads} thread(s), untrained weights, Market-like features")
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         for n, ivf in runs:
-            save = os.path.join(tmp, f"batch-{n}.npy")
+            save = os.path.join(tmp, f"batch-{n}-{'ivf' if ivf else 'exact'}.npy")
             batch = measure("batch", n, args, save, ivf)
             index = measure("index", n, args, save, ivf) if "error" not in batch else {}
-            report(n, batch, index)
+            report(n, batch, index, ivf)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ compared with the exact sparse run.
                                                                # sparse 2k-10k, Market, 100k
     python benchmarks/bench_nformer_memory.py --dense --sparse 100000 --ivf 100000
     python benchmarks/bench_nformer_memory.py --dense --sparse --ivf 1000000   # the 1M run
+    python benchmarks/bench_nformer_memory.py --dense --exact --sparse --pool-vs-layer 100000
 
 Run it from the repository root.
 """
@@ -128,6 +129,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         " the same neighbors as the dense path, compared with it")
     p.add_argument("--sparse", type=int, nargs="*", default=[19281, 100000],
                    help="set sizes N for the sparse path at the defaults (exact search)")
+    p.add_argument("--pool-vs-layer", type=int, nargs="*", default=[],
+                   help="set sizes N run with the layer pool and with a search per layer (pool "
+                        "0), compared: rows differing by > 1e-4 (must be 0) and the time ratio")
     p.add_argument("--ivf", type=int, nargs="*", default=[],
                    help="set sizes N for the sparse path, approximate IVF index (1000000)")
     defaults = _default_config().MODEL.NFORMER
@@ -155,37 +159,50 @@ def main(argv: Optional[List[str]] = None) -> None:
     runs += [("sparse", n, False, 0) for n in args.exact]
     runs += [("sparse", n, False, args.layer_pool) for n in args.sparse]
     runs += [("sparse", n, True, args.layer_pool) for n in args.ivf]
+    for n in args.pool_vs_layer:
+        runs += [r for r in (("sparse", n, False, args.layer_pool), ("sparse", n, False, 0))
+                 if r not in runs]
     compared = ({n for n in args.dense if n in args.exact}
-                | {n for n in args.ivf if n in args.sparse})
+                | {n for n in args.ivf if n in args.sparse} | set(args.pool_vs_layer))
     print(f"NFormer inference, d={args.dim}, {args.layers} layers, 2 heads, l=5, k=20, N/8 "
           f"isolated queries, neighbors {args.neighbors}, layer pool {args.layer_pool}, "
           f"{args.threads} thread(s), chunk {args.chunk_size}, IVF nprobe {args.nprobe}\n",
           flush=True)
     print("| N | path | search | time (s) | peak RSS (MB) | RSS before (MB) | forward peak - "
-          "before (MB) | max / mean abs diff |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+          "before (MB) | max / mean abs diff | rows differing > 1e-4 | time vs reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         saved: Dict = {}
+        seconds: Dict = {}
         for path, n, ivf, pool in sorted(runs, key=lambda r: (r[1], r[0], r[2], r[3])):
-            save = os.path.join(tmp, f"{path}-{n}-{ivf}-{pool}.npy") if n in compared else None
+            save = (os.path.join(tmp, f"{path}-{n}-{ivf}-{pool}.npy") if n in compared
+                    else None)
             result = measure(path, n, args, ivf, save, pool)
             search = "-" if path == "dense" else result.get("search", "IVF" if ivf else "exact")
             if path == "sparse" and args.neighbors == "layer":
                 search += f", pool {pool}" if pool else ", every layer"
             if "error" in result:
-                print(f"| {n:,} | {path} | {search} | {result['error']} | | | | |", flush=True)
+                print(f"| {n:,} | {path} | {search} | {result['error']} | | | | | | |",
+                      flush=True)
                 continue
-            diff = "-"
+            diff, differing, ratio = "-", "-", "-"
+            seconds[(path, n, ivf, pool)] = result["seconds"]
             if save:
-                saved[(path, n, ivf)] = save
-                reference = saved.get(("sparse", n, False) if ivf else ("dense", n, False))
+                saved[(path, n, ivf, pool)] = save
+                # references: IVF -> exact at the same pool; pool -> a search per layer (pool 0);
+                # a search per layer -> dense
+                key = (("sparse", n, False, pool) if ivf else ("sparse", n, False, 0) if pool
+                       else ("dense", n, False, 0))
+                reference = saved.get(key)
                 if path == "sparse" and reference:
                     gap = np.abs(np.load(reference) - np.load(save))
                     diff = f"{gap.max():.2e} / {gap.mean():.2e}"
+                    differing = str(int((gap.max(axis=1) > 1e-4).sum()))
+                    ratio = f"{result['seconds'] / seconds[key]:.2f}x"
             delta = result["peak_rss_mb"] - result["rss_before_mb"]
             print(f"| {n:,} | {path} | {search} | {result['seconds']:.2f} | "
                   f"{result['peak_rss_mb']:.0f} | {result['rss_before_mb']:.0f} | {delta:.0f} | "
-                  f"{diff} |", flush=True)
+                  f"{diff} | {differing} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

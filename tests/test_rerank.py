@@ -225,3 +225,35 @@ def test_bad_input_raises_value_error(query, gallery, kwargs, message):
 def test_largest_valid_k1_works():
     out = k_reciprocal_rerank(Q, G, k1=24, k2=25)
     assert out.shape == (5, 20) and np.isfinite(out).all()
+
+
+def test_duplicate_rows_get_the_same_lists_in_every_chunking(data, monkeypatch):
+    """Ties follow ``core.nformer.ties``' rule (exact distance, then index ascending): with exact
+    duplicates (tied distances) the nearest lists, and so the re-ranked distances, do not depend
+    on how the distances are blocked; ``chunk_size`` changes no bit."""
+    q, g = data[:2]
+    rng = np.random.default_rng(3)
+    g = np.concatenate([g, g[rng.integers(0, len(g), 60)], q[:10]])  # duplicates, queries too
+    g = g[rng.permutation(len(g))]
+    feats = np.concatenate([q, g])
+    sq = rerank_distances._squared_norms(feats)
+    expected = k_reciprocal_rerank(q, g)
+    assert np.array_equal(k_reciprocal_rerank(q, g, chunk_size=7), expected)
+    lists = rerank_distances.nearest_and_farthest(feats, 21, False, len(q),
+                                                  np.empty((len(q), len(g)), np.float32))
+    faiss_lists = rerank_distances.exact_nearest(
+        feats, sq, rerank_distances._faiss_nearest_and_farthest(feats, sq, 29, use_gpu=False), 21)
+    np.testing.assert_array_equal(faiss_lists.indices, lists.indices)
+    dup = [np.flatnonzero((feats == feats[i]).all(1)) for i in range(len(feats))]
+    for i, same in enumerate(dup):  # duplicates listed: lowest index first among equals
+        listed = [j for j in lists.indices[i] if j in set(same)]
+        assert listed == sorted(listed)
+    for cells in (997, 5000):
+        monkeypatch.setattr(rerank_distances, "BLOCK_CELLS", cells)
+        monkeypatch.setattr(rerank, "BLOCK_CELLS", cells)
+        blocked = rerank_distances.nearest_and_farthest(feats, 21, False, len(q),
+                                                        np.empty((len(q), len(g)), np.float32))
+        np.testing.assert_array_equal(blocked.indices, lists.indices)
+        np.testing.assert_array_equal(blocked.sq_dists, lists.sq_dists)
+        # equal lists: only the float32 GEMM's last bits in the original term may differ
+        np.testing.assert_allclose(k_reciprocal_rerank(q, g), expected, rtol=0, atol=2e-6)

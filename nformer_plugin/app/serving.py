@@ -2,8 +2,11 @@
 stage written by ``nformer train`` (:func:`index_from_weights`), gallery / query ``.npz`` files
 whose labels are optional (:func:`read_index_features`), an index directory checked against the
 weights (:func:`open_index`), ranked ids (with image paths) and metrics of queries
-(:func:`query_index`), the ranked-list page of a query (:func:`write_query_page`) and removal by
-id or path (:func:`ids_to_remove`).
+(:func:`query_index`), the ranked-list page of a query (:func:`write_query_page`), removal by
+id or path (:func:`ids_to_remove`), and the index commands' work on files:
+:func:`build_index_file` and :func:`add_index_file` check their folder first and record the sha256
+of every gallery file in the index (``GalleryIndex.sources``), so an ``add`` of a file already in
+it adds nothing (a rerun of a killed ``add`` finishes it).
 
 Features straight from images (``nformer index query / add --images``;
 :func:`features_of_images`) use the extractor the gallery was extracted with: the gallery file
@@ -16,13 +19,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.features import FeatureSet, load_feature_file
 from ..core.retrieval.comparison import compare_pipelines, metrics_only
 from ..core.serving import GalleryIndex
+from ..core.serving.persistence import file_sha256
+from ..core.writable import check_writable
 from .stage import load_stage
 
 EXTRACTOR_KEYS = ("extractor_config", "extractor_weights")
@@ -57,6 +62,42 @@ def open_index(directory: str, weights: str = "") -> GalleryIndex:
 
 def index_has_labels(index: GalleryIndex) -> bool:
     return "pids" in index.labels and "camids" in index.labels
+
+
+def build_index_file(weights: str, gallery_path: str, output: str,
+                     opts: Sequence[str] = ()) -> GalleryIndex:
+    """``nformer index build``: ``output`` checked for writability, the index of the gallery file
+    under the stage in ``weights`` (with the extractor the file records, for ``--images``), saved
+    to ``output`` with the file's sha256; returns it."""
+    check_writable(output, what="--output")
+    gallery = read_index_features(gallery_path)
+    index = index_from_weights(weights, gallery.feats, gallery.ids, opts=opts,
+                               labels=labels_of(gallery))
+    index.meta.update(extractor_meta(gallery_path))  # for index query / add --images
+    index.sources = [file_sha256(gallery_path)]
+    index.save(output)
+    return index
+
+
+def add_index_file(directory: str, gallery_path: str = "", weights: str = "",
+                   new: Optional[FeatureSet] = None, index: Optional[GalleryIndex] = None
+                   ) -> Tuple[GalleryIndex, Optional[int]]:
+    """``nformer index add``: ``directory`` checked for writability, the items of the gallery
+    file (or ``new``, features already extracted from images) added to the index saved there
+    (``index``: already opened) and saved again; returns ``(index, items added)`` - ``None``
+    added when the file (by sha256) is already in the index, e.g. on a rerun of an add killed
+    after its save."""
+    check_writable(directory, what="--index")
+    index = index if index is not None else open_index(directory, weights)
+    digest = file_sha256(gallery_path) if gallery_path else None
+    if digest is not None and digest in index.sources:
+        return index, None
+    new = new if new is not None else read_index_features(gallery_path)
+    index.add(new.feats, new.ids, labels_of(new))
+    if digest is not None:
+        index.sources = index.sources + [digest]
+    index.save(directory)
+    return index, len(new)
 
 
 def query_metrics(index: GalleryIndex, query: FeatureSet, refined: np.ndarray):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..core.training import Stage2Settings, build_stage2
+from ..core.training.checkpoints import Stage2Checkpoints, make_checkpoints
 from ..core.training.events import Stage2Events
 from ..core.training.validation import make_validator, split_validation_ids
+from ..core.writable import check_writable
 from .config import config_device, load_feature_config
 from .features import load_training_bank
 from .stage import build_stage, save_stage
@@ -20,11 +22,14 @@ logger = logging.getLogger("fastreid.nformer")
 
 
 def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,
+                      checkpoints: Optional[Stage2Checkpoints] = None, resume: bool = False,
                       output_dir: str = ""):
     """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
-    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch;
-    with ``output_dir``, TensorBoard events and ``metrics.json`` go there (``core.training.events``).
-    Returns ``(stage, trainer)``; the stage is in eval mode."""
+    ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
+    ``checkpoints`` (``core.training.checkpoints.Stage2Checkpoints``) writes checkpoints and,
+    with ``resume``, continues from the last one; with ``output_dir``, TensorBoard events and
+    ``metrics.json`` go there (``core.training.events``). Returns ``(stage, trainer)``; the stage
+    is in eval mode."""
     device = config_device(cfg)
     torch.manual_seed(cfg.SEED)
     val_ids = split_validation_ids(pids, cfg.DATASETS.VAL_FRACTION, cfg.SEED)
@@ -44,10 +49,15 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
         trainer.set_validator(validator, cfg.MODEL.NFORMER.STAGE2.VAL_PERIOD)
     logger.info("Training NFormer on %d features x %d pass(es) (d=%d, %d identities)",
                 int((~is_val).sum()), bank.shape[0], bank.shape[2], num_classes)
+    start, on_epoch_end = 0, None
+    if checkpoints is not None:
+        checkpoints.check_space(stage)
+        start = checkpoints.resume(stage, trainer) if resume else 0
+        on_epoch_end = checkpoints.callback(stage, trainer)
     if output_dir:
         trainer.events = Stage2Events(output_dir)
     try:
-        trainer.train()
+        trainer.train(start, on_epoch_end)
     finally:
         if trainer.events is not None:
             trainer.events.close()
@@ -56,13 +66,16 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
 
 
 def train_from_files(train_paths: Sequence[str], output_dir: str, config_file: str = "",
-                     opts: Sequence[str] = ()) -> str:
-    """``nformer train``: the config, the training bank from ``train_paths``, training, and
-    ``output_dir/{model_final.pth, config.yaml, nformer_loss.png}`` (and stage 2's TensorBoard
-    events and ``metrics.json``); returns the weights' path."""
+                     opts: Sequence[str] = (), resume: bool = False) -> str:
+    """``nformer train``: the config, ``output_dir`` checked for writability, the training bank
+    from ``train_paths``, training with checkpoints in ``output_dir`` (``resume``: from the last
+    one), and ``output_dir/{model_final.pth, config.yaml, nformer_loss.png}`` (and stage 2's
+    TensorBoard events and ``metrics.json``); returns the weights' path."""
     cfg = load_feature_config(config_file, opts)
+    check_writable(output_dir, what="--output")
     bank, pids, camids = load_training_bank(train_paths)
-    stage, trainer = train_on_features(cfg, bank, pids, camids, output_dir)
+    checkpoints = make_checkpoints(output_dir, cfg, bank, pids)
+    stage, trainer = train_on_features(cfg, bank, pids, camids, checkpoints, resume, output_dir)
     path = save_stage(output_dir, stage, cfg, bank.shape[2])
     if trainer.history:
         trainer.save_loss_curves(os.path.join(output_dir, "nformer_loss.png"))

@@ -1,6 +1,7 @@
 """``nformer train / eval / refine``: NFormer on saved features, for any re-id model.
 
-    nformer train  --train TRAIN.npz [MORE.npz ...] --output DIR [--config-file FILE] [KEY VALUE ...]
+    nformer train  --train TRAIN.npz [MORE.npz ...] --output DIR [--config-file FILE] [--resume]
+                   [KEY VALUE ...]
     nformer eval   --weights DIR/model_final.pth --query Q.npz --gallery G.npz [--rerank]
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
@@ -31,7 +32,7 @@ a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows
 def cmd_train(args) -> int:
     from ..app.training import train_from_files
 
-    path = train_from_files(args.train, args.output, args.config_file, args.opts)
+    path = train_from_files(args.train, args.output, args.config_file, args.opts, args.resume)
     print(f"NFormer weights written to {path}")
     return 0
 
@@ -77,6 +78,9 @@ def add_feature_parsers(sub) -> None:
                    help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
     p.add_argument("--config-file", default="", help="YAML with MODEL.NFORMER.* keys")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/last_checkpoint.pth (written every "
+                        "MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD epochs and after the last)")
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("eval", cmd_eval, "metrics of input vs refined features"),

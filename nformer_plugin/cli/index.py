@@ -12,7 +12,9 @@ default: row numbers, continuing after the largest id for ``add``), ``pids`` and
 the extractor the gallery file records (``nformer extract``'s). With
 labels in both the index and the query file, ``query`` also prints the metrics table of
 ``nformer eval`` for the same files (the same refined features, the same evaluator). ``--weights``
-checks that the index was built with that model. The work is ``app.serving``'s.
+checks that the index was built with that model. The index records the sha256 of every gallery
+file it holds: ``add`` of a file already in it adds nothing, so rerunning a killed ``add`` (or
+``build``) finishes it. The work is ``app.serving``'s.
 """
 from __future__ import annotations
 
@@ -28,13 +30,9 @@ FORMATS = """\
 
 
 def cmd_build(args) -> int:
-    from ..app.serving import extractor_meta, index_from_weights, labels_of, read_index_features
+    from ..app.serving import build_index_file
 
-    gallery = read_index_features(args.gallery)
-    index = index_from_weights(args.weights, gallery.feats, gallery.ids, opts=args.opts,
-                               labels=labels_of(gallery))
-    index.meta.update(extractor_meta(args.gallery))  # for index query / add --images
-    index.save(args.output)
+    index = build_index_file(args.weights, args.gallery, args.output, args.opts)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
 
@@ -51,13 +49,18 @@ def _inputs(args, index, npz: str):
 
 
 def cmd_add(args) -> int:
-    from ..app.serving import labels_of, open_index
+    from ..app.serving import add_index_file, open_index
 
     index = open_index(args.index, args.weights)
-    new = _inputs(args, index, args.gallery)
-    index.add(new.feats, new.ids, labels_of(new))
-    index.save(args.index)
-    print(f"Added {len(new)} items; the index at {args.index} holds {len(index)}")
+    new = _inputs(args, index, args.gallery) if args.images else None
+    if new is None and not args.gallery:
+        raise ValueError("pass either a feature file (--gallery) or --images")
+    index, added = add_index_file(args.index, args.gallery, new=new, index=index)
+    if added is None:  # e.g. a rerun of an add killed after its save
+        print(f"{args.gallery} is already in the index at {args.index} (nothing added); it "
+              f"holds {len(index)}")
+    else:
+        print(f"Added {added} items; the index at {args.index} holds {len(index)}")
     return 0
 
 

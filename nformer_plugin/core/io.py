@@ -1,7 +1,8 @@
 """The one atomic save: write to a temporary name beside the target, then rename it into place.
 
 Every file the project writes for later use (checkpoints, feature files, configs, metrics) goes
-through :func:`atomic_write`, so an interrupted run never leaves a truncated file behind.
+through :func:`atomic_write` (temporary file, fsync, rename), so an interrupted run or a full disk
+never leaves a truncated file behind, nor replaces a good one with it.
 Pure python: importing this module does not import FastReID.
 """
 from __future__ import annotations
@@ -10,30 +11,63 @@ import os
 from typing import Any, Callable
 
 
-def atomic_write(path: str, write: Callable[[str], Any]) -> str:
-    """Call ``write(tmp_path)`` and rename the result to ``path``; returns ``path``.
+def _fsync(path: str, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # not every system opens directories
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
-    The temporary name keeps ``path``'s extension (``numpy.savez`` appends ``.npz`` otherwise).
+
+def atomic_write(path: str, write: Callable[[str], Any], fault: str = "atomic_write") -> str:
+    """Call ``write(tmp_path)``, flush it to the disk and rename it to ``path``; returns ``path``.
+
+    A write that fails (disk full, read-only, killed) leaves ``path`` as it was. The temporary
+    name keeps ``path``'s extension (``numpy.savez`` appends ``.npz`` otherwise). ``fault`` names
+    the moment between the write and the rename for :mod:`.faults` (testing hook).
     """
+    from .faults import fault_point
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
         write(tmp)
+        _fsync(tmp)
+        fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync(directory, directory=True)  # the rename itself survives a power cut
     return path
 
 
-def save_torch(obj: Any, path: str) -> str:
-    """``torch.save`` through :func:`atomic_write`."""
+def save_torch(obj: Any, path: str, fault: str = "atomic_write") -> str:
+    """``torch.save`` through :func:`atomic_write`. A full disk, a quota or a file-size limit
+    raises the ``OSError`` behind it (torch's writer reports them as an opaque RuntimeError)."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        return atomic_write(path, lambda tmp: torch.save(obj, tmp), fault)
+    except RuntimeError as e:
+        from .writable import space_error, state_bytes
+
+        error = space_error(os.path.dirname(os.path.abspath(path)), state_bytes(obj) + 2 ** 20)
+        if error is None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), path) from e
 
 
 def save_text(text: str, path: str) -> str:

@@ -17,6 +17,7 @@ from fastreid.engine import default_argument_parser, default_setup, launch
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
+from ..core.writable import OutputNotWritable, check_writable
 from .config import load_config
 from .model_setup import check_device, trainer_class, with_num_classes_from_weights  # noqa: F401
 from .nformer.trainer import Trainer
@@ -37,7 +38,8 @@ def _registered(registry, name: str, key: str) -> Optional[str]:
 
 def preflight(cfg, eval_only: bool = False) -> None:
     """Every cheap check before anything expensive, all problems in one message: device,
-    registry names, pretrained weights, dataset folders (generated datasets are not checked)."""
+    registry names, pretrained weights, dataset folders (generated datasets are not checked),
+    writable output folders (the room for a checkpoint is checked once the model is built)."""
     from fastreid.data.datasets import DATASET_REGISTRY
     from fastreid.modeling.backbones import BACKBONE_REGISTRY
     from fastreid.modeling.heads import REID_HEADS_REGISTRY
@@ -66,6 +68,12 @@ def preflight(cfg, eval_only: bool = False) -> None:
                 problem = str(e)
         if problem:
             problems.append(problem)
+    for key, directory in (("OUTPUT_DIR", cfg.OUTPUT_DIR),
+                           ("TEST.EXPORT_FEATURES", cfg.TEST.EXPORT_FEATURES)):
+        try:  # before FastReID writes its log there, and before any work is spent
+            check_writable(directory, what=key)
+        except OutputNotWritable as e:
+            problems.append(str(e))
     if problems:
         raise ValueError("\n".join(problems))
 

@@ -2,11 +2,12 @@
 ``transmatcher.trainer.TransMatcherTrainer``).
 
 ``EvaluatingTrainer`` is FastReID's ``DefaultTrainer`` with: plain data loaders without a GPU,
-DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes (``AtomicCheckpointer``),
-per-epoch checkpoints that choose nothing on the test set (``Stage1Checkpointer``), scheduled
-regularisers told the epoch (``EpochSetter``), RNG states in checkpoints, and one evaluator of
-the method's own (:attr:`EvaluatingTrainer.evaluator_class`) per test set. Also the feature
-extraction of the training split (``extract_features``, ``export_training_features``).
+DDP without ``device_ids`` on CPU (gloo), atomic checkpoint writes (``AtomicCheckpointer``; a
+failed one replaces nothing), room for a checkpoint checked before training, per-epoch
+checkpoints that choose nothing on the test set (``Stage1Checkpointer``), scheduled regularisers
+told the epoch (``EpochSetter``), RNG states in checkpoints, ``core.faults`` points, and one
+evaluator of the method's own (:attr:`EvaluatingTrainer.evaluator_class`) per test set. Also the
+feature extraction of the training split (``extract_features``, ``export_training_features``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
 
+from ..core.faults import fault_point
 from ..core.features import save_feature_file
 from ..core.io import save_text, save_torch
 from ..core.training.reproducible import rng_state
+from ..core.writable import check_writable, checkpoint_bytes, last_good, write_failure
 from . import loaders as data_build
 from .test_features import TestTimeFeatures, test_time_features
 
@@ -47,8 +50,12 @@ class AtomicCheckpointer(Checkpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        save_torch(data, path)
-        self.tag_last_checkpoint(basename)
+        try:
+            save_torch(data, path, fault="checkpoint_write")
+            fault_point("checkpoint_unrecorded")
+            self.tag_last_checkpoint(basename)
+        except OSError as e:  # disk full, folder gone read-only: the last good one stays
+            raise write_failure(path, e, last_good(self.save_dir)) from e
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         save_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
@@ -105,6 +112,7 @@ def extract_features(cfg, model, split: str = "train", is_train: bool = False,
     with inference_context(model):
         for batch in loader:
             out = test_time_features(model, batch, cfg.TEST.FLIP.ENABLED)
+            fault_point("feature_batch")
             feats.append(out.float().cpu())
             labels.append(batch["targets"].cpu())
             camids.append(batch["camids"].cpu())
@@ -144,6 +152,12 @@ class EvaluatingTrainer(DefaultTrainer):
         self.max_iter = self.max_epoch * self.iters_per_epoch
         self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
         self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        if comm.is_main_process():  # room for one checkpoint, before any training is spent
+            check_writable(cfg.OUTPUT_DIR, checkpoint_bytes(model), "OUTPUT_DIR")
+
+    def run_step(self):
+        fault_point("stage1_step")
+        super().run_step()
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

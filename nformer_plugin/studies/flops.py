@@ -28,7 +28,7 @@ PATHS = ("dense", "sparse")
 def nformer_macs(n: int, dim: int, num_layers: int = 4, num_heads: int = 2, ffn_dim: int = 1024,
                  num_landmarks: int = 5, topk: int = 20, mask: str = "reciprocal",
                  neighbors: str = "layer", exact_affinity: bool = False, path: str = "sparse",
-                 layer_pool: int = 64) -> Dict[str, int]:
+                 layer_pool: int = 0) -> Dict[str, int]:
     """Multiply-adds of one forward over a set of ``n`` rows, by component (whole set)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")

@@ -3,7 +3,8 @@ from .masks import (build_neighbor_mask, cosine_affinity, reciprocal_neighbor_ma
                     reciprocal_neighbor_softmax, topk_neighbor_mask)
 from .model import NEIGHBOR_SOURCES, LandmarkAgentAttention, NFormer, NFormerBlock
 from .settings import InferenceSettings
-from .sparse import SparseSettings, sparse_nformer_forward
+from .forward import sparse_nformer_forward
+from .sparse import SparseSettings
 from .stage import NFormerStage
 
 __all__ = ["NFormer", "InferenceSettings", "NFormerBlock", "LandmarkAgentAttention",

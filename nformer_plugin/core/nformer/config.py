@@ -50,7 +50,11 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.ANN_THRESHOLD = 0  # sets of >= this many rows use an IVF (approximate) top-k search; 0 = always exact
     _C.MODEL.NFORMER.ANN_NLIST = 0  # IVF cells of that search; 0 = 2 sqrt(N)
     _C.MODEL.NFORMER.ANN_NPROBE = 16  # IVF cells searched per row (recall vs time)
-    _C.MODEL.NFORMER.LAYER_POOL = 64  # NEIGHBORS layer, sparse inference: candidates per row searched once (0: every layer)
+    # NEIGHBORS layer, sparse inference. 0: an exact search per layer (training's neighbourhood;
+    # the fastest exact way, see README "An exact layer pool"). P > 0: each row's P nearest found
+    # once on the input, used at a layer only where a certificate proves them exact (else the row
+    # is searched in full): the same neighbours as 0, slower when layer inputs drift (they do).
+    _C.MODEL.NFORMER.LAYER_POOL = 0
     _C.MODEL.NFORMER.ACTIVATION = "gelu"  # feed-forward activation: gelu (official) | relu
     _C.MODEL.NFORMER.TEST_FEAT = "after_bn"  # feature ranked at test: after_bn (official) | before_bn
 

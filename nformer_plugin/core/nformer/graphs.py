@@ -5,12 +5,18 @@ via ``retrieval.neighbors``; exact, or IVF on the standard MIPS -> L2 reduction 
 sets); the reciprocal test of eq. (7) looks up the encoded reverse pair ``j * N + i`` among the
 sorted forward pairs. Isolated queries (the first rows) search the set; see
 :func:`build_neighbor_graphs`. ``CandidatePool`` finds each row's nearest once and lets later
-layers re-rank only those (``NEIGHBORS layer`` with ``LAYER_POOL``).
+layers re-rank only those (``NEIGHBORS layer`` with ``LAYER_POOL``), under a certificate.
+
+Every top-k and reciprocal test here follows ``ties``: candidates from a float32 search are
+rescored exactly (float64 over canonical rows) and ranked by (score descending, index ascending);
+a candidate list is accepted only when it provably holds the exact top-k, else the row is
+searched again (wider, then exhaustively).
 
 Pure torch / numpy / faiss; must not import FastReID (nor ``model``).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -20,6 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..retrieval.neighbors import build_index, knn_search
+from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
+                   float32_dot_bound, lex_sort, score_cap)
+
+logger = logging.getLogger("fastreid.nformer")
 
 @dataclass
 class SparseSettings:
@@ -86,6 +96,22 @@ class InnerProductSearcher:
         else:
             self.index = build_index(base_np, metric="ip", exact=True)
         del base_np  # the index holds its own copy (at 10^6 rows the extended base is 1 GB)
+        self.dim = base.shape[1]
+        self.max_norm = float(base.norm(dim=1).max()) if base.shape[0] else 0.0
+
+    def candidates(self, queries: Tensor, count: int) -> Tuple[Optional[Tensor], Tensor]:
+        """``(outside_upper, indices)``: each query's ``count`` best rows by the float32 search
+        and an upper bound (R,) on the exact score of every row left out (``None`` for an
+        approximate index, which bounds nothing); for ``ties.certified_topk``."""
+        return self.scored_candidates(queries, count)[:2]
+
+    def scored_candidates(self, queries: Tensor, count: int):
+        """:meth:`candidates` plus ``approx``: the float32 scores and their error bound, for
+        ``ties.certified_topk(approx=...)`` (``None`` for an approximate index)."""
+        scores, idx = self.search_with_scores(queries, count)
+        if scores is None:
+            return None, idx, None
+        return scored(scores.to(queries.device), idx, queries, self.max_norm, self.dim)
 
     def search(self, queries: Tensor, k: int) -> Tensor:
         """Indices (R, k) into ``base`` of each query's ``k`` largest inner products."""
@@ -104,6 +130,32 @@ class InnerProductSearcher:
         device = queries.device  # faiss answers on the host; the lists follow the features
         scores = None if self.settings.approximate else torch.from_numpy(scores).to(device)
         return scores, torch.from_numpy(idx).to(device)
+
+
+def outside_bound(last_scores: Tensor, queries: Tensor, max_norm: float, dim: int) -> Tensor:
+    """Upper bound on the exact score of a row a float32 search left out: the last returned
+    float32 score plus the float32 error bound (``ties.float32_dot_bound``)."""
+    norms = queries.detach().double().norm(dim=1) * (1 + NORM_SLACK) + NORM_SLACK
+    return last_scores.double() + float32_dot_bound(dim) * norms * (max_norm * (1 + NORM_SLACK)
+                                                                    + NORM_SLACK)
+
+
+def scored(scores: Tensor, idx: Tensor, queries: Tensor, max_norm: float, dim: int):
+    """``(outside_upper, idx, (scores, err))`` of a float32 search's sorted results: the bound of
+    :func:`outside_bound` and the per-row float32 error bound ``err``."""
+    err = outside_bound(torch.zeros_like(scores[:, 0]), queries, max_norm, dim)
+    return scores[:, -1].double() + err, idx, (scores, err)
+
+
+def certified_search(queries: Tensor, base: Tensor, searcher: "InnerProductSearcher", k: int,
+                     chunk_size: int) -> Tuple[Tensor, Tensor, int]:
+    """The exact top-k of ``queries`` over ``base`` under ``ties`` (candidates from ``searcher``,
+    over ``base``): ``(scores float64, base indices, refused)``, best first."""
+    approximate = searcher.settings.approximate  # IVF: the k it finds, nothing to certify
+    upper, cand, approx = searcher.scored_candidates(queries, k if approximate else
+                                                     candidate_count(k, base.shape[0]))
+    return certified_topk(queries, base, k, cand, upper, chunk_size,
+                          exhaustive_ok=not searcher.settings.approximate, approx=approx)
 
 
 def pair_scores(left: Tensor, right: Tensor, left_rows: Tensor, right_rows: Tensor,
@@ -160,11 +212,18 @@ def build_neighbor_graphs(queries: Tensor, keys: Tensor, num_query: int, setting
     it takes one of the ``k`` slots - and, for ``"reciprocal"``, only the set rows ``j`` whose
     affinity to the query reaches ``j``'s own ``k``-th neighbor score.
     """
-    k, nq = settings.topk, num_query
-    searcher = InnerProductSearcher(keys[nq:], settings)
-    set_nbrs = searcher.search(queries[nq:], k) + nq  # global indices
-    q_nbrs = searcher.search(queries[:nq], k) + nq if nq else None
-    return assemble_graphs(queries, keys, set_nbrs, q_nbrs, settings)
+    k, nq, chunk = settings.topk, num_query, settings.chunk_size
+    base = keys[nq:]
+    searcher = InnerProductSearcher(base, settings)
+    set_scores, set_nbrs, refused = certified_search(queries[nq:], base, searcher, k, chunk)
+    q_scores, q_nbrs = None, None
+    if nq:
+        q_scores, q_nbrs, more = certified_search(queries[:nq], base, searcher, k, chunk)
+        q_nbrs, refused = q_nbrs + nq, refused + more
+    if refused:
+        logger.debug("neighbor search: %d row(s) needed a wider search (near ties)", refused)
+    return assemble_graphs(queries, keys, set_nbrs + nq, q_nbrs, settings,
+                           scores=(set_scores, q_scores))
 
 
 def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Optional[Tensor],
@@ -174,7 +233,9 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     """Graphs of :func:`build_neighbor_graphs` from each row's top-k lists (global indices):
     ``set_nbrs`` (G, k) of the set rows over the set, ``q_nbrs`` (Q, k) of the query rows over
     the set. ``symmetric``: ``queries is keys``, so a pair's score is the same both ways.
-    ``scores``: the affinities of those lists (set, query) when already known."""
+    ``scores``: the exact affinities (``ties.exact_scores``) of those lists (set, query), the
+    lists sorted by ``ties.lex_sort``, when already known. Ties follow ``ties``: a query ranks
+    before every set row (its self slot and the reciprocal test keep it on a tie)."""
     nq = 0 if q_nbrs is None else q_nbrs.shape[0]
     keep = torch.ones_like(set_nbrs, dtype=torch.bool)
     if settings.mask == "reciprocal":
@@ -183,19 +244,18 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     if q_nbrs is None:
         return set_graph, None
 
-    if scores is None:
-        scores = (row_scores(queries[nq:], keys, set_nbrs, settings.chunk_size),
-                  row_scores(queries[:nq], keys, q_nbrs, settings.chunk_size))
+    chunk = settings.chunk_size
+    if scores is None or scores[1] is None:
+        scores = (lex_sort(exact_scores(queries[nq:], keys, set_nbrs, chunk), set_nbrs)[0],
+                  exact_scores(queries[:nq], keys, q_nbrs, chunk))
     set_scores, q_scores = scores
     kth_score = set_scores.min(dim=1).values  # the k-th largest affinity of every set row
-    q_scores, order = q_scores.sort(dim=1, descending=True)
-    q_nbrs = q_nbrs.gather(1, order)
-    self_scores = (queries[:nq] * keys[:nq]).sum(-1)
+    q_scores, q_nbrs = lex_sort(q_scores, q_nbrs)
+    own = torch.arange(nq, device=queries.device)[:, None]
+    self_scores = exact_scores(queries[:nq], keys, own, chunk)[:, 0]
     back = None
-    if settings.mask == "reciprocal":
-        query_rows = torch.arange(nq, device=queries.device)[:, None].expand_as(q_nbrs)
-        back = q_scores if symmetric else pair_scores(queries, keys, q_nbrs, query_rows,
-                                                      settings.chunk_size)
+    if settings.mask == "reciprocal":  # A_ji = <queries[j], keys[i]>
+        back = q_scores if symmetric else exact_scores(keys[:nq], queries, q_nbrs, chunk)
     keep = isolated_query_keep(q_scores, self_scores, back, kth_score[q_nbrs - nq])
     return set_graph, _with_self_loop(0, q_nbrs, keep)
 
@@ -204,55 +264,87 @@ def isolated_query_keep(q_scores: Tensor, self_scores: Tensor, back_scores: Opti
                         kth_scores: Tensor) -> Tensor:
     """Which of a query's sorted top-k set neighbors it keeps (sec. 4.2 isolation, eqs. 6-7).
 
-    ``q_scores`` (Q, k) descending; ``self_scores`` (Q,) the query's own affinity: when it beats
-    the k-th set score the query itself takes that slot of ``top-k(G u {i})``. ``back_scores``
+    ``q_scores`` (Q, k) descending; ``self_scores`` (Q,) the query's own affinity: when it
+    reaches the k-th set score the query itself takes that slot of ``top-k(G u {i})`` (a query
+    ranks before the set rows on a tie, ``ties``). ``back_scores``
     (``A~_ji``, ``None`` for ``mask="topk"``) against ``kth_scores`` (``j``'s k-th set score):
     the reciprocal test of eq. (7) - ``i`` would enter ``j``'s top-k.
     """
     keep = torch.ones_like(q_scores, dtype=torch.bool)
-    keep[:, -1] = self_scores <= q_scores[:, -1]
+    keep[:, -1] = self_scores.to(q_scores) < q_scores[:, -1]
     if back_scores is not None:
-        keep &= back_scores >= kth_scores
+        keep &= back_scores.to(kth_scores) >= kth_scores
     return keep
 
 
 class CandidatePool:
-    """Each row's ``P`` nearest set rows by the cosine similarity of one set of features, found
-    once by exact search; later layers re-rank only these candidates (``layer_pool``)."""
+    """Each row's ``P`` nearest set rows by the cosine similarity of the layer-0 input, found once
+    (``layer_pool``); each layer takes its exact top-k among them **where a certificate proves
+    that no row outside the pool can be in it**, and searches the other rows in full.
+
+    Certificate (canonical unit rows, ``ties``): for row ``i`` and any set row ``j`` outside its
+    pool, ``s_L(i, j) <= s_0(i, j) + |x_i - x0_i| + |x_j - x0_j|`` (Cauchy-Schwarz; ``x`` the
+    layer input, ``x0`` the pool's search input), and ``s_0(i, j)`` is at most the search's
+    bound for rows it left out. So when the ``k``-th exact score in the pool beats
+    ``bound0_i + drift_i + max_j drift_j`` the pool holds the exact top-k; otherwise the row is
+    searched over the whole layer (``ties.certified_topk``). ``refused`` counts, per layer, the
+    rows searched in full (logged). With an approximate (IVF) search there is no bound: the pool's
+    top-k is used as it is, an approximation like the IVF search itself.
+    """
 
     def __init__(self, normed: Tensor, num_query: int, size: int, settings: SparseSettings):
+        self.settings, self.num_query, self.size = settings, num_query, size
+        self.base0 = normed  # the canonical rows the pool was searched on
         searcher = InnerProductSearcher(normed[num_query:], settings)
-        self.num_query = num_query
-        self.set_scores, self.set_pool = searcher.search_with_scores(normed[num_query:], size)
+        self.set_upper, self.set_pool = searcher.candidates(normed[num_query:], size)
         self.set_pool += num_query
-        self.query_scores, self.query_pool = None, None
+        self.query_upper, self.query_pool = None, None
         if num_query:
-            self.query_scores, self.query_pool = searcher.search_with_scores(normed[:num_query],
-                                                                             size)
+            self.query_upper, self.query_pool = searcher.candidates(normed[:num_query], size)
             self.query_pool += num_query
+        self.refused = []  # per layer: rows the certificate refused (searched in full)
 
-    def first_layer(self, k: int):
-        """:meth:`topk` for the features the pool was searched on: its first ``k`` columns
-        (exact search is sorted best first), or ``None`` when the scores are not exact."""
-        if self.set_scores is None:
-            return None
-        scores = (self.set_scores[:, :k],
-                  self.query_scores[:, :k] if self.query_scores is not None else None)
-        q_nbrs = self.query_pool[:, :k] if self.query_pool is not None else None
-        return self.set_pool[:, :k], q_nbrs, scores
+    def topk(self, normed: Tensor, k: int, chunk_size: int, first_layer: bool = False):
+        """Exact top-k lists (global indices, ``ties`` order) of set and query rows at the layer
+        whose canonical input is ``normed``, and their exact scores:
+        ``(set_nbrs, query_nbrs, (set_scores, query_scores))``."""
+        nq, settings = self.num_query, self.settings
+        base = normed[nq:]
+        drift = None
+        if not first_layer:
+            drift = (normed - self.base0).norm(dim=1).double() * (1 + NORM_SLACK) + NORM_SLACK
+        drift_max = float(drift[nq:].max()) if drift is not None and len(base) else 0.0
+        base_norm = float(base.norm(dim=1).max()) if drift is not None and len(base) else 0.0
+        searcher = []
 
-    def topk(self, normed: Tensor, k: int, chunk_size: int):
-        """Top-k lists (global indices) of set and query rows among their candidates, and their
-        scores: ``(set_nbrs, query_nbrs, (set_scores, query_scores))``."""
-        def best(pool: Tensor, first_row: int) -> Tuple[Tensor, Tensor]:
+        def fallback(first_row: int):
+            def search(rows: Tensor):
+                if not searcher:
+                    searcher.append(InnerProductSearcher(base, settings))
+                upper, cand = searcher[0].candidates(normed[first_row + rows],
+                                                     candidate_count(k, base.shape[0]))
+                return upper, cand
+            return search
+
+        def best(pool: Tensor, upper: Optional[Tensor], first_row: int):
             rows = normed[first_row:first_row + pool.shape[0]]
-            top = row_scores(rows, normed, pool, chunk_size).topk(k, dim=1)
-            return pool.gather(1, top.indices), top.values
+            cap = None
+            if upper is not None and drift is not None:
+                upper = upper + drift[first_row:first_row + pool.shape[0]] + drift_max
+                cap = score_cap(rows, base_norm)  # rows whose bound reaches it: no rescoring
+            scores, local, refused = certified_topk(
+                rows, base, k, pool - nq, upper, chunk_size, fallback(first_row),
+                exhaustive_ok=not settings.approximate, max_score=cap)
+            return local + nq, scores, refused
 
-        set_nbrs, set_scores = best(self.set_pool, self.num_query)
-        if self.query_pool is None:
-            return set_nbrs, None, (set_scores, None)
-        q_nbrs, q_scores = best(self.query_pool, 0)
+        set_nbrs, set_scores, refused = best(self.set_pool, self.set_upper, nq)
+        q_nbrs, q_scores = None, None
+        if self.query_pool is not None:
+            q_nbrs, q_scores, more = best(self.query_pool, self.query_upper, 0)
+            refused += more
+        self.refused.append(refused)
+        logger.info("layer pool: layer %d, %d of %d rows without the pool certificate, searched "
+                    "in full", len(self.refused), refused, normed.shape[0])
         return set_nbrs, q_nbrs, (set_scores, q_scores)
 
 
@@ -271,17 +363,17 @@ def feature_graphs(x: Tensor, num_query: int, settings: SparseSettings,
                    pool: Optional[CandidatePool] = None, first_layer: bool = False,
                    record: Optional[dict] = None) -> Graphs:
     """Neighbor graphs from the cosine similarity of the rows of ``x`` (``neighbors`` input or
-    layer): exact search, or the top-k among each row's candidates in ``pool`` (for the layer
-    the pool was searched on, ``first_layer``, its best ``k`` directly). ``record`` (a dict)
-    receives the unit-length rows ``normed`` and, with a pool, the set rows' top-k scores
-    ``set_scores`` (best first), which ``core.serving`` keeps instead of recomputing them."""
-    normed = normalized_rows(x, settings.chunk_size)
+    layer): certified exact search, or the certified top-k among each row's candidates in
+    ``pool`` (``first_layer``: the layer the pool was searched on, no drift). ``record`` (a dict)
+    receives the canonical rows ``normed`` (``ties.canonical_rows``) and, with a pool, the set
+    rows' exact top-k scores ``set_scores`` (best first), which ``core.serving`` keeps."""
+    normed = canonical_rows(x, settings.chunk_size)
     if record is not None:
         record["normed"] = normed
     if pool is None:
         return build_neighbor_graphs(normed, normed, num_query, settings)
-    lists = pool.first_layer(settings.topk) if first_layer else None
-    set_nbrs, q_nbrs, scores = lists or pool.topk(normed, settings.topk, settings.chunk_size)
+    set_nbrs, q_nbrs, scores = pool.topk(normed, settings.topk, settings.chunk_size,
+                                         first_layer=first_layer)
     if record is not None:
         record["set_scores"] = scores[0]
     return assemble_graphs(normed, normed, set_nbrs, q_nbrs, settings, symmetric=True,

@@ -4,6 +4,10 @@
 (eq. 7), ``reciprocal_neighbor_softmax`` is RNS (eq. 8, read with ``exp(+A~)``, see its docstring),
 and ``build_neighbor_mask`` adds the self loops and the isolation of queries (sec. 4.2).
 
+Every top-k here follows ``ties``: (score descending, column ascending), so that duplicate rows
+get the same neighbors as on the sparse path; :func:`cosine_affinity` is exact (float64 over
+canonical rows).
+
 This module must not import FastReID.
 """
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .ties import GRID_SCALE, lex_topk_dense
 
 MASK_MODES = ("reciprocal", "topk", "none")
 
@@ -53,7 +59,7 @@ def topk_neighbor_mask(affinity: Tensor, k: int, include_self: bool = True) -> T
     """
     n = _check_square(affinity)
     check_topk(k, n)
-    idx = affinity.topk(k, dim=-1).indices
+    idx = lex_topk_dense(affinity, k)  # ties: the lower column first (``ties``)
     mask = torch.zeros(affinity.shape, dtype=torch.bool, device=affinity.device)
     mask.scatter_(-1, idx, True)
     return _set_diagonal(mask) if include_self else mask
@@ -129,7 +135,7 @@ def build_neighbor_mask(affinity: Tensor, k: int, mode: str = "reciprocal",
     mask[..., nq:, nq:] = build_neighbor_mask(gallery, k, mode, 0)
     query_rows = affinity[..., :nq, :].masked_fill(~candidates, float("-inf"))
     query_mask = torch.zeros(query_rows.shape, dtype=torch.bool, device=affinity.device)
-    query_mask.scatter_(-1, query_rows.topk(k, dim=-1).indices, True)
+    query_mask.scatter_(-1, lex_topk_dense(query_rows, k), True)  # a query wins its ties
     if mode == "reciprocal":
         kth_gallery = gallery.topk(k, dim=-1).values[..., -1:]  # (..., G, 1)
         query_enters = affinity[..., nq:, :nq] >= kth_gallery  # (..., G, Q): i enters j's top-k
@@ -140,8 +146,11 @@ def build_neighbor_mask(affinity: Tensor, k: int, mode: str = "reciprocal",
 
 
 def cosine_affinity(x: Tensor) -> Tensor:
-    """Cosine similarity of the rows of ``x`` (..., N, d): the ``neighbors="input"`` affinity."""
-    xn = F.normalize(x, dim=-1)
+    """Cosine similarity of the rows of ``x`` (..., N, d) for the neighbor masks (``neighbors``
+    ``input`` / ``layer``): float64, exact over the canonical rows (``ties.canonical_rows``), the
+    scores the sparse path ranks by. No gradient flows through a mask."""
+    xn = torch.round(F.normalize(x.detach().float(), dim=-1) * GRID_SCALE) / GRID_SCALE
+    xn = xn.double()
     return xn @ xn.transpose(-1, -2)
 
 

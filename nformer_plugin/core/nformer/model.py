@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .masks import (MASK_MODES, build_neighbor_mask, check_choice, check_topk, cosine_affinity,
                     mask_neighbor_counts, neighbor_stats, reciprocal_neighbor_softmax)
 from .settings import InferenceSettings
-from .sparse import SparseSettings, sparse_nformer_forward
+from .forward import sparse_nformer_forward
+from .sparse import SparseSettings
 
 NEIGHBOR_SOURCES = ("affinity", "input", "layer")
 ACTIVATIONS = ("gelu", "relu")
@@ -172,6 +173,8 @@ class NFormer(nn.Module):
     seed, sparse / dense, chunks, approximate search, the layer pool) is one
     :class:`~.settings.InferenceSettings` (``settings=``, default ``InferenceSettings()``), kept as
     :attr:`settings` and changeable after training.
+    Every neighbor choice follows one tie rule (``ties``: exact scores, then row index); with
+    ``settings.layer_pool`` the pool is exact by certificate (``graphs.CandidatePool``).
     """
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,

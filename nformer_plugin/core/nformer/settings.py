@@ -31,9 +31,11 @@ class InferenceSettings:
     * ``ann_threshold`` [ANN_THRESHOLD, 0 = None]: sets of at least this many rows are searched
       with an approximate IVF index (``None``: always exact); ``ann_nlist`` [ANN_NLIST, 0 =
       None] / ``ann_nprobe`` [ANN_NPROBE] tune it;
-    * ``layer_pool`` [LAYER_POOL]: ``neighbors="layer"``, sparse path: each row's ``layer_pool``
-      nearest are found once, on the input, and every layer takes its top-k among them (0:
-      search every layer).
+    * ``layer_pool`` [LAYER_POOL]: ``neighbors="layer"``, sparse path. 0 (default): an exact
+      search per layer, the neighbourhood training uses. ``P > 0``: each row's ``P`` nearest are
+      found once, on the input, and a layer takes its top-k among them only where a certificate
+      proves no other row can enter, else searches the row in full (``graphs.CandidatePool``):
+      the same neighbors as 0, and slower wherever layer inputs drift from the input (README).
     """
 
     query_mode: str = "isolated"
@@ -43,7 +45,7 @@ class InferenceSettings:
     ann_threshold: Optional[int] = None
     ann_nlist: Optional[int] = None
     ann_nprobe: int = 16
-    layer_pool: int = 64
+    layer_pool: int = 0
 
     def __post_init__(self):
         for name, value, choices in (("query_mode", self.query_mode, QUERY_MODES),

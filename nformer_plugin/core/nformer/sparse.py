@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from .graphs import (CandidatePool, Graphs, NeighborGraph, SparseSettings, build_neighbor_graphs,
-                     chunks, feature_graphs, gather_rows, graph_counts, normalized_rows)
+                     chunks, feature_graphs, gather_rows, graph_counts)
 from .masks import neighbor_stats
+from .ties import canonical_rows
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -160,14 +161,16 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
     del v
     for c in chunks(x.shape[0], settings.chunk_size):
         heads_out[c] = block.residual_tail(x[c], attn.out_proj(heads_out[c]))
+    if record is not None:
+        record["kept"] = None if kept is None else kept / attn.num_heads
     stats = neighbor_stats(kept / attn.num_heads) if kept is not None else {}
     return heads_out, stats
 
 
-def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                           landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
-                           on_layer: Optional[Callable[[int, dict], None]] = None
-                           ) -> Tuple[Tensor, List[Dict[str, float]]]:
+def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
+                       landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+                       on_layer: Optional[Callable[[int, dict], None]] = None
+                       ) -> Tuple[Tensor, List[Dict[str, float]]]:
     """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
 
@@ -175,6 +178,10 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     is called after each layer with its input ``x``, the candidate ``pool``, what
     :func:`graphs.feature_graphs` records (``neighbors="layer"``) and what
     :func:`sparse_block_forward` records (``core.serving`` keeps what a query needs).
+
+    ``num_query > 0`` here runs the older route (queries in the set's graphs); NFormer's
+    isolated queries go through ``forward.sparse_nformer_forward``, which refines them with the
+    index's kernel (``core.serving.isolated``). ``core.serving`` calls this for its galleries.
     """
     x = feats.contiguous()
     masked = settings.mask != "none"
@@ -183,7 +190,7 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
         graphs = feature_graphs(x, num_query, settings)
     if (settings.neighbors == "layer" and masked and settings.layer_pool > 0
             and settings.layer_pool < x.shape[0] - num_query):
-        pool = CandidatePool(normalized_rows(x, settings.chunk_size), num_query,
+        pool = CandidatePool(canonical_rows(x, settings.chunk_size), num_query,
                              max(settings.layer_pool, settings.topk), settings)
     stats = []
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):

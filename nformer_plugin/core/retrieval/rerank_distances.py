@@ -48,17 +48,65 @@ def nearest_and_farthest(
     product per block. Raises ``ValueError`` when every distance is 0.
     """
     sq_norms = _squared_norms(feats)
+    wide = min(feats.shape[0], width + TIE_EXTRA)
     if use_gpu or (use_gpu is None and gpu_available()):
-        nearest = _faiss_nearest_and_farthest(feats, sq_norms, width, use_gpu=True)
+        nearest = _faiss_nearest_and_farthest(feats, sq_norms, wide, use_gpu=True)
         _fill_query_gallery_distances(feats, sq_norms, num_query, query_gallery)
     else:
-        nearest = _blocked_nearest_and_farthest(feats, sq_norms, width, num_query, query_gallery)
+        nearest = _blocked_nearest_and_farthest(feats, sq_norms, wide, num_query, query_gallery)
+    nearest = exact_nearest(feats, sq_norms, nearest, width)
     if not (nearest.row_max > 0).all():
         raise ValueError(
             "all features are identical (every pairwise distance is 0): the row-normalized "
             "distance of k-reciprocal re-ranking is undefined"
         )
     return nearest
+
+
+#: candidates kept past the ``width``-th by the float32 pass, for the exact re-ordering
+TIE_EXTRA = 8
+UNIT_ROUND = 2.0 ** -24
+
+
+def pair_sq_distances(feats: np.ndarray, sq64: np.ndarray, rows: np.ndarray,
+                      cols: np.ndarray) -> np.ndarray:
+    """``|x_i|^2 + |x_j|^2 - 2 x_i . x_j`` in float64 for ``rows[r]`` against each of
+    ``cols[r, :]``: float32 products are exact in float64 and each pair's sum runs over its own
+    ``d`` values in one order, so a pair's value depends on the two rows only - not on the
+    block, the chunking or where the rows sit (exact duplicates get equal values)."""
+    out = np.empty(cols.shape, dtype=np.float64)
+    step = max(1, PAIR_VALUES_PER_BLOCK // max(1, cols.shape[1] * feats.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        dots = (feats[c].astype(np.float64) * feats[r].astype(np.float64)[:, None, :]).sum(-1)
+        out[start:start + step] = sq64[r][:, None] + sq64[c] - 2.0 * dots
+    return out
+
+
+def exact_nearest(feats: np.ndarray, sq64: np.ndarray, found: NearestLists, width: int
+                  ) -> NearestLists:
+    """The tie rule of ``core.nformer.ties`` for step 2: each row's ``width`` nearest by (float64
+    distance, index ascending), from the float32 pass's wider lists ``found``. A row is accepted
+    when its ``width``-th float64 distance is below the last float32 candidate's distance minus
+    the float32 error bound (no row left out can be nearer); others are measured against every
+    row (few: only where many rows tie at the boundary). The same lists in every chunking."""
+    n, wide = found.indices.shape
+    rows = np.arange(n, dtype=np.int64)
+    d64 = pair_sq_distances(feats, sq64, rows, found.indices)
+    order = np.lexsort((found.indices, d64), axis=1)[:, :width]
+    indices = np.take_along_axis(found.indices, order, axis=1)
+    dists = np.take_along_axis(d64, order, axis=1)
+    if wide < n:
+        d = feats.shape[1]
+        gamma = (d + 4) * UNIT_ROUND / (1 - (d + 4) * UNIT_ROUND)
+        err = 2 * gamma * (sq64 + sq64.max()) + 1e-12  # float32 distance error, generous
+        refused = np.flatnonzero(dists[:, -1] >= found.sq_dists[:, -1] - err)
+        everything = np.arange(n, dtype=np.int64)
+        for i in refused:  # a full float64 row, by the same per-pair function
+            full = pair_sq_distances(feats, sq64, np.array([i]), everything[None])[0]
+            top = np.lexsort((everything, full))[:width]
+            indices[i], dists[i] = top, full[top]
+    return NearestLists(indices, np.maximum(dists, 0.0).astype(np.float32), found.row_max)
 
 
 def _faiss_nearest_and_farthest(

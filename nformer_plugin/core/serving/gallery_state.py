@@ -8,7 +8,12 @@ aggregation (eqs. 2, 8); and, for the neighbor lists (eqs. 6-7), the search base
 ``neighbors="affinity"``, the unit-length layer input for ``"layer"``, the unit-length NFormer
 input for ``"input"`` and for the ``layer_pool`` candidates), the gallery's ``q~`` (the reverse
 affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbor score (the
-query-side reciprocal test). All float32 (exact refinement).
+query-side reciprocal test). Float32, except the k-th scores: float64, exact (``ties``). The
+feature bases are canonical rows (``ties.canonical_rows``).
+
+``isolated.refine_isolated`` is batch isolated refinement (``NFormer(cat([Q, G]),
+num_query=|Q|)``) built from the same pieces: the gallery refined by :func:`refine_gallery`, the
+queries by ``query_refine.query_layer`` against each layer's state as soon as it exists.
 
 The public gallery-state API that ``index``, ``updates`` and ``persistence`` share:
 :class:`ServedGallery` (the items, their pinned landmark ids, this state and the served features)
@@ -20,14 +25,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import SparseSettings, normalized_rows, row_scores
-from ..nformer.sparse import landmark_projections, sparse_nformer_forward
+from ..nformer.graphs import SparseSettings
+from ..nformer.sparse import landmark_projections, sparse_set_forward
+from ..nformer.ties import canonical_rows, exact_scores
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -41,7 +47,7 @@ class GalleryLayer:
     landmark_proj: Optional[Tuple[Tensor, Tensor]] = None  # (q_l, k_l), each (h, l, d_h)
     queries: Optional[Tensor] = None  # (h, G, m): q~, for the reverse affinity A~_ji
     normed: Optional[Tensor] = None  # (G, d): unit-length layer input (neighbors="layer")
-    kth: Optional[Tensor] = None  # (h or 1, G): each row's k-th neighbor score (reciprocal)
+    kth: Optional[Tensor] = None  # (h or 1, G): each row's k-th neighbor score, float64
 
 
 @dataclass
@@ -71,38 +77,33 @@ def candidate_pool_size(settings: SparseSettings, set_size: int) -> int:
 
 
 def _kth_scores(rows: Tensor, keys: Tensor, set_nbrs: Tensor, chunk_size: int) -> Tensor:
-    """Each row's k-th largest score among its top-k list (as ``assemble_graphs`` computes it)."""
-    return row_scores(rows, keys, set_nbrs, chunk_size).min(dim=1).values
+    """Each row's k-th largest exact score among its top-k list (as ``assemble_graphs``)."""
+    return exact_scores(rows, keys, set_nbrs, chunk_size).min(dim=1).values
 
 
-def _feature_kth(record: dict, normed: Tensor, first_layer: bool, settings: SparseSettings
-                 ) -> Tensor:
+def _feature_kth(record: dict, normed: Tensor, settings: SparseSettings) -> Tensor:
     """k-th neighbor cosine score of every gallery row, as the batch path ranks it (pool or not)."""
-    pool, k = record["pool"], settings.topk
-    if pool is not None and record.get("set_scores") is not None:  # the forward's own top-k
+    if record.get("set_scores") is not None:  # the forward's own exact top-k (layer pool)
         return record["set_scores"].min(dim=1).values.to(normed.device)
-    if pool is None:
-        set_nbrs = record["graphs"][0][0].index[:, :-1]
-        return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
-    if first_layer and pool.set_scores is not None:  # faiss scores: on the CPU
-        return pool.set_scores[:, :k].min(dim=1).values.to(normed.device)
-    scores = row_scores(normed, normed, pool.set_pool, settings.chunk_size)
-    return scores.topk(k, dim=1).values[:, -1]
+    set_nbrs = record["graphs"][0][0].index[:, :-1]
+    return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
 
 
 @torch.no_grad()
 def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
-                   landmarks: Sequence[Optional[Tensor]], settings: SparseSettings
+                   landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+                   after_layer: Optional[Callable[[int, GalleryState, dict], None]] = None
                    ) -> GalleryState:
     """Refine the gallery alone (sec. 4.2: it never sees a query) with the batch sparse path and
     keep what a query needs per layer (see the module docstring), layer by layer as the forward
-    goes (so that no layer's transient state outlives it)."""
+    goes (so that no layer's transient state outlives it). ``after_layer(i, state, record)`` runs
+    once layer ``i``'s state is kept (``isolated.refine_isolated``)."""
     masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
     source, chunk = settings.neighbors, settings.chunk_size
     state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=settings)
     state.pool_size = candidate_pool_size(settings, len(inputs))
     if masked and (source == "input" or state.pool_size):
-        state.input_normed = normalized_rows(inputs, chunk)
+        state.input_normed = canonical_rows(inputs, chunk)
 
     def keep_layer(i: int, record: dict) -> None:
         block, lm = blocks[i], landmarks[i]
@@ -114,20 +115,22 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
             same_rows = i == 0 and state.input_normed is not None  # layer 0's input: shared
             layer.normed = state.input_normed if same_rows else record.get("normed")
             if layer.normed is None:
-                layer.normed = normalized_rows(record["x"], chunk)
+                layer.normed = canonical_rows(record["x"], chunk)
             if reciprocal:
-                layer.kth = _feature_kth(record, layer.normed, i == 0, settings)[None]
+                layer.kth = _feature_kth(record, layer.normed, settings)[None]
         elif masked and source == "affinity" and reciprocal:
             layer.queries = torch.stack(record["qs"])
             layer.kth = torch.stack([
                 _kth_scores(layer.queries[h], layer.keys[h], graphs[0].index[:, :-1], chunk)
                 for h, graphs in enumerate(record["graphs"])])
         if i == 0 and masked and source == "input" and reciprocal:
-            state.input_kth = _feature_kth(record, state.input_normed, True, settings)[None]
+            state.input_kth = _feature_kth(record, state.input_normed, settings)[None]
         state.layers.append(layer)
         logger.info("Gallery index: layer %d of %d refined and kept", i + 1, len(blocks))
+        if after_layer is not None:
+            after_layer(i, state, record)
 
-    state.outputs, _ = sparse_nformer_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
+    state.outputs, _ = sparse_set_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
     return state
 
 

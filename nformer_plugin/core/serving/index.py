@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class GalleryIndex:
     ``build(model, gallery_feats, ids)`` / ``from_weights(load_stage(path), gallery_feats, ids)``;
     ``refine(Q)`` -> refined queries; ``search(Q, topk)`` -> (distances, ids);
     ``add(feats, ids)`` / ``remove(ids)``; ``save(dir)`` / ``load(dir)`` (``persistence``).
+    ``sources``: the sha256 of the gallery files the index holds (``app.serving`` records them,
+    the manifest keeps them).
 
     ``small_call_threads``: torch's intra-op threads while a call refines fewer than
     ``query_refine.SMALL_BATCH`` queries (``None``: leave torch's setting alone); see
@@ -50,7 +52,7 @@ class GalleryIndex:
     small_call_threads: Optional[int] = 1
 
     def __init__(self, model: nn.Module, gallery: ServedGallery, metric: str = "cosine",
-                 search_index=None, meta: Optional[dict] = None):
+                 search_index=None, sources: Sequence[str] = (), meta: Optional[dict] = None):
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         self.model = model
@@ -61,6 +63,7 @@ class GalleryIndex:
         self.device = next(self.nformer.parameters()).device
         self.last_update_reach: Optional[List[int]] = None  # per layer, rows the last update changed
         self._search_index = search_index
+        self.sources: List[str] = list(sources)  # sha256 of the gallery files built / added
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -243,7 +246,7 @@ class GalleryIndex:
     def save(self, directory: str) -> str:
         """Write the index to ``directory`` atomically (``persistence``); returns it."""
         return save_gallery(directory, self.model, self.gallery, self.metric,
-                            self.search_index(), meta=self.meta)
+                            self.search_index(), self.sources, meta=self.meta)
 
     @classmethod
     def load(cls, directory: str, model: Optional[nn.Module] = None) -> "GalleryIndex":
@@ -251,4 +254,4 @@ class GalleryIndex:
         with (checked by config and weights hash), else the stored weights are used."""
         loaded = load_gallery(directory, model)
         return cls(loaded.model, loaded.gallery, loaded.metric, loaded.search_index,
-                   meta=loaded.meta)
+                   loaded.sources, meta=loaded.meta)

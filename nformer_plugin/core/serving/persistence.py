@@ -9,7 +9,8 @@ then switches ``CURRENT`` with an atomic rename (``io.atomic_write``) and only t
 old version: a crash at any point leaves the previous index loadable.
 
 ``NFORMER_INDEX_CRASH_AFTER=<file>`` kills the saving process right after writing that file (the
-hook the killed-save test uses).
+hook the killed-save test uses); each of those moments is also the ``index_save`` point of
+``core.faults`` (``NFORMER_FAULT_AT=index_save:<n>``).
 
 Works on the public gallery-state API (``gallery_state.ServedGallery``): :func:`save_gallery` and
 :func:`load_gallery`; ``GalleryIndex.save`` / ``load`` call them.
@@ -24,12 +25,13 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..io import save_text
 from ..nformer.model import NFormer
 from ..nformer.settings import InferenceSettings
@@ -90,6 +92,7 @@ def file_sha256(path: str) -> str:
 def _crash_point(name: str) -> None:
     if os.environ.get("NFORMER_INDEX_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    fault_point("index_save")
 
 
 def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
@@ -113,10 +116,11 @@ def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
 
 
 def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metric: str,
-                 search, meta: Optional[dict] = None) -> str:
+                 search, sources: Sequence[str] = (), meta: Optional[dict] = None) -> str:
     """Write the served ``gallery`` of ``model`` with its faiss ``search`` index to
-    ``directory`` atomically (see the module docstring); returns it. ``meta`` (JSON): what the
-    index was built from (e.g. the extractor of its gallery file), kept in the manifest."""
+    ``directory`` atomically (see the module docstring); returns it. ``sources``: the sha256 of
+    the gallery files the index holds (``file_sha256``), recorded in the manifest; ``meta``
+    (JSON): what the index was built from (e.g. the extractor of its gallery file)."""
     import faiss
 
     nformer, head = split_model(model)
@@ -138,6 +142,7 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
         "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
             model), "model_config": model_config(nformer), "metric": metric,
         "num_items": len(gallery), "dim": nformer.dim, "num_layers": nformer.num_layers,
+        "sources": list(sources),  # sha256 of the gallery files built / added
         "meta": dict(meta or {}),
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
@@ -146,6 +151,7 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
     os.replace(tmp, os.path.join(directory, version))
     _crash_point("version")
     save_text(version + "\n", os.path.join(directory, "CURRENT"))  # the atomic switch
+    _crash_point("CURRENT")
     for name in os.listdir(directory):  # old versions and interrupted saves
         if name not in (version, "CURRENT") and (name.startswith(("v", ".tmp-"))):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
@@ -192,6 +198,7 @@ class LoadedGallery(NamedTuple):
     gallery: ServedGallery
     metric: str
     search_index: object  # the faiss index over the refined gallery
+    sources: List[str]  # sha256 of the gallery files built / added (manifest ``sources``)
     meta: dict = {}  # the manifest's "meta" (what the index was built from)
 
 
@@ -243,4 +250,4 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGal
     gallery = ServedGallery(arrays["ids"], landmark_ids, state, arrays["refined"], labels)
     search = faiss.read_index(os.path.join(folder, "search.faiss"))
     return LoadedGallery(model, gallery, manifest["metric"], search,
-                         dict(manifest.get("meta", {})))
+                         list(manifest.get("sources", [])), dict(manifest.get("meta", {})))

@@ -1,37 +1,45 @@
-"""Refine isolated queries against a fixed gallery state, layer by layer (sec. 4.2).
+"""Refine isolated queries against a fixed gallery state, layer by layer (sec. 4.2): the one
+kernel for query rows, used by ``GalleryIndex.refine`` and by batch isolated refinement
+(``NFormer(cat([Q, G]), num_query=|Q|)``, via ``isolated.refine_isolated``) alike.
 
 Query ``i`` at layer ``L`` forms ``q~_i = q_i k_l^T`` and ``k~_i = k_i q_l^T`` with the gallery's
 landmark rows (eq. 4), takes its top-k over ``G u {i}`` (eq. 6), keeps a gallery neighbor ``j``
 under the reciprocal mask when ``A~_ji`` reaches ``j``'s own k-th gallery score (eq. 7 with
-isolation, ``graphs.isolated_query_keep``), and aggregates the gallery values with RNS (eq. 8,
-as ``sparse.rns_aggregate``). The candidate pool, scores and keep rule are the batch sparse path's
-own (``graphs.row_scores``, ``isolated_query_keep``); searches and the aggregation compute the same
-sums in another order or layout, so ``refine_queries`` reproduces
-``NFormer(cat([Q, G]), num_query=|Q|)`` row for row to float rounding; queries never see each other.
+isolation, ``graphs.isolated_query_keep``), and aggregates the gallery values with RNS (eq. 8).
 
-Speed (the README's "Serving"): the candidate pool is searched once on the input and each layer
-re-ranks only it; all heads share one gather per layer; gallery-only tensors are derived once; the
-module calls are replaced by their functional ops; exact search is faiss (float16 prefilter when
-certified) for a handful of queries, one torch matmul for a batch.
+Exactness by construction: both callers run :func:`query_layer` on the same gallery layer state
+(computed by the same gallery code), so a query's row is the same computation whether it is
+refined alone, in a chunk or in a batch. Each row's arithmetic does not depend on the other rows
+of the call: GEMMs are padded to ``ties.MIN_GEMM_ROWS`` rows (``ties.stable_rows``), the RNS
+scores and aggregation are elementwise products and reductions per row, and every neighbor choice
+uses exact scores and the ``ties`` order, certified against whichever float32 search found the
+candidates.
+
+Speed (the README's "Serving"): all heads share one gather per layer; gallery-only tensors are
+derived once; the module calls are replaced by their functional ops; candidates come from faiss
+(float16 prefilter when certified) for a handful of queries, one torch matmul for a batch.
 
 Pure torch / faiss; must not import FastReID.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nformer.graphs import InnerProductSearcher, chunks, isolated_query_keep, row_scores
+from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep, row_scores,
+                              scored)
+from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
+                            exact_scores, score_cap, stable_rows)
 from .gallery_state import GalleryLayer, GalleryState
+from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
 
 # (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
 QueryLists = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
+Candidates = Tuple[Optional[Tensor], Tensor]  # (bound on every row left out, candidates)
 
 
 def searcher(state: GalleryState, key: tuple, base: Tensor) -> InnerProductSearcher:
@@ -41,23 +49,19 @@ def searcher(state: GalleryState, key: tuple, base: Tensor) -> InnerProductSearc
     return state.searchers[key]
 
 
-def _sorted(nbrs: Tensor, scores: Tensor) -> Tuple[Tensor, Tensor]:
-    scores, order = scores.sort(dim=1, descending=True)
-    return nbrs.gather(1, order), scores
-
-
 def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, head: int,
                    q_agent: Tensor, k_agent: Tensor) -> QueryLists:
-    """Top-k lists of query rows under their own ``A~`` of one head (``neighbors="affinity"``)."""
+    """Top-k lists of query rows under their own ``A~`` of one head (``neighbors="affinity"``),
+    exact scores in the ``ties`` order."""
     settings = state.settings
     keys = layer.keys[head]
-    nbrs = top_inner_products(state, ("affinity", layer_index, head), keys, q_agent,
-                              settings.topk)[1]
-    nbrs, scores = _sorted(nbrs, row_scores(q_agent, keys, nbrs, settings.chunk_size))
+    nbrs, scores = certified_lists(state, ("affinity", layer_index, head), keys, q_agent)
     back = None
-    if settings.mask == "reciprocal":  # A~_ji = <q~_j, k~_i>, as graphs.pair_scores computes it
-        back = (layer.queries[head][nbrs] * k_agent[:, None, :]).sum(-1)
-    return nbrs, scores, (q_agent * k_agent).sum(-1), back
+    if settings.mask == "reciprocal":  # A~_ji = <q~_j, k~_i>, as graphs.assemble_graphs
+        back = exact_scores(k_agent, layer.queries[head], nbrs, settings.chunk_size)
+    own = exact_scores(q_agent, k_agent, torch.arange(len(q_agent))[:, None].to(nbrs),
+                       settings.chunk_size)[:, 0]
+    return nbrs, scores, own, back
 
 
 def gallery_keys(state: GalleryState, layer_index: int) -> Tensor:
@@ -92,10 +96,12 @@ def masked_heads(keys_ghm: Tensor, gallery_values: Tensor, nbrs: Tensor, keep: T
         value_rows = gallery_values.view(-1, heads, head_dim)[idx, head_ids]
     key_rows = torch.cat([key_rows, ks.transpose(0, 1).unsqueeze(1)], dim=1)  # (Q, k+1, h, m)
     value_rows = torch.cat([value_rows, values.view(num_query, 1, heads, head_dim)], dim=1)
-    scores = torch.einsum("qhm,qkhm->qkh", qs.transpose(0, 1), key_rows) * scale
+    # elementwise products and per-row reductions (no batched GEMM, whose kernel choice could
+    # depend on the number of rows): each row's bits do not depend on the other rows
+    scores = (qs.transpose(0, 1).unsqueeze(1) * key_rows).sum(-1) * scale  # (Q, k+1, h)
     keep = torch.cat([keep.permute(1, 2, 0), keep.new_ones(num_query, 1, keep.shape[0])], dim=1)
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=1)  # (Q, k+1, h)
-    return torch.einsum("qkh,qkhd->qhd", weights, value_rows).reshape(num_query, -1)
+    return (weights.unsqueeze(-1) * value_rows).sum(1).reshape(num_query, -1)
 
 
 def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, values: Tensor,
@@ -113,23 +119,67 @@ def full_head(layer: GalleryLayer, head: int, q_agent: Tensor, k_agent: Tensor, 
 
 
 QUERY_CHUNK = 1024  # queries refined at once (bounds the (chunk, pool, d) gathers)
-SMALL_BATCH = 16  # fewer queries: faiss's own scan; more: one exact torch matmul and topk
+SMALL_BATCH = 16  # fewer queries: one thread (``threads``); on a GPU, more: a torch matmul
 MATMUL_SCORES = 1 << 26  # largest (base x queries) score matrix of one matmul (256 MB)
 
 
 def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, k: int
                        ) -> Tuple[Optional[Tensor], Tensor]:
-    """Each row's ``k`` largest inner products over ``base``, best first: ``(scores, indices)``
-    as ``InnerProductSearcher.search_with_scores`` gives them (exact search: the same lists up to
-    float rounding; for a handful of rows faiss's scan, else one matmul, which is faster there)."""
-    if state.settings.approximate or rows.shape[0] < SMALL_BATCH:
-        if not state.settings.approximate:
-            found = fp16_prefiltered_topk(state.searchers, key, base, rows, k)
-            if found is not None:
-                return found
+    """Each row's ``k`` largest float32 inner products over ``base``, best first:
+    ``(scores, indices)`` as ``InnerProductSearcher.search_with_scores`` gives them (for a handful
+    of rows, and on the CPU, faiss's search: measured 2.3x faster than a torch matmul + topk for
+    1,024 rows over 16,871, one thread; on a GPU, for more rows, one matmul). Candidates only:
+    :func:`certified_lists` rescores."""
+    cpu = base.device.type == "cpu"
+    if state.settings.approximate or rows.shape[0] < SMALL_BATCH or cpu:
         with faiss_threads(rows.shape[0], base.numel() * base.element_size()):
             return searcher(state, key, base).search_with_scores(rows, k)
     return matmul_topk(rows, base, k)
+
+
+def base_max_norm(state: GalleryState, key: tuple, base: Tensor) -> float:
+    """The largest row norm of a search base (derived once per gallery state)."""
+    cache_key = ("max_norm",) + key
+    if cache_key not in state.searchers:
+        state.searchers[cache_key] = float(base.norm(dim=1).max())
+    return state.searchers[cache_key]
+
+
+def candidates(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, count: int,
+               prefilter: bool = True) -> Candidates:
+    """``count`` candidates per row and a bound on the exact score of every row left out
+    (``ties.certified_topk``; ``None`` under an approximate search). A handful of rows first try
+    the float16 scan (``prefilter``), whose bound is wider."""
+    max_norm = base_max_norm(state, key, base)
+    if not state.settings.approximate and prefilter and rows.shape[0] < SMALL_BATCH:
+        found = fp16_candidates(state.searchers, key, base, rows, count, max_norm)
+        if found is not None:
+            return found
+    scores, idx = top_inner_products(state, key, base, rows, count)
+    if scores is None:
+        return None, idx
+    return scored(scores.to(rows.device), idx, rows, max_norm, base.shape[1])
+
+
+def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
+                    found: Optional[Candidates] = None, max_score: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
+    """Exact top-k ``(indices, scores)`` of ``rows`` over ``base`` in the ``ties`` order, from
+    ``found`` candidates (default: a search), refused rows searched again in full (``max_score``:
+    as ``ties.certified_topk``)."""
+    k, chunk = state.settings.topk, state.settings.chunk_size
+    count = k if state.settings.approximate else candidate_count(k, base.shape[0])
+    if found is None:
+        found = candidates(state, key, base, rows, count)
+    upper, cand, approx = found if len(found) == 3 else (*found, None)
+
+    def fallback(refused: Tensor) -> Candidates:
+        return candidates(state, key, base, rows[refused], count, prefilter=False)[:2]
+
+    scores, nbrs, _ = certified_topk(rows, base, k, cand, upper, chunk, fallback,
+                                     exhaustive_ok=not state.settings.approximate,
+                                     max_score=max_score, approx=approx)
+    return nbrs, scores
 
 
 FP16_SCORE_BOUND = 1e-3  # |float16-scan score - float32 score| <= this * |q| for |g| <= 1 rows
@@ -166,6 +216,33 @@ def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k
     return exact.values, candidates.gather(1, exact.indices)
 
 
+def fp16_candidates(cache: dict, key: tuple, base: Tensor, rows: Tensor, count: int,
+                    max_norm: float) -> Optional[Candidates]:
+    """``count`` (at least) candidates of a handful of ``rows`` from a faiss float16 scan of
+    ``base`` and a bound on the exact score of every row it left out: the last scanned score
+    plus ``FP16_SCORE_BOUND |q| max|g|`` (see :func:`fp16_prefiltered_topk`). ``None`` where it
+    does not apply (the caller scans in float32)."""
+    import faiss
+
+    count = min(base.shape[0], max(count, 2 * count + 32))
+    if count >= base.shape[0] or base.device.type != "cpu" or base.dtype != torch.float32:
+        return None
+    index = cache.get(("fp16",) + key)
+    if index is None:
+        index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                           faiss.METRIC_INNER_PRODUCT)
+        index.add(base.contiguous().numpy())
+        cache[("fp16",) + key] = index
+    with faiss_threads(rows.shape[0], base.numel() * 2):
+        approx, cand = index.search(rows.contiguous().numpy(), count)
+    approx, cand = torch.from_numpy(approx), torch.from_numpy(cand)
+    if (cand < 0).any():
+        return None
+    norms = rows.double().norm(dim=1) * (1 + NORM_SLACK) + NORM_SLACK
+    upper = approx[:, -1].double() + FP16_SCORE_BOUND * norms * max(max_norm, 1.0)
+    return upper, cand
+
+
 def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Exact ``(scores, indices)`` of each row's ``k`` largest inner products over ``base``, best
     first: one matmul, laid out (G, Q) (faster than (Q, G) for a tall base, same values), in
@@ -178,71 +255,33 @@ def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-_THREADS_LOCK = threading.Lock()
-_THREADS_STATE = {"users": 0, "before": 0}
-
-
-@contextlib.contextmanager
-def torch_threads(num_queries: int, count: Optional[int]):
-    """torch's intra-op threads set to ``count`` while fewer than :data:`SMALL_BATCH` queries are
-    refined (``count=None``, or a larger call: unchanged). A single query's ops take microseconds:
-    a second thread cannot help them, and on a busy machine each parallel op then waits for a
-    descheduled thread (measured: 5 ms median with one thread, 15-140 ms with two, under load).
-    torch's setting is per process, so concurrent small calls share one save / restore."""
-    if count is None or num_queries >= SMALL_BATCH:
-        yield
-        return
-    with _THREADS_LOCK:
-        if _THREADS_STATE["users"] == 0:
-            _THREADS_STATE["before"] = torch.get_num_threads()
-            if _THREADS_STATE["before"] != count:
-                torch.set_num_threads(count)
-        _THREADS_STATE["users"] += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _THREADS_STATE["users"] -= 1
-            if _THREADS_STATE["users"] == 0 and torch.get_num_threads() != _THREADS_STATE["before"]:
-                torch.set_num_threads(_THREADS_STATE["before"])
-
-
-SMALL_SCAN_BYTES = 64 << 20  # a scan of less than this for a handful of queries: one thread
-
-
-@contextlib.contextmanager
-def faiss_threads(num_queries: int, scan_bytes: int):
-    """faiss's OpenMP threads for the calling thread (a per-thread setting), restored after: one
-    for a handful of queries over a base smaller than :data:`SMALL_SCAN_BYTES` (a memory-bound
-    scan of a few milliseconds that a second thread barely speeds up, while on a busy machine
-    waiting for it at each barrier costs milliseconds), else unchanged."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    if num_queries < SMALL_BATCH and scan_bytes < SMALL_SCAN_BYTES:
-        faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def _lists(state: GalleryState, layer_index: int, normed: Tensor,
-           pool: Optional[Tuple[Optional[Tensor], Tensor]]) -> Tuple[Tensor, Tensor]:
-    """Top-k cosine lists (rows, scores) of unit-length query rows over the gallery's
-    layer input (``neighbors`` "layer") or NFormer input ("input"), among the pool if any."""
-    settings, k = state.settings, state.settings.topk
-    is_layer = settings.neighbors == "layer"
+def _lists(state: GalleryState, layer_index: int, normed: Tensor, qp: "QueryPass"
+           ) -> Tuple[Tensor, Tensor]:
+    """Exact top-k cosine lists (rows, scores) of canonical query rows over the gallery's layer
+    input (``neighbors`` "layer") or NFormer input ("input"): among the layer pool where its
+    certificate holds (``graphs.CandidatePool``, the same bound), else a certified search."""
+    is_layer = state.settings.neighbors == "layer"
     base = state.layers[layer_index].normed if is_layer else state.input_normed
-    if pool is not None:
-        pool_scores, pool_rows = pool
-        if layer_index == 0 and pool_scores is not None:
-            return pool_rows[:, :k], pool_scores[:, :k].to(normed.device)
-        top = row_scores(normed, base, pool_rows, settings.chunk_size).topk(k, dim=1)
-        return pool_rows.gather(1, top.indices), top.values
     key = ("feature", layer_index) if is_layer else ("input",)
-    nbrs = top_inner_products(state, key, base, normed, k)[1]
-    return nbrs, row_scores(normed, base, nbrs, settings.chunk_size)
+    found, cap = None, None
+    if qp.pool is not None:
+        upper, pool_rows = qp.pool
+        if upper is not None and layer_index > 0:
+            drift = (normed - qp.normed0).norm(dim=1).double() * (1 + NORM_SLACK) + NORM_SLACK
+            upper = upper + drift + gallery_drift(state, layer_index)
+            cap = score_cap(normed, base_max_norm(state, key, base))  # reached: no rescoring
+        found = (upper, pool_rows)
+    return certified_lists(state, key, base, normed, found, cap)
+
+
+def gallery_drift(state: GalleryState, layer_index: int) -> float:
+    """``max_j |x_j - x0_j|`` over the gallery's canonical layer inputs (the pool certificate's
+    bound for rows outside a pool; derived once per gallery state, as the batch path does)."""
+    key = ("drift", layer_index)
+    if key not in state.searchers:
+        drift = (state.layers[layer_index].normed - state.input_normed).norm(dim=1).double()
+        state.searchers[key] = float(drift.max()) * (1 + NORM_SLACK) + NORM_SLACK
+    return state.searchers[key]
 
 
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
@@ -264,53 +303,82 @@ def residual_tail(block: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
                         norm2.bias, norm2.eps)
 
 
-def refine_chunk(blocks: Sequence[nn.Module], state: GalleryState, x: Tensor) -> Tensor:
-    """:func:`refine_queries` for one chunk of query rows."""
+class QueryPass:
+    """One chunk of query rows on its way through the layers: its input ``x`` and what the
+    later layers reuse (the layer pool's candidates, the ``input`` source's lists)."""
+
+    def __init__(self, x: Tensor):
+        self.x = x
+        self.pool: Optional[Candidates] = None
+        self.normed0: Optional[Tensor] = None
+        self.nbrs: Optional[Tensor] = None
+        self.keep: Optional[Tensor] = None
+        self.kept: list = []  # per layer: neighbors kept per row (averaged over heads)
+
+
+def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) -> None:
+    """Layer ``i`` for the query rows of ``qp`` against the gallery's layer-``i`` state."""
     settings = state.settings
     masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
-    source = settings.neighbors
-    pool, keep, nbrs = None, None, None
-    if masked and state.pool_size:
-        pool = top_inner_products(state, ("input",), state.input_normed,
-                                  F.normalize(x, dim=-1), state.pool_size)
+    source, x = settings.neighbors, qp.x
+    if i == 0 and masked and state.pool_size:
+        qp.normed0 = canonical_rows(x, settings.chunk_size)
+        qp.pool = candidates(state, ("input",), state.input_normed, qp.normed0,
+                             state.pool_size, prefilter=False)[:2]
+    attn, layer = block.attn, state.layers[i]
+    heads = attn.num_heads
+
+    def split(t: Tensor) -> Tensor:
+        return t.view(t.shape[0], heads, -1).transpose(0, 1)  # (h, Q, d_h)
+
+    q = split(stable_rows(lambda r: _linear(attn.q_proj, r), x))
+    k = split(stable_rows(lambda r: _linear(attn.k_proj, r), x))
+    v = stable_rows(lambda r: _linear(attn.v_proj, r), x)
+    if attn.exact_affinity:
+        qs, ks = q, k
+    else:
+        q_land, k_land = layer.landmark_proj  # eq. (4)
+        qs = stable_rows(lambda r: r @ k_land.transpose(-1, -2), q, dim=1)
+        ks = stable_rows(lambda r: r @ q_land.transpose(-1, -2), k, dim=1)
+    scale = 1.0 / math.sqrt(attn.head_dim)
+    if not masked:
+        heads_out = torch.empty_like(x)
+        for h in range(heads):
+            cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
+            heads_out[:, cols] = full_head(layer, h, qs[h], ks[h], v, cols, scale,
+                                           settings.full_attention_budget, x.shape[0])
+    else:
+        if source == "affinity":
+            lists = [affinity_lists(state, layer, i, h, qs[h], ks[h]) for h in range(heads)]
+            kth = layer.kth
+        elif source == "layer" or i == 0:  # "input": one list for every layer
+            normed = qp.normed0 if i == 0 and qp.normed0 is not None else canonical_rows(
+                x, settings.chunk_size)
+            nbrs, scores = _lists(state, i, normed, qp)
+            own = exact_scores(normed, normed, torch.arange(len(normed))[:, None].to(nbrs),
+                               settings.chunk_size)[:, 0]
+            lists = [(nbrs, scores, own, scores if reciprocal else None)]
+            kth = state.input_kth if source == "input" else layer.kth
+        if source == "affinity" or source == "layer" or i == 0:
+            qp.keep = torch.stack([
+                isolated_query_keep(scores, own, back,
+                                    kth[h][nbrs_h] if back is not None else None)
+                for h, (nbrs_h, scores, own, back) in enumerate(lists)])
+            qp.nbrs = torch.stack([entry[0] for entry in lists])
+        qp.kept.append(qp.keep.sum(-1).float().mean(0))
+        heads_out = masked_heads(gallery_keys(state, i), layer.values, qp.nbrs, qp.keep, qs, ks,
+                                 v, scale)
+    out = stable_rows(lambda r: _linear(attn.out_proj, r), heads_out)
+    qp.x = stable_rows(lambda r: residual_tail(block, r[:, :x.shape[1]], r[:, x.shape[1]:]),
+                       torch.cat([x, out], dim=1))
+
+
+def refine_chunk(blocks: Sequence[nn.Module], state: GalleryState, x: Tensor) -> Tensor:
+    """:func:`refine_queries` for one chunk of query rows."""
+    qp = QueryPass(x)
     for i, block in enumerate(blocks):
-        attn, layer = block.attn, state.layers[i]
-        heads = attn.num_heads
-        q = _linear(attn.q_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)  # (h, Q, d_h)
-        k = _linear(attn.k_proj, x).view(x.shape[0], heads, -1).transpose(0, 1)
-        v = _linear(attn.v_proj, x)
-        if attn.exact_affinity:
-            qs, ks = q, k
-        else:
-            q_land, k_land = layer.landmark_proj
-            qs, ks = q @ k_land.transpose(-1, -2), k @ q_land.transpose(-1, -2)  # eq. (4)
-        scale = 1.0 / math.sqrt(attn.head_dim)
-        if not masked:
-            heads_out = torch.empty_like(x)
-            for h in range(heads):
-                cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
-                heads_out[:, cols] = full_head(layer, h, qs[h], ks[h], v, cols, scale,
-                                               settings.full_attention_budget, x.shape[0])
-        else:
-            if source == "affinity":
-                lists = [affinity_lists(state, layer, i, h, qs[h], ks[h]) for h in range(heads)]
-                kth = layer.kth
-            elif source == "layer" or i == 0:  # "input": one list for every layer
-                normed = F.normalize(x, dim=-1)
-                lists = [_sorted(*_lists(state, i, normed, pool))]
-                self_scores = (normed * normed).sum(-1)
-                lists = [(n, s, self_scores, s if reciprocal else None) for n, s in lists]
-                kth = state.input_kth if source == "input" else layer.kth
-            if source == "affinity" or source == "layer" or i == 0:
-                keep = torch.stack([
-                    isolated_query_keep(scores, self_scores, back,
-                                        kth[h][nbrs_h] if back is not None else None)
-                    for h, (nbrs_h, scores, self_scores, back) in enumerate(lists)])
-                nbrs = torch.stack([entry[0] for entry in lists])
-            heads_out = masked_heads(gallery_keys(state, i), layer.values, nbrs, keep, qs, ks,
-                                     v, scale)
-        x = residual_tail(block, x, _linear(attn.out_proj, heads_out))
-    return x
+        query_layer(block, state, i, qp)
+    return qp.x
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..faults import fault_point
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
@@ -184,6 +185,7 @@ class Stage2Trainer:
 
     # ------------------------------------------------------------------ loop
     def step(self) -> Dict[str, float]:
+        fault_point("stage2_step")
         sets, labels = self.sampler()
         refined, logits = self.forward(sets.to(self.device))
         s = self.settings
@@ -225,9 +227,9 @@ class Stage2Trainer:
         for epoch in range(start_epoch, self.max_epoch):
             stats = self.run_epoch()
             self._validate(epoch, stats)
+            self.history.append(stats)  # before the callback: its checkpoints hold this epoch
             if on_epoch_end is not None:
                 on_epoch_end(epoch, stats)  # may add validation figures to stats
-            self.history.append(stats)
             if self.events is not None:
                 self.events.write(epoch, (epoch + 1) * self.iters_per_epoch, stats,
                                   self.last_neighbor_stats)

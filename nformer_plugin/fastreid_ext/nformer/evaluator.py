@@ -18,6 +18,7 @@ from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
 from ...app.evaluation import evaluate_and_write
+from ...core.faults import fault_point
 from ...core.features import FeatureSet
 from ...core.retrieval.comparison import headline, metrics_only
 
@@ -38,6 +39,7 @@ class NFormerEvaluator(DatasetEvaluator):
         self._predictions = []
 
     def process(self, inputs, outputs):
+        fault_point("eval_batch")
         self._predictions.append({
             "feats": outputs.detach().to("cpu", torch.float32),
             "pids": inputs["targets"].to("cpu"),
@@ -70,6 +72,7 @@ class NFormerEvaluator(DatasetEvaluator):
         if gathered is None:
             return {}
         feats, pids, camids, paths = gathered
+        fault_point("eval_metrics")
         nq = self._num_query
         has_paths = len(paths) == len(feats)  # exported with the features (nformer report)
         query = FeatureSet(feats[:nq], pids[:nq], camids[:nq], paths[:nq] if has_paths else None)

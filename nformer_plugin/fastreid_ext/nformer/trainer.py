@@ -5,7 +5,8 @@ shared ``Stage1Checkpointer`` (``fastreid_ext.trainer``). Stage 2 freezes them, 
 feature bank and trains the NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2
 builder (``core.training.build_stage2``), validating on held-out identities. Both stages live in
 one model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
-written, in either stage. Nothing is chosen on the test set.
+written, in either stage (stage-2 checkpoints hold the state after the epoch's monitoring
+evaluation and its history entry). Nothing is chosen on the test set.
 """
 from __future__ import annotations
 
@@ -82,8 +83,6 @@ class Trainer(EvaluatingTrainer):
         if not (resume and self.checkpointer.has_checkpoint()):
             return
         stage, epoch = int(checkpoint.get("stage", 1)), int(checkpoint.get("epoch", -1))
-        if "rng" in checkpoint:  # every generator training draws from, as it was at the save
-            set_rng_state(checkpoint["rng"])
         if stage == 1:
             self.start_epoch = epoch + 1
             self._stage1_done = self.start_epoch >= self.max_epoch
@@ -96,6 +95,10 @@ class Trainer(EvaluatingTrainer):
             self._stage1_done = True
             self.stage2_start_epoch = epoch + 1
             self._stage2_state = checkpoint.get("nformer_trainer")
+        # every generator training draws from, as it was at the save; restored last, because
+        # creating a DataLoader iterator (above) draws its base seed from the global generator
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
         logger.info("Resuming in stage %d after epoch %d", stage, epoch)
 
     # ------------------------------------------------------------------ train
@@ -167,17 +170,19 @@ class Trainer(EvaluatingTrainer):
 
         def on_epoch_end(epoch: int, stats: dict) -> None:
             nonlocal results
+            last = epoch + 1 >= s2.EPOCHS
+            if not last and s2.EVAL_PERIOD > 0 and (epoch + 1) % s2.EVAL_PERIOD == 0:
+                model.nformer_trained.fill_(True)
+                results = self.test(cfg, model)  # monitoring only: nothing is chosen on it
+                model.nformer_trained.fill_(False)
+                comm.synchronize()
+            # the state after everything the epoch does (evaluating draws loader seeds from the
+            # global generator), so a resume from either file continues as this run does
             state = {"epoch": epoch, "stage": 2, "nformer_trainer": trainer.state_dict()}
             if trainer.best is not None and trainer.best["epoch"] == epoch:
                 saver.save("model_best", **state)
-            if epoch + 1 < s2.EPOCHS:
-                if s2.EVAL_PERIOD > 0 and (epoch + 1) % s2.EVAL_PERIOD == 0:
-                    model.nformer_trained.fill_(True)
-                    results = self.test(cfg, model)  # monitoring only: nothing is chosen on it
-                    model.nformer_trained.fill_(False)
-                    comm.synchronize()
-                if s2.CHECKPOINT_PERIOD > 0 and (epoch + 1) % s2.CHECKPOINT_PERIOD == 0:
-                    saver.save(f"nformer_{epoch:04d}", **state)
+            if not last and s2.CHECKPOINT_PERIOD > 0 and (epoch + 1) % s2.CHECKPOINT_PERIOD == 0:
+                saver.save(f"nformer_{epoch:04d}", **state)
 
         try:
             trainer.train(self.stage2_start_epoch, on_epoch_end)

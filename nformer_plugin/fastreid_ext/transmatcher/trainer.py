@@ -203,13 +203,13 @@ class TransMatcherTrainer(EvaluatingTrainer):
         if not (resume and self.checkpointer.has_checkpoint()):
             return
         epoch = int(checkpoint.get("epoch", -1))
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
         self.start_epoch = epoch + 1
         if self.start_epoch < self.max_epoch:
             loader = self.build_transmatcher_loader(self.start_epoch)
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
+        if "rng" in checkpoint:  # last: a new loader iterator draws from the global generator
+            set_rng_state(checkpoint["rng"])
         logger.info("Resuming after epoch %d", epoch)
 
     def train(self):
