@@ -185,6 +185,23 @@ def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
 FP16_SCORE_BOUND = 1e-3  # |float16-scan score - float32 score| <= this * |q| for |g| <= 1 rows
 
 
+def fp16_scan(cache: dict, key: tuple, base: Tensor, rows: Tensor, count: int
+              ) -> Tuple[Tensor, Tensor]:
+    """A faiss float16 scan of ``base`` (its index built once per ``key`` in ``cache``):
+    approximate scores and indices (R, count) of ``rows``."""
+    import faiss
+
+    index = cache.get(("fp16",) + key)
+    if index is None:
+        index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                           faiss.METRIC_INNER_PRODUCT)
+        index.add(base.contiguous().numpy())
+        cache[("fp16",) + key] = index
+    with faiss_threads(rows.shape[0], base.numel() * 2):
+        approx, candidates = index.search(rows.contiguous().numpy(), count)
+    return torch.from_numpy(approx), torch.from_numpy(candidates)
+
+
 def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k: int
                           ) -> Optional[Tuple[Tensor, Tensor]]:
     """Exact top-k of a handful of ``rows`` over unit-length (or shorter) ``base`` rows, reading
@@ -195,20 +212,10 @@ def fp16_prefiltered_topk(cache: dict, key: tuple, base: Tensor, rows: Tensor, k
     ``FP16_SCORE_BOUND |q|``; when the k-th candidate's scanned score beats the last one's by more
     than twice that, no row left out can be in the exact top-k. For a single query the scan is
     the dominant memory traffic (16 MB float32 at Market size), so this halves it."""
-    import faiss
-
     count = min(base.shape[0], 2 * k + 32)
     if count <= k or base.device.type != "cpu" or base.dtype != torch.float32:
         return None
-    index = cache.get(("fp16",) + key)
-    if index is None:
-        index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                           faiss.METRIC_INNER_PRODUCT)
-        index.add(base.contiguous().numpy())
-        cache[("fp16",) + key] = index
-    with faiss_threads(rows.shape[0], base.numel() * 2):
-        approx, candidates = index.search(rows.contiguous().numpy(), count)
-    approx, candidates = torch.from_numpy(approx), torch.from_numpy(candidates)
+    approx, candidates = fp16_scan(cache, key, base, rows, count)
     margin = approx[:, k - 1] - approx[:, -1]
     if (candidates < 0).any() or not bool((margin > 2 * FP16_SCORE_BOUND * rows.norm(dim=1)).all()):
         return None
@@ -222,20 +229,10 @@ def fp16_candidates(cache: dict, key: tuple, base: Tensor, rows: Tensor, count: 
     ``base`` and a bound on the exact score of every row it left out: the last scanned score
     plus ``FP16_SCORE_BOUND |q| max|g|`` (see :func:`fp16_prefiltered_topk`). ``None`` where it
     does not apply (the caller scans in float32)."""
-    import faiss
-
     count = min(base.shape[0], max(count, 2 * count + 32))
     if count >= base.shape[0] or base.device.type != "cpu" or base.dtype != torch.float32:
         return None
-    index = cache.get(("fp16",) + key)
-    if index is None:
-        index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                           faiss.METRIC_INNER_PRODUCT)
-        index.add(base.contiguous().numpy())
-        cache[("fp16",) + key] = index
-    with faiss_threads(rows.shape[0], base.numel() * 2):
-        approx, cand = index.search(rows.contiguous().numpy(), count)
-    approx, cand = torch.from_numpy(approx), torch.from_numpy(cand)
+    approx, cand = fp16_scan(cache, key, base, rows, count)
     if (cand < 0).any():
         return None
     norms = rows.double().norm(dim=1) * (1 + NORM_SLACK) + NORM_SLACK
