@@ -148,6 +148,11 @@ def test_every_study_writes_its_three_files(feature_files, tmp_path):
     lm = results["landmarks"]
     assert [r["landmarks"] for r in lm["rows"]] == [1, 2, 5] and "exact_affinity" in lm
     assert {r["N"] for r in lm["gflops_vs_n"]} == {100, 1000}
+    # the default neighbour source: landmarks only reweight, and the outputs say so
+    assert lm["landmark_role"]["landmarks_choose_neighbors"] is False
+    assert {r["neighbor_source"] for r in lm["rows"]} == {"layer"}
+    assert "NEIGHBORS affinity" in " ".join(lm["notes"])
+    assert "neighbor_source" in (tmp_path / "landmarks.csv").read_text().splitlines()[0]
     affinity = {r["landmarks"]: r["affinity_gflops"] for r in lm["gflops_vs_n"] if r["N"] == 1000}
     assert affinity[1] < affinity[2] < affinity[5] < affinity["exact"]  # A~ grows with l
     assert [(r["k"], r["mask"]) for r in results["topk"]["rows"]] == [
@@ -156,6 +161,7 @@ def test_every_study_writes_its_three_files(feature_files, tmp_path):
     assert "note" in ipi["n/p=20"] and ipi["n/p=3"]["identities"] == 12
     seeds = results["landmark-seeds"]
     assert len(seeds["rows"]) == 3 and seeds["mAP"]["ci95_half_width"] >= 0
+    assert seeds["landmark_role"]["neighbors"] == "layer"
     tsne = results["tsne"]
     assert len(tsne["identities"]) == 4 and len(tsne["rows"]) == tsne["images"]
     header = (tmp_path / "tsne.csv").read_text().splitlines()[0]
@@ -182,3 +188,17 @@ def test_nformer_study_command_and_user_errors(feature_files, tmp_path, capsys):
     assert "unknown study 'table2'" in capsys.readouterr().err
     assert main(["study", "tsne"] + args[:1] + [str(tmp_path / "no.npz")] + args[2:]) == 2
     assert "feature file not found" in capsys.readouterr().err
+
+
+def test_landmark_role_names_the_mode_where_landmarks_choose_neighbors():
+    from nformer_plugin.app import load_feature_config
+    from nformer_plugin.studies.common import landmark_role
+
+    cfg = load_feature_config("", [])
+    assert landmark_role(cfg)["landmarks_choose_neighbors"] is False  # default: layer
+    cfg.defrost()
+    cfg.MODEL.NFORMER.NEIGHBORS = "affinity"
+    role = landmark_role(cfg)
+    assert role["landmarks_choose_neighbors"] is True and "paper" in role["note"]
+    cfg.MODEL.NFORMER.MASK = "none"  # plain softmax: every row attends everything
+    assert landmark_role(cfg)["landmarks_choose_neighbors"] is False

@@ -130,6 +130,22 @@ class StudyContext:
         return result
 
 
+def landmark_role(cfg) -> Dict[str, object]:
+    """What the landmarks decide under ``cfg`` (issue: studies of l and the landmark seed).
+
+    Under ``NEIGHBORS affinity`` (the paper, literally) each layer's and head's neighbour lists
+    come from A~ of eq. (4), so l and the landmark draw choose *which* neighbours are kept; under
+    ``layer`` / ``input`` the lists come from cosine similarity and A~ only reweights them."""
+    neighbors = str(cfg.MODEL.NFORMER.NEIGHBORS)
+    decides = neighbors == "affinity" and str(cfg.MODEL.NFORMER.MASK) != "none"
+    return {"neighbors": neighbors, "landmarks_choose_neighbors": decides,
+            "note": ("NEIGHBORS affinity: the landmarks choose each row's neighbours (A~ top-k, "
+                     "eq. 6) and weight them - the mode of the paper's claim" if decides else
+                     f"NEIGHBORS {neighbors}: neighbours are chosen by cosine similarity; l and "
+                     "the landmark seed only reweight them (A~ inside the kept set) - run with "
+                     "NEIGHBORS affinity (and STUDY.RETRAIN True) for the paper's claim")}
+
+
 class eval_settings:
     """Context manager: set evaluation-time attributes of an NFormer (and its attention
     blocks), restore them afterwards."""

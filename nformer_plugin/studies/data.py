@@ -7,7 +7,7 @@ import numpy as np
 
 from ..core.retrieval.metrics import l2_normalize
 from ..core.visualize import _pyplot
-from .common import Progress, StudyContext
+from .common import Progress, StudyContext, landmark_role
 from .subsets import images_per_id_subset
 from .tsne import identity_separation, tsne_2d
 
@@ -67,17 +67,19 @@ def landmark_seeds(ctx: StudyContext):
     from scipy import stats
 
     seeds = [int(s) for s in ctx.cfg.STUDY.SEEDS]
+    role = landmark_role(ctx.cfg)
     progress = Progress("landmark-seeds", len(seeds) + 1)
     stage = ctx.model()
     progress.step("NFormer trained (one model; the evaluation landmark seed varies)")
     rows = []
     for seed in seeds:
         m = ctx.evaluate(stage, landmark_seed=seed)
-        rows.append(dict(landmark_seed=seed, **m))
+        rows.append(dict(landmark_seed=seed, neighbor_source=role["neighbors"], **m))
         progress.step(f"seed {seed}: mAP {m['mAP']:.2f}")
     summary: Dict = {"paper": {"market1501_mAP": PAPER_SEEDS, "interval": "91.11 +- 0.02"},
+                     "landmark_role": role,
                      "notes": ["MODEL.NFORMER.LANDMARK_SEED drawn at evaluation; the "
-                               "interval is mean +- t(0.975, n-1) s / sqrt(n)"]}
+                               "interval is mean +- t(0.975, n-1) s / sqrt(n)", role["note"]]}
     for key in ("mAP", "Rank-1"):
         values = np.array([r[key] for r in rows], dtype=float)
         half = (float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1)

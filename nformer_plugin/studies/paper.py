@@ -8,7 +8,7 @@ import torch
 
 from ..core.visualize import _pyplot
 from .affinity import cosine_vs_landmarks
-from .common import Progress, StudyContext
+from .common import Progress, StudyContext, landmark_role
 from .flops import config_flops_kwargs, gflops_per_image, nformer_macs
 
 PAPER_TABLE1 = {"baseline": {"Rank-1": 93.2, "mAP": 83.5, "gflops": None},
@@ -87,6 +87,7 @@ def landmarks(ctx: StudyContext):
     pool = len(ctx.gallery)
     counts = [int(l) for l in c.LANDMARKS if int(l) <= pool]
     retrain = bool(c.RETRAIN)
+    role = landmark_role(ctx.cfg)
     progress = Progress("landmarks", 2 * len(counts) + 2 + (0 if retrain else 1))
     shared = None if retrain else ctx.model()
     if shared is not None:
@@ -101,7 +102,8 @@ def landmarks(ctx: StudyContext):
         cos = cosine_vs_landmarks(stage.nformer, sample, [l], int(c.COS_DRAWS), ctx.seed)[l]
         progress.step(f"l={l}: cos {cos['mean']:.4f}")
         metrics = ctx.evaluate(stage, num_landmarks=l)
-        rows.append(dict(landmarks=l, cos=cos["mean"], cos_per_layer=cos["per_layer"], **metrics,
+        rows.append(dict(landmarks=l, neighbor_source=role["neighbors"], cos=cos["mean"],
+                         cos_per_layer=cos["per_layer"], **metrics,
                          gflops_per_image=_flops(ctx, n, NUM_LANDMARKS=l)["total"]))
         progress.step(f"l={l}: mAP {metrics['mAP']:.2f}")
     exact_stage = shared or ctx.model("exact affinity", EXACT_AFFINITY=True)
@@ -115,7 +117,7 @@ def landmarks(ctx: StudyContext):
     summary = {
         "exact_affinity": exact, "gflops_vs_n": flops_rows, "cos_rows": size,
         "cos_non_decreasing": bool(all(b >= a - 1e-6 for a, b in zip(cos_values, cos_values[1:]))),
-        "shared_model": not retrain,
+        "shared_model": not retrain, "landmark_role": role,
         "paper": {"claim": "cos grows with l toward 1 (0.9962 with all rows); l=5 costs 0.3 mAP "
                            "against the exact affinity (Market 91.1 vs 91.4)"},
         "notes": ["GFLOPs vs N (Fig. 6c): affinity_gflops is the dense A~ (2 N l d + h N^2 l "
@@ -124,7 +126,8 @@ def landmarks(ctx: StudyContext):
                   "cos: per layer on the trained q/k of a gallery sample, mean over heads, layers "
                   "and draws; landmark sets nested across l (supplementary A)"] + (
             [] if retrain else ["one trained model; l and the exact affinity are "
-                                "evaluation-time settings (STUDY.RETRAIN True trains each)"])}
+                                "evaluation-time settings (STUDY.RETRAIN True trains each)"]) + [
+            role["note"]]}
 
     def plot(path):
         plt = _pyplot()
