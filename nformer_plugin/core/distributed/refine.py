@@ -39,7 +39,7 @@ from ..nformer.sparse import landmark_projections
 from ..nformer.ties import canonical_rows, stable_rows
 from ..serving.gallery_state import GalleryLayer, GalleryState
 from ..serving.query_refine import QUERY_CHUNK, QueryPass, query_layer
-from .executor import LocalExecutor, RayExecutor
+from .executor import LocalExecutor, shared_ray_executor
 from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges
 from .shard import GalleryShard, nbytes
@@ -82,7 +82,7 @@ def make_executor(engine: Union[str, Any], address: Optional[str], shards: int):
     if engine == "local":
         return LocalExecutor()
     if engine == "ray":
-        return RayExecutor(address=address, local_cpus=None if address else shards)
+        return shared_ray_executor(address, shards)
     raise ValueError(f"unknown engine {engine!r}; expected 'ray' or 'local'")
 
 
@@ -109,6 +109,8 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
     logger.info("sharded refinement (%s): %d gallery rows over %d shards (%s rows), %d isolated "
                 "queries", executor.name, len(gallery), len(ranges),
                 ", ".join(str(b - a) for a, b in ranges), nq)
+    if hasattr(executor, "reserve"):
+        executor.reserve(len(ranges))
     blocks_ref = executor.put(list(blocks))
     workers = [executor.create(GalleryShard, s, ranges, blocks_ref, settings, threads)
                for s in range(len(ranges))]
@@ -143,10 +145,8 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
         logger.info("sharded refinement: peak memory per worker %s",
                     ", ".join(_size(m) for m in report.peak_memory))
     finally:
-        if hasattr(executor, "kill"):
-            executor.kill(workers)
-        if isinstance(engine, str):
-            executor.shutdown()
+        if hasattr(executor, "release"):
+            executor.release(workers)
     return torch.cat([qp.x for qp in passes] + list(outputs)), report
 
 

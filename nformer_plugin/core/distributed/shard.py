@@ -105,10 +105,6 @@ class GalleryShard:
         """The current layer input of global rows ``ids`` (the landmark rows)."""
         return self.x[ids - self.start]
 
-    def first(self, method: str, *args):
-        """The first part of a per-shard answer (Ray with one shard: one return value)."""
-        return getattr(self, method)(*args)[0]
-
     def output(self) -> Tensor:
         return self.x
 
