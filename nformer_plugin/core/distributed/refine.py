@@ -109,45 +109,64 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
     logger.info("sharded refinement (%s): %d gallery rows over %d shards (%s rows), %d isolated "
                 "queries", executor.name, len(gallery), len(ranges),
                 ", ".join(str(b - a) for a, b in ranges), nq)
-    if hasattr(executor, "reserve"):
-        executor.reserve(len(ranges))
-    blocks_ref = executor.put(list(blocks))
-    workers = [executor.create(GalleryShard, s, ranges, blocks_ref, settings, threads)
-               for s in range(len(ranges))]
+    workers = start_shards(executor, ranges, blocks, settings, threads, gallery)
     try:
-        executor.get([executor.call(w, "load", gallery[a:b]) for w, (a, b) in
-                      zip(workers, ranges)])
         passes = [QueryPass(feats[c].contiguous()) for c in chunks(nq, QUERY_CHUNK)]
-        for i, block in enumerate(blocks):
-            t0 = time.perf_counter()
-            lm = landmarks[i]
-            x_land = None
-            if lm is not None:
-                x_land = gather_rows_of(executor, workers, ranges, (lm - nq).long())
-            gallery_kept, sent = layer_round(executor, workers, i, x_land, len(ranges),
-                                             settings)
-            to_driver = 0 if x_land is None else nbytes(x_land)
-            q_kept = []
-            for qp in passes:
-                to_driver += query_round(executor, workers, ranges, block, i, x_land, qp,
-                                         settings)
-                q_kept.append(qp.kept[i])
-            report.neighbor_stats.append(neighbor_stats(torch.cat(q_kept + [gallery_kept])))
-            report.seconds_per_layer.append(time.perf_counter() - t0)
-            report.bytes_between_shards.append(sent)
-            report.bytes_to_driver.append(to_driver)
-            logger.info("sharded refinement: layer %d of %d in %.2f s, %s between shards, %s "
-                        "to the driver; neighbours kept per row %.2f (mean)", i + 1, len(blocks),
-                        report.seconds_per_layer[-1], _size(sent), _size(to_driver),
-                        report.neighbor_stats[-1].get("mean", float("nan")))
+        gallery_landmarks = [None if lm is None else (lm - nq).long() for lm in landmarks]
+        run_layers(executor, workers, ranges, blocks, gallery_landmarks, settings, passes,
+                   report)
         outputs = executor.get([executor.call(w, "output") for w in workers])
-        report.peak_memory = executor.get([executor.call(w, "peak_memory") for w in workers])
-        logger.info("sharded refinement: peak memory per worker %s",
-                    ", ".join(_size(m) for m in report.peak_memory))
+        finish_report(executor, workers, report)
     finally:
         if hasattr(executor, "release"):
             executor.release(workers)
     return torch.cat([qp.x for qp in passes] + list(outputs)), report
+
+
+def start_shards(executor, ranges: Sequence[Range], blocks: Sequence[nn.Module],
+                 settings: SparseSettings, threads: int, gallery: Tensor,
+                 keep: bool = False) -> list:
+    """One :class:`GalleryShard` per range, each loaded with its gallery rows."""
+    if hasattr(executor, "reserve"):
+        executor.reserve(len(ranges))
+    blocks_ref = executor.put(list(blocks))
+    workers = [executor.create(GalleryShard, s, ranges, blocks_ref, settings, threads, keep)
+               for s in range(len(ranges))]
+    executor.get([executor.call(w, "load", gallery[a:b]) for w, (a, b) in zip(workers, ranges)])
+    return workers
+
+
+def finish_report(executor, workers, report: ShardedReport) -> None:
+    report.peak_memory = executor.get([executor.call(w, "peak_memory") for w in workers])
+    logger.info("sharded refinement: peak memory per worker %s",
+                ", ".join(_size(m) for m in report.peak_memory))
+
+
+def run_layers(executor, workers, ranges: Sequence[Range], blocks: Sequence[nn.Module],
+               landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+               passes: Sequence[QueryPass], report: ShardedReport) -> None:
+    """Every layer: the gallery rounds over the shards, then the query chunks ``passes``
+    against that layer's gallery state. ``landmarks``: per layer, gallery row positions."""
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        x_land, land = None, None
+        if landmarks[i] is not None:
+            x_land = gather_rows_of(executor, workers, ranges, landmarks[i])
+            land = landmark_projections(block.attn, x_land)
+        gallery_kept, sent = layer_round(executor, workers, i, x_land, len(ranges), settings)
+        to_driver = 0 if x_land is None else nbytes(x_land)
+        q_kept = []
+        for qp in passes:
+            to_driver += query_round(executor, workers, ranges, block, i, land, qp, settings)
+            q_kept.append(qp.kept[i])
+        report.neighbor_stats.append(neighbor_stats(torch.cat(q_kept + [gallery_kept])))
+        report.seconds_per_layer.append(time.perf_counter() - t0)
+        report.bytes_between_shards.append(sent)
+        report.bytes_to_driver.append(to_driver)
+        logger.info("sharded refinement: layer %d of %d in %.2f s, %s between shards, %s to "
+                    "the driver; neighbours kept per row %.2f (mean)", i + 1, len(blocks),
+                    report.seconds_per_layer[-1], _size(sent), _size(to_driver),
+                    report.neighbor_stats[-1].get("mean", float("nan")))
 
 
 def _size(n: int) -> str:
@@ -190,7 +209,7 @@ def layer_round(executor, workers, layer: int, x_land: Optional[Tensor], shards:
     return torch.cat([d["kept"] for d in done]), sum(d["sent"] for d in done)
 
 
-def query_vectors(block: nn.Module, x_land: Optional[Tensor], x: Tensor,
+def query_vectors(block: nn.Module, land: Optional[Tuple[Tensor, Tensor]], x: Tensor,
                   settings: SparseSettings, layer: int) -> Optional[List[Tensor]]:
     """The search rows of query rows ``x`` at ``layer``, as ``query_refine.query_layer`` forms
     them (``None``: the ``input`` source after layer 0 keeps its lists)."""
@@ -200,7 +219,7 @@ def query_vectors(block: nn.Module, x_land: Optional[Tensor], x: Tensor,
         q = stable_rows(lambda r: F.linear(r, attn.q_proj.weight, attn.q_proj.bias), x)
         q = q.view(q.shape[0], attn.num_heads, -1).transpose(0, 1)
         if not attn.exact_affinity:
-            _, k_land = landmark_projections(attn, x_land)
+            k_land = land[1]
             q = stable_rows(lambda r: r @ k_land.transpose(-1, -2), q, dim=1)
         return list(q.unbind(0))
     if source == "layer" or layer == 0:
@@ -209,14 +228,15 @@ def query_vectors(block: nn.Module, x_land: Optional[Tensor], x: Tensor,
 
 
 def query_round(executor, workers, ranges: Sequence[Range], block: nn.Module, layer: int,
-                x_land: Optional[Tensor], qp: QueryPass, settings: SparseSettings) -> int:
+                land: Optional[Tuple[Tensor, Tensor]], qp: QueryPass,
+                settings: SparseSettings) -> int:
     """Layer ``layer`` for the isolated query rows of ``qp``: their exact top-k merged over the
     shards, those gallery rows' state fetched, ``query_layer`` against it. Returns the bytes
     fetched."""
-    vectors = query_vectors(block, x_land, qp.x, settings, layer)
+    vectors = query_vectors(block, land, qp.x, settings, layer)
     moved = 0
     if vectors is not None:
-        found = executor.get([executor.call(w, "query_topk", vectors) for w in workers])
+        found = executor.get([executor.call(w, "query_topk", layer, vectors) for w in workers])
         moved += nbytes(found)
         ids = torch.cat([merge_topk([f[g] for f in found], settings.topk)[1].reshape(-1)
                          for g in range(len(vectors))]).unique()  # sorted: the global order
@@ -224,14 +244,15 @@ def query_round(executor, workers, ranges: Sequence[Range], block: nn.Module, la
     ids = qp.shard_rows
     owners = torch.tensor(owner_of(ranges, ids.tolist()))
     wanted = [(s, ids[owners == s]) for s in range(len(ranges)) if bool((owners == s).any())]
-    parts = executor.get([executor.call(workers[s], "gallery_rows", rows) for s, rows in wanted])
+    parts = executor.get([executor.call(workers[s], "gallery_rows", layer, rows)
+                          for s, rows in wanted])
     moved += nbytes(parts)
-    state = mini_state(parts, block, x_land, layer, settings, len(ids))
+    state = mini_state(parts, land, layer, settings, len(ids))
     query_layer(block, state, layer, qp)
     return moved
 
 
-def mini_state(parts: List[dict], block: nn.Module, x_land: Optional[Tensor], layer: int,
+def mini_state(parts: List[dict], land: Optional[Tuple[Tensor, Tensor]], layer: int,
                settings: SparseSettings, rows: int) -> GalleryState:
     """A ``GalleryState`` of the gallery rows a query chunk needs at ``layer`` (in global
     order), for ``query_refine.query_layer``."""
@@ -240,11 +261,8 @@ def mini_state(parts: List[dict], block: nn.Module, x_land: Optional[Tensor], la
             return None
         return torch.cat([p[name] for p in parts], dim=dim)
 
-    attn = block.attn
     gl = GalleryLayer(keys=cat("keys", 1), values=cat("values", 0), queries=cat("queries", 1),
-                      normed=cat("normed", 0), kth=cat("kth", 1))
-    if not attn.exact_affinity:
-        gl.landmark_proj = landmark_projections(attn, x_land)
+                      normed=cat("normed", 0), kth=cat("kth", 1), landmark_proj=land)
     empty = torch.empty(rows, gl.values.shape[1])
     state = GalleryState(inputs=empty, outputs=empty, layers=[None] * layer + [gl],
                          settings=settings, input_normed=cat("input_normed", 0),

@@ -36,6 +36,7 @@ from ..nformer.graphs import (InnerProductSearcher, SparseSettings, _with_self_l
                               certified_search, gather_rows)
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
+from ..serving.gallery_state import GalleryLayer
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
 Range = Tuple[int, int]
@@ -74,10 +75,11 @@ def padded(fn, x: Tensor, whole: bool):
 
 class GalleryShard:
     """Rows ``ranges[shard]`` of a gallery of ``ranges[-1][1]`` rows under ``blocks`` (eval
-    mode) and ``settings`` (exact search). ``threads``: torch threads of this worker."""
+    mode) and ``settings`` (exact search). ``threads``: torch threads of this worker. ``keep``:
+    keep every layer's state (a gallery index), else only the current layer's."""
 
     def __init__(self, shard: int, ranges: Sequence[Range], blocks: Sequence[nn.Module],
-                 settings: SparseSettings, threads: int = 1):
+                 settings: SparseSettings, threads: int = 1, keep: bool = False):
         torch.set_num_threads(max(1, int(threads)))
         self.shard, self.ranges = shard, [tuple(r) for r in ranges]
         self.start, self.stop = self.ranges[shard]
@@ -92,6 +94,10 @@ class GalleryShard:
         self.input_base: Optional[Tensor] = None  # "input": the layer-0 canonical rows
         self.input_kth: Optional[Tensor] = None
         self.sent = 0  # bytes sent to other shards this layer
+        self.keep, self.inputs = keep, None
+        self.layers: Dict[int, GalleryLayer] = {}  # what a query needs, per layer
+        self.land = None  # this layer's landmark projections (eq. 4)
+        self.query_searchers: Dict[tuple, InnerProductSearcher] = {}
 
     # ------------------------------------------------------------------ rows
     def load(self, rows: Tensor) -> int:
@@ -99,6 +105,8 @@ class GalleryShard:
             raise ValueError(f"shard {self.shard}: {rows.shape[0]} rows for range "
                              f"{self.start}..{self.stop}")
         self.x = rows.float().contiguous()
+        if self.keep:
+            self.inputs = self.x
         return rows.shape[0]
 
     def rows(self, ids: Tensor) -> Tensor:
@@ -123,6 +131,7 @@ class GalleryShard:
         self.sent = 0
         attn, chunk = self.blocks[layer].attn, self.settings.chunk_size
         land = None if attn.exact_affinity else landmark_projections(attn, x_land)
+        self.land = land
         heads = attn.num_heads
 
         def proj(r: Tensor):
@@ -269,25 +278,55 @@ class GalleryShard:
         self.x = torch.cat([padded(tail, both[p], whole)[0] for p, whole in
                             grid_pieces(self.start, self.stop, self.total, chunk)])
         self.state.pop("qs")
+        st = self.state
+        self.layers[layer] = GalleryLayer(keys=keys, values=values, landmark_proj=self.land,
+                                          queries=st.get("queries"), normed=st.get("normed"),
+                                          kth=st.get("kth"))
+        if not self.keep:  # only the current layer (the queries pass it next)
+            self.layers = {layer: self.layers[layer]}
+            self.query_searchers = {k: v for k, v in self.query_searchers.items()
+                                    if k[0] in (layer, "input")}
+        self.state = {}
         return dict(kept=kept / heads, sent=self.sent)
 
     # ------------------------------------------------------------------ isolated queries
-    def query_topk(self, vectors: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
-        """Per graph, the exact top-k of query search vectors over this shard's base (the
-        ``input`` source's base after layer 0: the layer-0 canonical input)."""
-        return [self.topk_over_base(g, rows) for g, rows in enumerate(vectors)]
+    def _query_searcher(self, layer: int, g: int) -> Tuple[Tensor, InnerProductSearcher]:
+        """Base ``g`` of ``layer`` as a query searches it (``k~`` of head ``g``, the canonical
+        layer input, or the canonical NFormer input) and its search structure."""
+        source, gl = self.settings.neighbors, self.layers[layer]
+        key = ("input", g) if source == "input" else (layer, g)
+        base = gl.keys[g] if source == "affinity" else (
+            gl.normed if source == "layer" else self.input_base)
+        if key not in self.query_searchers:
+            self.query_searchers[key] = InnerProductSearcher(base, self.settings)
+        return base, self.query_searchers[key]
 
-    def gallery_rows(self, ids: Tensor) -> dict:
-        """What ``query_refine.query_layer`` needs of global rows ``ids`` (this shard's) at the
-        current layer: keys, values, q~ (affinity), canonical rows, k-th scores."""
-        local = ids - self.start
-        out = {}
-        for name, value in self.state.items():
-            if value is None:
-                continue
-            out[name] = value[local] if name in ("values", "normed") else value[:, local]
+    def query_topk(self, layer: int, vectors: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+        """Per graph, the exact top-k (scores, global ids) of query search vectors over this
+        shard's base at ``layer``."""
+        out = []
+        for g, rows in enumerate(vectors):
+            base, searcher = self._query_searcher(layer, g)
+            k = min(self.settings.topk, base.shape[0])
+            scores, idx, _ = certified_search(rows, base, searcher, k, self.settings.chunk_size)
+            out.append((scores, idx + self.start))
+        return out
+
+    def gallery_rows(self, layer: int, ids: Tensor) -> dict:
+        """What ``query_refine.query_layer`` needs of global rows ``ids`` (this shard's) at
+        ``layer``: keys, values, q~ (affinity), canonical rows, k-th scores."""
+        local, gl = ids - self.start, self.layers[layer]
+        out = dict(keys=gl.keys[:, local], values=gl.values[local])
+        for name in ("queries", "kth"):
+            if getattr(gl, name) is not None:
+                out[name] = getattr(gl, name)[:, local]
+        if gl.normed is not None:
+            out["normed"] = gl.normed[local]
         if self.input_base is not None:
             out["input_normed"] = self.input_base[local]
         if self.input_kth is not None:
             out["input_kth"] = self.input_kth[:, local]
         return out
+
+    def landmark_proj(self, layer: int):
+        return self.layers[layer].landmark_proj
