@@ -122,6 +122,63 @@ def test_nformer_refine_engine_ray_writes_the_single_process_features(cluster, t
         assert single.shape == sharded.shape and np.abs(single - sharded).max() <= 1e-6
 
 
+def same_ranking(d1, i1, d2, i2) -> bool:
+    """Equal distances, and the same ids at each distance (ties may come in another order; the
+    last, possibly cut, group is left out)."""
+    if not np.allclose(d1, d2, atol=1e-6):
+        return False
+    for r in range(len(d1)):
+        for value in np.unique(d1[r]):
+            if value != d1[r, -1] and (set(i1[r][d1[r] == value]) != set(i2[r][d2[r] == value])):
+                return False
+    return True
+
+
+def test_ray_sharded_gallery_index_equals_the_single_process_index(cluster, tmp_path):
+    from nformer_plugin import GalleryIndex
+    from nformer_plugin.core.distributed import ShardedGalleryIndex
+    from nformer_plugin.core.nformer import NFormerStage
+
+    gallery, queries = tricky_world(500, 30, seed=6)
+    stage = NFormerStage(make_model(), 10).eval()
+    ids = np.arange(1000, 1500)
+    single = GalleryIndex.build(stage, gallery, ids=ids)
+    sharded = ShardedGalleryIndex.build(stage, gallery, ids=ids, shards=3,
+                                        shard_sizes=[120, 5, 375], engine=cluster)
+    assert torch.equal(single.refine(queries), sharded.refine(queries))
+    assert torch.equal(single.refine(queries[:1]), sharded.refine(queries[:1]))  # one query
+    assert same_ranking(*single.search(queries, 20), *sharded.search(queries, 20))
+    sharded.save(str(tmp_path / "index"))
+    sharded.close()
+    assert sorted(os.listdir(tmp_path / "index")) == ["shard-000", "shard-001", "shard-002",
+                                                      "sharded.json"]
+    loaded = ShardedGalleryIndex.load(str(tmp_path / "index"), engine=cluster)
+    assert torch.equal(single.refine(queries), loaded.refine(queries))
+    assert np.array_equal(loaded.ids, ids) and loaded.ranges == [(0, 120), (120, 125), (125, 500)]
+    loaded.close()
+    with pytest.raises(ValueError, match="a sharded gallery index"):
+        GalleryIndex.load(str(tmp_path / "index"))
+    with pytest.raises(ValueError, match="layout 'shard'"):
+        GalleryIndex.load(str(tmp_path / "index" / "shard-001"))
+    single.save(str(tmp_path / "single"))
+    with pytest.raises(ValueError, match="single-process gallery index"):
+        ShardedGalleryIndex.load(str(tmp_path / "single"), engine=cluster)
+
+
+@pytest.mark.parametrize("neighbors", ["affinity", "input"])
+def test_local_sharded_index_other_sources(neighbors):
+    from nformer_plugin import GalleryIndex
+    from nformer_plugin.core.distributed import ShardedGalleryIndex
+
+    gallery, queries = tricky_world(300, 12, seed=7)
+    model = make_model(neighbors=neighbors)
+    single = GalleryIndex.build(model, gallery, metric="euclidean")
+    sharded = ShardedGalleryIndex.build(model, gallery, metric="euclidean", shards=2,
+                                        shard_sizes=[77, 223], engine="local")
+    assert torch.equal(single.refine(queries), sharded.refine(queries))
+    assert same_ranking(*single.search(queries, 10), *sharded.search(queries, 10))
+
+
 # ----------------------------------------------------------------------------- in process
 @pytest.mark.parametrize("neighbors", ["layer", "affinity", "input"])
 @pytest.mark.parametrize("mask", ["reciprocal", "topk"])

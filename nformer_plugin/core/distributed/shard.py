@@ -73,6 +73,16 @@ def padded(fn, x: Tensor, whole: bool):
     return tuple(t.narrow(-2, 0, x.shape[0]) for t in fn(pad))
 
 
+def without_grad(cls):
+    """Every public method of ``cls`` under ``torch.no_grad`` (inference only, on any thread
+    a worker runs it)."""
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("_"):
+            setattr(cls, name, torch.no_grad()(fn))
+    return cls
+
+
+@without_grad
 class GalleryShard:
     """Rows ``ranges[shard]`` of a gallery of ``ranges[-1][1]`` rows under ``blocks`` (eval
     mode) and ``settings`` (exact search). ``threads``: torch threads of this worker. ``keep``:
