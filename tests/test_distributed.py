@@ -179,6 +179,33 @@ def test_local_sharded_index_other_sources(neighbors):
     assert same_ranking(*single.search(queries, 10), *sharded.search(queries, 10))
 
 
+def test_nformer_index_build_and_query_engine_ray(cluster, tmp_path):
+    import json
+
+    from nformer_plugin.app import build_stage, load_feature_config, save_stage
+    from nformer_plugin.cli import main
+
+    paths, _ = write_feature_files(tmp_path, 50, 6, 10, seed=8, names=("train", "q", "g"))
+    cfg = load_feature_config(opts=["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM",
+                                    "64", "MODEL.NFORMER.TOPK", "8", "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    weights = save_stage(str(tmp_path / "model"), build_stage(cfg, 32, 10).eval(), cfg, 32)
+    answers = {}
+    for engine in ("single", "ray"):
+        idx, out = str(tmp_path / f"idx-{engine}"), str(tmp_path / f"{engine}.json")
+        assert main(["index", "build", "--weights", weights, "--gallery", paths["g"],
+                     "--output", idx, "--engine", engine, "--shards", "2"]) == 0
+        assert main(["index", "query", "--index", idx, "--query", paths["q"], "--topk", "5",
+                     "--output-json", out]) == 0
+        with open(out) as f:
+            answers[engine] = json.load(f)["queries"]
+    assert os.path.isfile(tmp_path / "idx-ray" / "sharded.json")
+    for single, sharded in zip(answers["single"], answers["ray"]):
+        assert np.allclose(single["distances"], sharded["distances"], atol=1e-6)
+        assert same_ranking(np.array([single["distances"]]), np.array([single["ids"]]),
+                            np.array([sharded["distances"]]), np.array([sharded["ids"]]))
+
+
 # ----------------------------------------------------------------------------- in process
 @pytest.mark.parametrize("neighbors", ["layer", "affinity", "input"])
 @pytest.mark.parametrize("mask", ["reciprocal", "topk"])

@@ -8,8 +8,9 @@ stage's BNNeck as ``NFormerStage.refine`` applies it).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,3 +88,53 @@ def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet
     out, _ = refine_nformer_sharded(stage.nformer, feats, len(query), options)
     stage.eval()
     return stage.refine(out, len(query), bypass_nformer=True).cpu().numpy()
+
+
+def is_sharded_index(directory: str) -> bool:
+    """Whether ``directory`` holds a sharded gallery index (its ``sharded.json``)."""
+    from ..core.serving.persistence import SHARDED_MANIFEST
+
+    return os.path.isfile(os.path.join(directory, SHARDED_MANIFEST))
+
+
+def build_sharded_index_file(weights: str, gallery_path: str, output: str,
+                             options: EngineOptions, opts: Sequence[str] = ()):
+    """``nformer index build --engine ray``: the gallery file's index over ``options.shards``
+    Ray workers, saved to ``output`` (one folder per shard and ``sharded.json``)."""
+    from ..core.distributed import ShardedGalleryIndex
+    from ..core.writable import check_writable
+    from .serving import labels_of, read_index_features
+    from .stage import load_stage
+
+    options.check()
+    check_writable(output, what="--output")
+    loaded = load_stage(weights, opts)
+    gallery = read_index_features(gallery_path)
+    index = ShardedGalleryIndex.build(loaded.stage, gallery.feats, gallery.ids,
+                                      metric=loaded.cfg.TEST.METRIC, labels=labels_of(gallery),
+                                      shards=options.shards, engine="ray",
+                                      address=options.address, threads=options.threads)
+    try:
+        index.save(output)
+    finally:
+        index.close()
+    return index
+
+
+def query_sharded_index_file(directory: str, query: FeatureSet, topk: int,
+                             options: EngineOptions) -> Dict:
+    """``nformer index query`` of a sharded index: ``{"topk", "metric", "queries": [{"ids",
+    "distances"}]}`` (ranked ids only: no paths, metrics or page from a sharded index yet)."""
+    from ..core.distributed import ShardedGalleryIndex
+
+    options.check()
+    if topk < 1:
+        raise ValueError(f"--topk must be a positive integer, got {topk}")
+    index = ShardedGalleryIndex.load(directory, engine="ray", address=options.address,
+                                     threads=options.threads)
+    try:
+        dist, ids = index.search(query.feats, min(topk, len(index)))
+    finally:
+        index.close()
+    return {"topk": int(ids.shape[1]), "metric": index.metric, "sharded": len(index.ranges),
+            "queries": [{"ids": i.tolist(), "distances": d.tolist()} for i, d in zip(ids, dist)]}
