@@ -58,7 +58,8 @@ class ShardedReport:
     seconds_per_layer: List[float] = field(default_factory=list)
     bytes_between_shards: List[int] = field(default_factory=list)
     bytes_to_driver: List[int] = field(default_factory=list)
-    peak_memory: List[int] = field(default_factory=list)
+    peak_memory: List[int] = field(default_factory=list)  # per worker, bytes
+    baseline_memory: List[int] = field(default_factory=list)  # per worker before its rows
     neighbor_stats: List[Dict[str, float]] = field(default_factory=list)
 
 
@@ -137,9 +138,11 @@ def start_shards(executor, ranges: Sequence[Range], blocks: Sequence[nn.Module],
 
 
 def finish_report(executor, workers, report: ShardedReport) -> None:
-    report.peak_memory = executor.get([executor.call(w, "peak_memory") for w in workers])
-    logger.info("sharded refinement: peak memory per worker %s",
-                ", ".join(_size(m) for m in report.peak_memory))
+    memory = executor.get([executor.call(w, "peak_memory") for w in workers])
+    report.peak_memory, report.baseline_memory = [m[0] for m in memory], [m[1] for m in memory]
+    logger.info("sharded refinement: peak memory per worker %s (at start %s)",
+                ", ".join(_size(m) for m in report.peak_memory),
+                ", ".join(_size(m) for m in report.baseline_memory))
 
 
 def run_layers(executor, workers, ranges: Sequence[Range], blocks: Sequence[nn.Module],

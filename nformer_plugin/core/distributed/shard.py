@@ -73,6 +73,27 @@ def padded(fn, x: Tensor, whole: bool):
     return tuple(t.narrow(-2, 0, x.shape[0]) for t in fn(pad))
 
 
+def _status_bytes(field: str) -> Optional[int]:
+    """``VmRSS`` / ``VmHWM`` of ``/proc/self/status`` in bytes (``None`` off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0), so the peak is this shard's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def without_grad(cls):
     """Every public method of ``cls`` under ``torch.no_grad`` (inference only, on any thread
     a worker runs it)."""
@@ -91,6 +112,8 @@ class GalleryShard:
     def __init__(self, shard: int, ranges: Sequence[Range], blocks: Sequence[nn.Module],
                  settings: SparseSettings, threads: int = 1, keep: bool = False):
         torch.set_num_threads(max(1, int(threads)))
+        _reset_peak()
+        self.baseline_rss = _status_bytes("VmRSS") or 0
         self.shard, self.ranges = shard, [tuple(r) for r in ranges]
         self.start, self.stop = self.ranges[shard]
         self.total = self.ranges[-1][1]
@@ -126,9 +149,15 @@ class GalleryShard:
     def output(self) -> Tensor:
         return self.x
 
-    def peak_memory(self) -> int:
-        """Peak resident memory of this worker process, bytes (Linux ``ru_maxrss`` is KiB)."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def peak_memory(self) -> Tuple[int, int]:
+        """``(peak, baseline)`` resident memory of this worker process in bytes: the peak since
+        this shard was created (Linux ``VmHWM``, reset then where the kernel allows it, else
+        the process's lifetime peak) and the resident memory at creation (the process with
+        torch, faiss and the model loaded, before the shard's rows)."""
+        peak = _status_bytes("VmHWM")
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, self.baseline_rss
 
     def _count(self, parts: Sequence, skip_self: bool = True) -> None:
         self.sent += sum(nbytes(p) for t, p in enumerate(parts) if t != self.shard or
