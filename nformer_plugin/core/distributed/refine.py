@@ -196,7 +196,8 @@ def layer_round(executor, workers, layer: int, x_land: Optional[Tensor], shards:
     graphs = executor.get([executor.call(w, "project", layer, x_land) for w in workers])
     if graphs[0]:
         published = [executor.call(w, "publish") for w in workers]
-        parts = [executor.scatter(w, "local_topk", *published, shards=shards) for w in workers]
+        parts = [[executor.call(w, "topk_for", t, pub) for t, pub in enumerate(published)]
+                 for w in workers]  # parts[s][t]: shard t's rows over shard s's rows
         codes = [executor.scatter(w, "merge", *[p[t] for p in parts], shards=shards)
                  for t, w in enumerate(workers)]
         if settings.mask == "reciprocal":

@@ -7,8 +7,9 @@ Per layer (``refine.refine_sharded`` drives the rounds):
    and ``v`` of the shard's rows; the search rows of the layer's graphs (per head ``q~`` over
    ``k~`` for ``neighbors="affinity"``, the canonical layer input for ``"layer"``, the canonical
    NFormer input once for ``"input"``);
-2. :meth:`publish` / :meth:`local_topk`: every shard searches every row's search vector over
-   its own base - the exact local top-k (``ties.certified_topk``), global indices;
+2. :meth:`publish` / :meth:`topk_for`: every shard searches every row's search vector over
+   its own base, one source shard at a time - the exact local top-k (``ties.certified_topk``),
+   global indices;
 3. :meth:`merge`: each shard merges the lists of its own rows over all shards
    (``merge.merge_topk``: the single process's top-k, ties included) and, for the reciprocal
    mask, sends "``j`` lists ``i``" codes to the owners of the listed rows; :meth:`reciprocal`
@@ -217,10 +218,12 @@ class GalleryShard:
                                           self.settings.chunk_size)
         return scores, idx + self.start
 
-    def local_topk(self, *published: List[Tensor]) -> List[list]:
-        """Per destination shard, per graph: its rows' exact top-k over this shard's rows."""
-        out = [[self.topk_over_base(g, rows) for g, rows in enumerate(pub)] for pub in published]
-        self._count(out)
+    def topk_for(self, source: int, rows: List[Tensor]) -> list:
+        """Per graph, the exact top-k over this shard's rows of the search rows of shard
+        ``source`` (one source shard per call: a worker holds one shard's rows at a time)."""
+        out = [self.topk_over_base(g, r) for g, r in enumerate(rows)]
+        if source != self.shard:
+            self.sent += nbytes(out)
         return out
 
     # ------------------------------------------------------------------ 3. merge, eq. (7)
