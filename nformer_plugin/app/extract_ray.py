@@ -29,15 +29,13 @@ class BatchExtractor:
     def __init__(self, cfg, paths: Sequence[str], threads: int = 1):
         import torch
 
-        from ..fastreid_ext.extract import build_feature_model, flip_test
+        from ..fastreid_ext.extract import build_feature_model, flip_test, test_transforms
 
         torch.set_num_threads(max(1, int(threads)))
-        from fastreid.data.transforms import build_transforms  # noqa: the extractor's own
-
         self.model = build_feature_model(cfg)
         self.flip = flip_test(cfg)
         self.paths = list(paths)
-        self.transform = build_transforms(cfg, is_train=False)
+        self.transform = test_transforms(cfg)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         from ..fastreid_ext.extract import ImageFiles, batch_features, collate_images
