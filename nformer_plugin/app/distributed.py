@@ -87,7 +87,8 @@ def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet
                                                   dtype=np.float32))
     out, _ = refine_nformer_sharded(stage.nformer, feats, len(query), options)
     stage.eval()
-    return stage.refine(out, len(query), bypass_nformer=True).cpu().numpy()
+    device = next(stage.parameters()).device  # the BNNeck where the stage lives
+    return stage.refine(out.to(device), len(query), bypass_nformer=True).cpu().numpy()
 
 
 def is_sharded_index(directory: str) -> bool:
@@ -110,7 +111,7 @@ def build_sharded_index_file(weights: str, gallery_path: str, output: str,
     check_writable(output, what="--output")
     loaded = load_stage(weights, opts)
     gallery = read_index_features(gallery_path)
-    index = ShardedGalleryIndex.build(loaded.stage, gallery.feats, gallery.ids,
+    index = ShardedGalleryIndex.build(loaded.stage.cpu(), gallery.feats, gallery.ids,
                                       metric=loaded.cfg.TEST.METRIC, labels=labels_of(gallery),
                                       shards=options.shards, engine="ray",
                                       address=options.address, threads=options.threads)

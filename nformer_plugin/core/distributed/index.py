@@ -63,6 +63,9 @@ class ShardedGalleryIndex:
         ``"ray"`` at ``address`` or a local cluster; ``"local"``: in this process)."""
         nformer, head = split_model(model)
         check_servable(nformer, head)
+        if next(nformer.parameters()).device.type != "cpu":
+            raise ValueError("ShardedGalleryIndex runs its shards on the CPU: pass the model on "
+                             "the CPU (model.cpu())")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         inputs = as_features(gallery_feats, nformer.dim, "gallery features", torch.device("cpu"))

@@ -100,6 +100,7 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
 
     Returns the refined (N, d) (queries first) and a :class:`ShardedReport`."""
     nq, feats = num_query, feats.detach().float().cpu().contiguous()
+    blocks = cpu_blocks(blocks)
     gallery = feats[nq:]
     ranges = shard_ranges(len(gallery), shards, shard_sizes)
     settings = sharded_settings(settings)
@@ -170,6 +171,15 @@ def run_layers(executor, workers, ranges: Sequence[Range], blocks: Sequence[nn.M
                     "the driver; neighbours kept per row %.2f (mean)", i + 1, len(blocks),
                     report.seconds_per_layer[-1], _size(sent), _size(to_driver),
                     report.neighbor_stats[-1].get("mean", float("nan")))
+
+
+def cpu_blocks(blocks: Sequence[nn.Module]) -> List[nn.Module]:
+    """The blocks as the shards run them: on the CPU (copies of blocks held on a GPU; the
+    shards' searches and aggregation are CPU code)."""
+    import copy
+
+    return [b if all(p.device.type == "cpu" for p in b.parameters())
+            else copy.deepcopy(b).cpu() for b in blocks]
 
 
 def _size(n: int) -> str:
