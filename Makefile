@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PAIR)
-	$(PIP) install -q -e ".[dev,$(FAISS_EXTRA)]"
+	$(PIP) install -q -e ".[dev,$(FAISS_EXTRA),distributed]"
 	$(PIP) install -q --no-deps $(FASTREID)
 	@touch $(STAMP)
 

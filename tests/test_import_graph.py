@@ -14,9 +14,10 @@ PACKAGE = "nformer_plugin"
 #: wrappers that call them (``console``)
 COMMANDS = ("nformer_plugin.cli", "nformer_plugin.fastreid_ext.train_net", "nformer_plugin.console")
 #: third-party libraries ``core`` may import: the numeric stack, and for its PNGs / tables /
-#: progress bars only, matplotlib, PIL, tabulate and tqdm (never yacs, FastReID, scikit-learn)
+#: progress bars only, matplotlib, PIL, tabulate and tqdm (never yacs, FastReID, scikit-learn);
+#: ray for ``core.distributed`` only (lazily, an optional extra)
 CORE_LIBRARIES = {"torch", "torchvision", "numpy", "scipy", "faiss",
-                  "matplotlib", "PIL", "tabulate", "tqdm"}
+                  "matplotlib", "PIL", "tabulate", "tqdm", "ray"}
 STDLIB = set(getattr(sys, "stdlib_module_names", ())) | {"__future__"}
 
 

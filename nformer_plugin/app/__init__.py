@@ -12,7 +12,10 @@ demand, not here), to build the image model; it never imports a command module.
 * ``serving``: :func:`index_from_weights` and the files of ``nformer index`` (labels optional;
   queries / additions straight from images, the ranked-list page, removal by id or path);
 * ``extract``: :func:`extract.extract` (person crops -> a feature file; needs FastReID);
-* ``export``: :func:`export.export` (the test-time feature extractor -> ONNX / TorchScript).
+* ``export``: :func:`export.export` (the test-time feature extractor -> ONNX / TorchScript);
+* ``distributed``: the ``--engine ray`` glue (``EngineOptions``, refinement and the sharded index
+  over ``core.distributed``; imported on demand, Ray optional); ``extract_ray``: ``nformer
+  extract --engine ray`` on Ray Data (imported on demand).
 """
 from .config import load_feature_config
 from .evaluation import evaluate_and_write, evaluate_pipelines, export_features, refine_pair

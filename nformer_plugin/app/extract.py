@@ -74,10 +74,22 @@ def fingerprint(paths: Sequence[str], cfg, shard_size: int) -> str:
 def extract(config_file: str, images: str, output: str, opts: Sequence[str] = (),
             id_regex: str = "", strict: bool = False, batch_size: int = 0,
             num_workers: int = -1, shard_size: int = 10000, progress: bool = True,
-            cfg=None) -> ExtractResult:
+            cfg=None, engine: str = "single", workers: int = 2, address: str = "",
+            threads: int = 1) -> ExtractResult:
     """Extract the features of ``images`` into ``output`` (see the module docstring).
-    ``batch_size`` 0 / ``num_workers`` -1: ``TEST.IMS_PER_BATCH`` / ``DATALOADER.NUM_WORKERS``."""
+    ``batch_size`` 0 / ``num_workers`` -1: ``TEST.IMS_PER_BATCH`` / ``DATALOADER.NUM_WORKERS``.
+    ``engine="ray"``: the batches on ``workers`` Ray Data actors (``app.extract_ray``; at
+    ``address`` or a local cluster), ``threads`` torch threads each; same shards, same file."""
     require_fastreid("nformer extract")
+    if engine not in ("single", "ray"):
+        raise ValueError(f"unknown engine {engine!r}; expected 'single' or 'ray'")
+    if engine == "ray":
+        from ..core.distributed.executor import require_ray
+
+        try:
+            require_ray()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
     from ..core.feature_shards import ShardedFeatures
     from ..core.image_inputs import labels_from_names, list_images
     from ..fastreid_ext.extract import batch_features, build_feature_model, flip_test, image_loader
@@ -91,6 +103,9 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     num_workers = cfg.DATALOADER.NUM_WORKERS if num_workers < 0 else num_workers
     shards = ShardedFeatures(output, paths, shard_size, fingerprint(paths, cfg, shard_size))
     pending = shards.prepare()
+    if engine == "ray":
+        return _extract_with_ray(cfg, paths, shards, pending, batch_size, workers, strict,
+                                 address, threads, output, pids, camids, layout, progress)
     model = build_feature_model(cfg)
     flip = flip_test(cfg)
     logger.info("Extracting %d images (%d shard(s) of %d, %d to do) with %s, flip %s, batch %d",
@@ -137,6 +152,31 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     if listed > MAX_LISTED:
         logger.warning("... %d more unreadable images skipped (listed in the file's 'skipped' "
                        "array)", listed - MAX_LISTED)
+    return ExtractResult(output, len(paths), merged["rows"], merged["dim"], layout,
+                         time.perf_counter() - started,
+                         list(zip(merged["skipped"], merged["reasons"])),
+                         shards.num_shards - len(pending), len(paths) - done)
+
+
+def _extract_with_ray(cfg, paths, shards, pending, batch_size, workers, strict, address,
+                      threads, output, pids, camids, layout, progress) -> ExtractResult:
+    """:func:`extract` with the pending shards on Ray Data (``app.extract_ray``)."""
+    from .extract_ray import extract_shards_with_ray
+
+    done = sum(len(shards.shard_rows(i)) for i in range(shards.num_shards) if i not in pending)
+    bar = _progress_bar(len(paths), done, progress)
+    started = time.perf_counter()
+    try:
+        skipped = extract_shards_with_ray(cfg, paths, shards, pending, batch_size, workers,
+                                          strict, address or None, threads, bar.update)
+    finally:
+        bar.close()
+    for path, reason in skipped[:MAX_LISTED]:
+        logger.warning("skipped unreadable image %s (%s)", path, reason)
+    per_item = {"pids": pids, "camids": camids} if pids is not None else {}
+    extra = {"extractor_config": np.asarray(cfg.dump()),
+             "extractor_weights": np.asarray(os.path.abspath(cfg.MODEL.WEIGHTS))}
+    merged = shards.merge(extra, per_item)
     return ExtractResult(output, len(paths), merged["rows"], merged["dim"], layout,
                          time.perf_counter() - started,
                          list(zip(merged["skipped"], merged["reasons"])),

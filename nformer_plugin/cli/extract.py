@@ -2,12 +2,14 @@
 
     nformer extract --config-file CFG --images DIR|GLOB|LIST.txt --output FILE.npz
                     [--id-regex RE] [--strict] [--batch-size N] [--num-workers N]
-                    [--shard-size N] [--no-progress] [KEY VALUE ...]
+                    [--shard-size N] [--no-progress] [--engine ray [--workers N]
+                    [--address ADDR]] [KEY VALUE ...]
 
 ``MODEL.WEIGHTS`` among the overrides names the trained model, as in ``fastreid-train
 --eval-only``. The file holds ``feats``, ``paths`` (absolute), ``skipped`` (unreadable images)
 and, when every file name follows a known layout (Market-1501 / DukeMTMC / MSMT17) or
-``--id-regex``, ``pids`` and ``camids``.
+``--id-regex``, ``pids`` and ``camids``. ``--engine ray`` runs the batches on Ray Data
+(``--workers`` actors, a GPU each when ``MODEL.DEVICE`` is cuda) into the same shards and file.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def cmd_extract(args) -> int:
 
     result = extract(args.config_file, args.images, args.output, args.opts, args.id_regex,
                      args.strict, args.batch_size, args.num_workers, args.shard_size,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, engine=args.engine, workers=args.workers,
+                     address=args.address, threads=max(1, args.threads))
     rate = result.processed / max(result.seconds, 1e-9)
     labels = (f"pids / camids from {result.layout} file names" if result.layout
               else "no labels (file names follow no known layout)")
@@ -59,4 +62,9 @@ def add_extract_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=10000,
                    help="images per shard (the unit of resuming)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("single", "ray"), default="single",
+                   help="ray: the batches on Ray Data workers (pip install "
+                        "'nformer-fastreid[distributed]')")
+    p.add_argument("--workers", type=int, default=2, help="Ray Data extractor actors")
+    p.add_argument("--address", default="", help="Ray cluster address (default: local)")
     p.set_defaults(func=cmd_extract)

@@ -5,6 +5,7 @@
     nformer eval   --weights DIR/model_final.pth --query Q.npz --gallery G.npz [--rerank]
                    [--output-json FILE] [KEY VALUE ...]
     nformer refine --weights DIR/model_final.pth --query Q.npz --gallery G.npz --output-dir DIR
+                   [--engine ray [--address ADDR] [--shards S]]
 
 Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``camids`` (N);
 ``refine`` (and ``report``, ``index``) also take files without ``pids`` / ``camids``.
@@ -56,17 +57,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_refine(args) -> int:
-    from ..app.evaluation import export_features, refine_pair
+    from ..app.distributed import EngineOptions, refine_pair_with
+    from ..app.evaluation import export_features
     from ..app.features import load_query_gallery
     from ..app.stage import load_stage
 
+    options = EngineOptions(args.engine, args.address or None, args.shards,
+                            threads=max(1, args.threads))
+    options.check()
     stage, _, dim = load_stage(args.weights, args.opts)
     query, gallery = load_query_gallery(args.query, args.gallery, dim,
                                         require_labels=False)  # nothing is scored
-    export_features(args.output_dir, query, gallery, refine_pair(stage, query, gallery),
-                    inputs=False)
+    export_features(args.output_dir, query, gallery,
+                    refine_pair_with(stage, query, gallery, options), inputs=False)
     print(f"Refined features written to {args.output_dir}")
     return 0
+
+
+def add_engine_arguments(p) -> None:
+    """``--engine / --address / --shards`` (refinement beyond one machine, README)."""
+    p.add_argument("--engine", choices=("single", "ray"), default="single",
+                   help="single: this process (default); ray: the gallery sharded over Ray "
+                        "workers (pip install 'nformer-fastreid[distributed]')")
+    p.add_argument("--address", default="",
+                   help="Ray cluster address (e.g. auto); default: a local cluster")
+    p.add_argument("--shards", type=int, default=2, help="gallery shards (Ray workers)")
 
 
 def add_feature_parsers(sub) -> None:
@@ -94,4 +109,5 @@ def add_feature_parsers(sub) -> None:
             p.add_argument("--output-json", default="", help="write the metrics as JSON")
         else:
             p.add_argument("--output-dir", required=True, help="folder for *_refined.npz")
+            add_engine_arguments(p)
         p.set_defaults(func=func)

@@ -1,6 +1,7 @@
 """``nformer index``: a persistent NFormer gallery index (``core.serving.GalleryIndex``).
 
     nformer index build  --weights DIR/model_final.pth --gallery G.npz --output IDX [KEY VALUE ...]
+                         [--engine ray [--shards S] [--address ADDR]]
     nformer index add    --index IDX --gallery NEW.npz|--images DIR [--weights W]
     nformer index query  --index IDX --query Q.npz|--images DIR [--topk 100] [--output-json F]
                          [--report DIR] [--weights W] [--config-file CFG] [KEY VALUE ...]
@@ -14,7 +15,10 @@ labels in both the index and the query file, ``query`` also prints the metrics t
 ``nformer eval`` for the same files (the same refined features, the same evaluator). ``--weights``
 checks that the index was built with that model. The index records the sha256 of every gallery
 file it holds: ``add`` of a file already in it adds nothing, so rerunning a killed ``add`` (or
-``build``) finishes it. The work is ``app.serving``'s.
+``build``) finishes it. ``build --engine ray`` writes a sharded index (one folder per shard,
+``sharded.json``); ``query`` of it runs on Ray and answers ranked ids and distances only
+(``add`` / ``remove`` / ``--report`` / metrics are single-process). The work is
+``app.serving``'s (``app.distributed``'s for the sharded index).
 """
 from __future__ import annotations
 
@@ -29,9 +33,25 @@ FORMATS = """\
 """
 
 
+def _engine(args):
+    from ..app.distributed import EngineOptions
+
+    return EngineOptions(getattr(args, "engine", "single"), getattr(args, "address", "") or None,
+                         getattr(args, "shards", 2))
+
+
 def cmd_build(args) -> int:
     from ..app.serving import build_index_file
 
+    options = _engine(args)
+    if options.engine == "ray":
+        from ..app.distributed import build_sharded_index_file
+
+        index = build_sharded_index_file(args.weights, args.gallery, args.output, options,
+                                         args.opts)
+        print(f"Sharded gallery index of {len(index)} items ({len(index.ranges)} shards) "
+              f"written to {args.output}")
+        return 0
     index = build_index_file(args.weights, args.gallery, args.output, args.opts)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
@@ -71,6 +91,10 @@ def cmd_query(args) -> int:
 
     if args.topk < 1:
         raise ValueError(f"--topk must be a positive integer, got {args.topk}")
+    from ..app.distributed import EngineOptions, is_sharded_index
+
+    if is_sharded_index(args.index):
+        return _query_sharded(args, EngineOptions("ray", args.address or None))
     index = open_index(args.index, args.weights)
     query = _inputs(args, index, args.query)
     report = query_index(index, query, args.topk)
@@ -85,6 +109,24 @@ def cmd_query(args) -> int:
         print(f"Ranked ids written to {args.output_json}")
     if args.report:
         print(f"Report page written to {write_query_page(index, query, dist, ids, args.report)}")
+    return 0
+
+
+def _query_sharded(args, options) -> int:
+    from ..app.distributed import query_sharded_index_file
+    from ..app.serving import read_index_features
+    from ..core.io import save_text
+
+    if args.images or args.report or args.weights:
+        raise ValueError("a sharded index answers --query files with ranked ids only (no "
+                         "--images, --report or --weights yet)")
+    report = query_sharded_index_file(args.index, read_index_features(args.query), args.topk,
+                                      options)
+    print(f"{len(report['queries'])} queries searched in the sharded index at {args.index} "
+          f"({report['sharded']} shards; ranked ids only)")
+    if args.output_json:
+        save_text(json.dumps(report), args.output_json)
+        print(f"Ranked ids written to {args.output_json}")
     return 0
 
 
@@ -111,6 +153,11 @@ def add_index_parser(subparsers) -> None:
     p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
     p.add_argument("--gallery", required=True, help="G.npz")
     p.add_argument("--output", required=True, help="index directory")
+    p.add_argument("--engine", choices=("single", "ray"), default="single",
+                   help="ray: a sharded index over Ray workers (pip install "
+                        "'nformer-fastreid[distributed]')")
+    p.add_argument("--shards", type=int, default=2, help="gallery shards (--engine ray)")
+    p.add_argument("--address", default="", help="Ray cluster address (default: local)")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("add", help="add gallery items to an index", epilog=FORMATS,
                        formatter_class=fmt)
@@ -124,6 +171,7 @@ def add_index_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=100, help="gallery items returned per query")
     p.add_argument("--output-json", default="", help="write ranked ids and distances as JSON")
     p.add_argument("--report", default="", help="write the ranked-list page to this folder")
+    p.add_argument("--address", default="", help="Ray cluster address for a sharded index")
     p.set_defaults(func=cmd_query)
     p = sub.add_parser("remove", help="remove gallery items by id or image path",
                        epilog=FORMATS, formatter_class=fmt)

@@ -92,6 +92,14 @@ def image_loader(cfg, paths: Sequence[str], rows: Sequence[int], batch_size: int
                       collate_fn=collate_images, pin_memory=uses_cuda(cfg))
 
 
+def test_transforms(cfg):
+    """FastReID's test transforms of ``cfg`` (what :func:`image_loader` applies; the Ray
+    extraction's workers read their batches with them, ``app.extract_ray``)."""
+    from fastreid.data.transforms import build_transforms
+
+    return build_transforms(cfg, is_train=False)
+
+
 @torch.no_grad()
 def batch_features(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
     """:func:`test_time_features` of an image batch, as float32 on the CPU."""

@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 FILES = ("arrays.npz", "model.pth", "search.faiss")
 RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth")
+SHARDED_MANIFEST = "sharded.json"  # a sharded index's folder (core.distributed.index)
 
 
 ARCHITECTURE = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
@@ -116,11 +117,14 @@ def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
 
 
 def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metric: str,
-                 search, sources: Sequence[str] = (), meta: Optional[dict] = None) -> str:
+                 search, sources: Sequence[str] = (), meta: Optional[dict] = None,
+                 layout: str = "single") -> str:
     """Write the served ``gallery`` of ``model`` with its faiss ``search`` index to
     ``directory`` atomically (see the module docstring); returns it. ``sources``: the sha256 of
     the gallery files the index holds (``file_sha256``), recorded in the manifest; ``meta``
-    (JSON): what the index was built from (e.g. the extractor of its gallery file)."""
+    (JSON): what the index was built from (e.g. the extractor of its gallery file).
+    ``layout``: ``"single"`` (a whole index, the default) or ``"shard"`` (one shard's rows of a
+    ``core.distributed`` sharded index)."""
     import faiss
 
     nformer, head = split_model(model)
@@ -139,7 +143,8 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
     faiss.write_index(search, os.path.join(tmp, "search.faiss"))
     _crash_point("search.faiss")
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "weights_sha256": weights_hash(
+        "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
+        "weights_sha256": weights_hash(
             model), "model_config": model_config(nformer), "metric": metric,
         "num_items": len(gallery), "dim": nformer.dim, "num_layers": nformer.num_layers,
         "sources": list(sources),  # sha256 of the gallery files built / added
@@ -162,6 +167,10 @@ def read_manifest(directory: str) -> tuple:
     """``(version folder, manifest)``, every file's checksum verified."""
     current = os.path.join(directory, "CURRENT")
     if not os.path.isfile(current):
+        if os.path.isfile(os.path.join(directory, SHARDED_MANIFEST)):
+            raise ValueError(f"{directory}: a sharded gallery index (layout \"sharded\"); open "
+                             f"it with core.distributed.ShardedGalleryIndex.load (nformer index "
+                             f"... --engine ray)")
         raise FileNotFoundError(f"{directory}: not a gallery index (no CURRENT file)")
     with open(current) as f:
         folder = os.path.join(directory, f.read().strip())
@@ -202,12 +211,19 @@ class LoadedGallery(NamedTuple):
     meta: dict = {}  # the manifest's "meta" (what the index was built from)
 
 
-def load_gallery(directory: str, model: Optional[nn.Module] = None) -> LoadedGallery:
+def load_gallery(directory: str, model: Optional[nn.Module] = None,
+                 layout: str = "single") -> LoadedGallery:
     """Load what :func:`save_gallery` wrote; ``model`` (optional) must be the model it was
-    built with (config and weights hash), else the stored weights are used."""
+    built with (config and weights hash), else the stored weights are used. ``layout``: what
+    the caller opens (a shard folder is not a whole index; files without one are single)."""
     import faiss
 
     folder, manifest = read_manifest(directory)
+    found = manifest.get("layout", "single")
+    if found != layout:
+        raise ValueError(f"{directory}: an index of layout {found!r}, opened as {layout!r} (a "
+                         f"shard folder holds only its rows of a sharded index: open the "
+                         f"sharded index's folder with ShardedGalleryIndex.load)")
     ckpt = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", weights_only=True)
     if model is None:
         model = nformer_from_config(ckpt["config"])

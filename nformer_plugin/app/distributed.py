@@ -1,0 +1,141 @@
+"""The ``ray`` engine of the commands: refinement with the gallery sharded over Ray workers
+(``core.distributed``), the single process staying the default.
+
+:class:`EngineOptions` is what ``--engine / --address / --shards`` give; :func:`refine_pair_with`
+refines a query / gallery pair with a stage on the chosen engine (isolated queries, then the
+stage's BNNeck as ``NFormerStage.refine`` applies it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..core.distributed import ShardedReport, refine_sharded
+from ..core.distributed.executor import require_ray
+from ..core.features import FeatureSet
+from ..core.nformer import NFormer, NFormerStage
+
+logger = logging.getLogger("fastreid.nformer")
+
+ENGINES = ("single", "ray")
+
+
+@dataclass
+class EngineOptions:
+    """Where refinement runs: ``engine`` ``"single"`` (this process, the default) or ``"ray"``
+    (``shards`` Ray actors on the cluster at ``address``, or a local cluster started for the
+    call); ``shard_sizes`` (uneven shards, tests), ``threads``: torch threads per worker."""
+
+    engine: str = "single"
+    address: Optional[str] = None
+    shards: int = 2
+    shard_sizes: Optional[Sequence[int]] = None
+    threads: int = 1
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; expected one of {ENGINES}")
+        if not isinstance(self.shards, int) or self.shards < 1:
+            raise ValueError(f"--shards must be a positive integer, got {self.shards!r}")
+        if self.engine == "single" and self.address:
+            raise ValueError("--address needs --engine ray")
+
+    def check(self) -> None:
+        """A one-line user error when the engine's extra is missing."""
+        if self.engine == "ray":
+            try:
+                require_ray()
+            except ImportError as e:
+                raise ValueError(str(e)) from None
+
+
+def refine_nformer_sharded(nformer: NFormer, feats: torch.Tensor, num_query: int,
+                           options: EngineOptions) -> Tuple[torch.Tensor, ShardedReport]:
+    """``nformer(feats, num_query)`` (eval, sparse) with the gallery sharded over Ray workers:
+    the same landmarks and settings as the single process; ``nformer.neighbor_stats`` set."""
+    options.check()
+    feats = feats.detach().float().cpu().contiguous()
+    nformer.eval()
+    nformer._check_input(feats, num_query)
+    isolated = num_query if nformer.settings.query_mode == "isolated" else 0
+    if nformer.settings.inference == "dense":
+        logger.info("ray engine: the sparse path (INFERENCE dense is single-process only)")
+    landmarks = nformer.sample_landmarks(feats.shape[0], num_query)
+    nformer.last_landmarks = list(landmarks)
+    settings = nformer.sparse_settings(feats.shape[0] - isolated)
+    out, report = refine_sharded(nformer.blocks, feats, isolated, landmarks, settings,
+                                 shards=options.shards, engine="ray", address=options.address,
+                                 shard_sizes=options.shard_sizes, threads=options.threads)
+    nformer.neighbor_stats = report.neighbor_stats
+    return out, report
+
+
+@torch.no_grad()
+def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet,
+                     options: EngineOptions) -> np.ndarray:
+    """The refined (Q+G, d) features of a query / gallery pair on ``options.engine``."""
+    if options.engine == "single":
+        from .evaluation import refine_pair
+
+        return refine_pair(stage, query, gallery)
+    feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([query.feats, gallery.feats]),
+                                                  dtype=np.float32))
+    out, _ = refine_nformer_sharded(stage.nformer, feats, len(query), options)
+    stage.eval()
+    device = next(stage.parameters()).device  # the BNNeck where the stage lives
+    return stage.refine(out.to(device), len(query), bypass_nformer=True).cpu().numpy()
+
+
+def is_sharded_index(directory: str) -> bool:
+    """Whether ``directory`` holds a sharded gallery index (its ``sharded.json``)."""
+    from ..core.serving.persistence import SHARDED_MANIFEST
+
+    return os.path.isfile(os.path.join(directory, SHARDED_MANIFEST))
+
+
+def build_sharded_index_file(weights: str, gallery_path: str, output: str,
+                             options: EngineOptions, opts: Sequence[str] = ()):
+    """``nformer index build --engine ray``: the gallery file's index over ``options.shards``
+    Ray workers, saved to ``output`` (one folder per shard and ``sharded.json``)."""
+    from ..core.distributed import ShardedGalleryIndex
+    from ..core.writable import check_writable
+    from .serving import labels_of, read_index_features
+    from .stage import load_stage
+
+    options.check()
+    check_writable(output, what="--output")
+    loaded = load_stage(weights, opts)
+    gallery = read_index_features(gallery_path)
+    index = ShardedGalleryIndex.build(loaded.stage.cpu(), gallery.feats, gallery.ids,
+                                      metric=loaded.cfg.TEST.METRIC, labels=labels_of(gallery),
+                                      shards=options.shards, engine="ray",
+                                      address=options.address, threads=options.threads)
+    try:
+        index.save(output)
+    finally:
+        index.close()
+    return index
+
+
+def query_sharded_index_file(directory: str, query: FeatureSet, topk: int,
+                             options: EngineOptions) -> Dict:
+    """``nformer index query`` of a sharded index: ``{"topk", "metric", "queries": [{"ids",
+    "distances"}]}`` (ranked ids only: no paths, metrics or page from a sharded index yet)."""
+    from ..core.distributed import ShardedGalleryIndex
+
+    options.check()
+    if topk < 1:
+        raise ValueError(f"--topk must be a positive integer, got {topk}")
+    index = ShardedGalleryIndex.load(directory, engine="ray", address=options.address,
+                                     threads=options.threads)
+    try:
+        dist, ids = index.search(query.feats, min(topk, len(index)))
+    finally:
+        index.close()
+    return {"topk": int(ids.shape[1]), "metric": index.metric, "sharded": len(index.ranges),
+            "queries": [{"ids": i.tolist(), "distances": d.tolist()} for i, d in zip(ids, dist)]}

@@ -1,0 +1,238 @@
+"""``ShardedGalleryIndex``: a gallery index over shards (sec. 4.2 serving beyond one machine).
+
+``build`` refines the gallery with the sharded rounds of ``refine`` (each shard keeps its rows'
+state of every layer, ``index_shard``); ``refine(Q)`` runs each query chunk layer by layer
+against the shards (its exact top-k merged over them, the rows it needs fetched, the one query
+kernel ``serving.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
+path; ``search(Q, topk)`` asks every shard for its best rows and merges them exactly (score,
+then row). ``save(dir)`` writes one ordinary index folder per shard (``persistence``: manifest,
+checksums, atomic) and ``dir/sharded.json``, which says the layout (``"sharded"``), the
+shards and their rows; ``GalleryIndex.load`` of such a folder says to open it here. Without
+add / remove (a build over the new gallery is the way for now).
+
+The shards' files are written where the shard workers run: on a cluster of several machines
+``dir`` must be a shared file system. Pure torch / numpy / faiss (Ray via ``executor``); must
+not import FastReID.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..io import save_text
+from ..nformer.graphs import chunks
+from ..nformer.ties import lex_sort
+from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
+                              check_labels, check_servable, normalize_rows, split_model)
+from ..serving.persistence import FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest
+from ..serving.query_refine import QUERY_CHUNK, QueryPass
+from .index_shard import IndexShard, open_index_shard
+from .partition import Range, shard_ranges
+from .refine import (ShardedReport, finish_report, make_executor, query_round, run_layers,
+                     sharded_settings)
+
+logger = logging.getLogger("fastreid.nformer")
+
+
+class ShardedGalleryIndex:
+    """A gallery index whose rows live on shard workers; ``GalleryIndex``'s ``refine`` /
+    ``search`` / ``save`` / ``load`` with the same results. ``close()`` frees the workers."""
+
+    def __init__(self, model: nn.Module, executor, workers: list, ranges: List[Range],
+                 ids: np.ndarray, landmark_ids: List[Optional[np.ndarray]], metric: str,
+                 lands: list, settings, report: Optional[ShardedReport] = None):
+        self.model, self.executor, self.workers, self.ranges = model, executor, workers, ranges
+        self.nformer, self.head = split_model(model)
+        self.ids, self.landmark_ids, self.metric = ids, landmark_ids, metric
+        self.lands, self.settings, self.report = lands, settings, report
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, model: nn.Module, gallery_feats: Features, ids=None, metric: str = "cosine",
+              labels: Optional[dict] = None, shards: int = 2, engine: Union[str, object] = "ray",
+              address: Optional[str] = None, shard_sizes: Optional[Sequence[int]] = None,
+              threads: int = 1) -> "ShardedGalleryIndex":
+        """``GalleryIndex.build`` with the gallery split over ``shards`` workers (``engine``
+        ``"ray"`` at ``address`` or a local cluster; ``"local"``: in this process)."""
+        nformer, head = split_model(model)
+        check_servable(nformer, head)
+        if next(nformer.parameters()).device.type != "cpu":
+            raise ValueError("ShardedGalleryIndex runs its shards on the CPU: pass the model on "
+                             "the CPU (model.cpu())")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        inputs = as_features(gallery_feats, nformer.dim, "gallery features", torch.device("cpu"))
+        ids = as_ids(np.arange(len(inputs)) if ids is None else ids, len(inputs))
+        check_gallery_size(nformer, len(inputs))
+        labels = check_labels(labels, len(ids))
+        rows = nformer.sample_landmarks(len(inputs), 0)
+        landmark_ids = [None if r is None else ids[r.cpu().numpy()] for r in rows]
+        settings = sharded_settings(nformer.sparse_settings(len(inputs)))
+        ranges = shard_ranges(len(inputs), shards, shard_sizes)
+        executor = make_executor(engine, address, len(ranges))
+        logger.info("Building a sharded gallery index (%s): %d items over %d shards (%s rows)",
+                    executor.name, len(inputs), len(ranges),
+                    ", ".join(str(b - a) for a, b in ranges))
+        start = time.perf_counter()
+        workers = _start(executor, ranges, model, settings, threads)
+        report = ShardedReport(engine=executor.name, shards=ranges)
+        try:
+            executor.get([executor.call(w, "load", inputs[a:b])
+                          for w, (a, b) in zip(workers, ranges)])
+            run_layers(executor, workers, ranges, nformer.blocks, rows, settings, [], report)
+            executor.get([executor.call(w, "set_items", ids[a:b],
+                                        {k: v[a:b] for k, v in labels.items()})
+                          for w, (a, b) in zip(workers, ranges)])
+            lands = executor.get([executor.call(workers[0], "landmark_proj", i)
+                                  for i in range(nformer.num_layers)])
+            finish_report(executor, workers, report)
+        except BaseException:
+            _release(executor, workers)
+            raise
+        logger.info("Sharded gallery refined and indexed in %.1f s", time.perf_counter() - start)
+        return cls(model, executor, workers, ranges, ids, landmark_ids, metric, lands, settings,
+                   report)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.nformer.dim
+
+    def close(self) -> None:
+        """Free the shard workers (their memory; the hosts stay for the next use)."""
+        _release(self.executor, self.workers)
+        self.workers = []
+
+    # ------------------------------------------------------------------ queries
+    @torch.no_grad()
+    def refine_nformer(self, query_feats: Features) -> Tensor:
+        """NFormer output (Q, d) of isolated queries: per chunk of ``QUERY_CHUNK`` rows, layer
+        by layer against the shards."""
+        x = as_features(query_feats, self.dim, "query features", torch.device("cpu"))
+        passes = [QueryPass(x[c].contiguous()) for c in chunks(len(x), QUERY_CHUNK)]
+        for i, block in enumerate(self.nformer.blocks):
+            for qp in passes:
+                query_round(self.executor, self.workers, self.ranges, block, i, self.lands[i],
+                            qp, self.settings)
+        return torch.cat([qp.x for qp in passes])
+
+    @torch.no_grad()
+    def refine(self, query_feats: Features) -> Tensor:
+        """The served refined features (Q, d) of the queries, as ``GalleryIndex.refine``."""
+        out = self.refine_nformer(query_feats)
+        return (self.head(out) if self.head is not None else out).cpu()
+
+    def search(self, query_feats: Features, topk: int = 100) -> Tuple[np.ndarray, np.ndarray]:
+        """``(distances, ids)`` (Q, topk), best first, as ``GalleryIndex.search``: every shard's
+        best rows, merged by (score, then row)."""
+        if not isinstance(topk, (int, np.integer)) or topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
+        topk = min(int(topk), len(self))
+        q = np.ascontiguousarray(self.refine(query_feats).numpy(), dtype=np.float32)
+        if self.metric == "cosine":
+            q = normalize_rows(q)
+        parts = self.executor.get([self.executor.call(w, "search_topk", q, topk, self.metric)
+                                   for w in self.workers])
+        scores = torch.from_numpy(np.concatenate([p[0] for p in parts], 1)).double()
+        rows = torch.from_numpy(np.concatenate([p[1] for p in parts], 1)).long()
+        sign = 1.0 if self.metric == "cosine" else -1.0  # larger first
+        scores, rows = lex_sort(sign * scores, rows)
+        scores, rows = (sign * scores[:, :topk]).float().numpy(), rows[:, :topk].numpy()
+        dist = 1.0 - scores if self.metric == "cosine" else scores
+        return dist.astype(np.float32), self.ids[rows]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str) -> str:
+        """One index folder per shard (``shard-000`` ...) and ``sharded.json`` (written last,
+        atomically): the layout, the shards' folders and rows, the landmark ids."""
+        os.makedirs(directory, exist_ok=True)
+        names = [f"shard-{s:03d}" for s in range(len(self.ranges))]
+        meta = {"layout": "sharded"}
+        self.executor.get([self.executor.call(w, "save", os.path.join(directory, n),
+                                              self.landmark_ids, self.metric, meta)
+                           for w, n in zip(self.workers, names)])
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "sharded",
+                    "metric": self.metric, "num_items": len(self), "dim": self.dim,
+                    "shards": [{"folder": n, "rows": [a, b]} for n, (a, b) in
+                               zip(names, self.ranges)],
+                    "landmark_ids": [None if lm is None else [int(i) for i in lm]
+                                     for lm in self.landmark_ids]}
+        save_text(json.dumps(manifest, indent=2), os.path.join(directory, SHARDED_MANIFEST))
+        logger.info("Sharded gallery index saved to %s (%d shards)", directory, len(names))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str, model: Optional[nn.Module] = None,
+             engine: Union[str, object] = "ray", address: Optional[str] = None,
+             threads: int = 1) -> "ShardedGalleryIndex":
+        """The sharded index saved in ``directory``, one worker per saved shard (each shard's
+        files checked as ``GalleryIndex.load`` checks them)."""
+        manifest = read_sharded_manifest(directory)
+        folders = [os.path.join(directory, s["folder"]) for s in manifest["shards"]]
+        ranges = [tuple(s["rows"]) for s in manifest["shards"]]
+        if model is None:
+            from ..serving.persistence import load_gallery
+
+            model = load_gallery(folders[0], layout="shard").model
+        nformer, _ = split_model(model)
+        settings = sharded_settings(nformer.sparse_settings(manifest["num_items"]))
+        executor = make_executor(engine, address, len(ranges))
+        if hasattr(executor, "reserve"):
+            executor.reserve(len(ranges))
+        model_ref = executor.put(model)
+        workers = [executor.create(open_index_shard, s, ranges, model_ref, settings, threads, f)
+                   for s, f in enumerate(folders)]
+        try:
+            items = executor.get([executor.call(w, "item_rows") for w in workers])
+            lands = executor.get([executor.call(workers[0], "landmark_proj", i)
+                                  for i in range(nformer.num_layers)])
+        except BaseException:
+            _release(executor, workers)
+            raise
+        ids = np.concatenate([it[0] for it in items])
+        landmark_ids = [None if lm is None else np.asarray(lm) for lm in manifest["landmark_ids"]]
+        return cls(model, executor, workers, ranges, ids, landmark_ids, manifest["metric"],
+                   lands, settings)
+
+
+def read_sharded_manifest(directory: str) -> dict:
+    """``sharded.json`` of a sharded index folder, checked; each shard's own manifest too."""
+    path = os.path.join(directory, SHARDED_MANIFEST)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, "CURRENT")):
+            raise ValueError(f"{directory}: a single-process gallery index; open it with "
+                             f"GalleryIndex.load (no --engine ray)")
+        raise FileNotFoundError(f"{directory}: not a sharded gallery index (no {SHARDED_MANIFEST})")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or manifest.get("layout") != "sharded":
+        raise ValueError(f"{directory}: {SHARDED_MANIFEST} is not a sharded gallery index")
+    for shard in manifest["shards"]:
+        _, own = read_manifest(os.path.join(directory, shard["folder"]))
+        a, b = shard["rows"]
+        if own["num_items"] != b - a:
+            raise ValueError(f"{directory}: shard {shard['folder']} holds {own['num_items']} "
+                             f"items, the manifest says {b - a}")
+    return manifest
+
+
+def _start(executor, ranges, model, settings, threads) -> list:
+    if hasattr(executor, "reserve"):
+        executor.reserve(len(ranges))
+    model_ref = executor.put(model)
+    return [executor.create(IndexShard, s, ranges, model_ref, settings, threads)
+            for s in range(len(ranges))]
+
+
+def _release(executor, workers) -> None:
+    if hasattr(executor, "release") and workers:
+        executor.release(workers)

@@ -1,0 +1,251 @@
+"""Beyond one machine (issue 23): the sharded refinement equals the single process.
+
+On a real local Ray cluster (one module-scoped cluster, its worker processes reused between
+runs): 1, 2 and 4 shards, uneven shards, every neighbour source and mask, isolated queries and
+one joint set, galleries with exact and near (1e-7) duplicates (``test_exactness.tricky_world``).
+The same shard code in this process (``engine="local"``) for the wider grid of settings. The
+``nformer refine --engine ray`` command writes the single-process features; without Ray it
+fails with one line saying how to install it."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_feature_files
+from test_exactness import make_model, rows_differing, tricky_world
+
+from nformer_plugin.core.distributed import refine_sharded, shard_ranges
+from nformer_plugin.core.distributed.merge import merge_topk
+
+ray = pytest.importorskip("ray", reason="the distributed extra (pip install .[distributed])")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 4 CPUs (200 MB object store), shared by this file's Ray tests
+    through the process's shared executor (``engine="ray"`` finds it too)."""
+    from nformer_plugin.core.distributed.executor import shared_ray_executor
+
+    ray.init(num_cpus=4, object_store_memory=200 * 1024 ** 2, include_dashboard=False,
+             log_to_driver=False)
+    executor = shared_ray_executor()
+    yield executor
+    executor.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def single_and_sharded(model, gallery, queries, sizes, engine, chunk_size=None):
+    feats = torch.cat([queries, gallery])
+    ref = model(feats, num_query=len(queries))
+    settings = model.sparse_settings(len(gallery) if model.settings.query_mode == "isolated"
+                                     else len(feats))
+    if chunk_size:
+        settings = dataclasses.replace(settings, chunk_size=chunk_size)
+    nq = len(queries) if model.settings.query_mode == "isolated" else 0
+    out, report = refine_sharded(model.blocks, feats, nq, model.last_landmarks, settings,
+                                 shards=len(sizes), shard_sizes=sizes, engine=engine)
+    return ref, out, report, list(model.neighbor_stats)
+
+
+def assert_same(ref, out, report, stats):
+    assert rows_differing(ref, out, 1e-6) == 0
+    assert float((ref - out).abs().max()) <= 1e-6
+    assert report.neighbor_stats == stats  # the same neighbours kept, layer by layer
+
+
+# ----------------------------------------------------------------------------- Ray
+@pytest.mark.parametrize("sizes", [[600], [300, 300], [150, 150, 150, 150], [100, 7, 250, 243]])
+def test_ray_sharded_refinement_equals_single_process(cluster, sizes):
+    """NEIGHBORS layer (the default), reciprocal mask, 40 isolated queries; chunks of 64 rows so
+    that shard boundaries cut the single process's chunk grid."""
+    gallery, queries = tricky_world(600, 40)
+    model = make_model()
+    ref, out, report, stats = single_and_sharded(model, gallery, queries, sizes, cluster, 64)
+    assert_same(ref, out, report, stats)
+    assert report.shards == shard_ranges(600, len(sizes), sizes)
+    assert len(report.peak_memory) == len(sizes) and min(report.peak_memory) > 0
+    moved = report.bytes_between_shards
+    assert (moved == [0, 0, 0]) if len(sizes) == 1 else min(moved) > 0
+    assert torch.equal(ref, out)  # on this platform: bit for bit
+
+
+@pytest.mark.parametrize("overrides", [dict(neighbors="affinity"),
+                                       dict(neighbors="input", mask="topk"),
+                                       dict(exact_affinity=True, neighbors="affinity"),
+                                       dict(query_mode="joint")])
+def test_ray_other_sources_and_masks(cluster, overrides):
+    gallery, queries = tricky_world(400, 20, seed=1)
+    model = make_model(**overrides)
+    rows = len(gallery) + (len(queries) if overrides.get("query_mode") == "joint" else 0)
+    ref, out, report, stats = single_and_sharded(model, gallery, queries, [130, rows - 130],
+                                                 cluster)
+    assert_same(ref, out, report, stats)
+
+
+def test_ray_engine_of_the_application_layer(cluster):
+    from nformer_plugin.app.distributed import EngineOptions, refine_nformer_sharded
+
+    gallery, queries = tricky_world(300, 10, seed=2)
+    model = make_model()
+    ref = model(torch.cat([queries, gallery]), num_query=len(queries))
+    out, report = refine_nformer_sharded(model, torch.cat([queries, gallery]), len(queries),
+                                         EngineOptions("ray", shards=3, shard_sizes=[50, 200, 50]))
+    assert torch.equal(ref, out) and report.engine == "ray" and len(report.shards) == 3
+
+
+def test_nformer_refine_engine_ray_writes_the_single_process_features(cluster, tmp_path):
+    from nformer_plugin.app import build_stage, load_feature_config, save_stage
+    from nformer_plugin.cli import main
+    from nformer_plugin.core.features import load_feature_file
+
+    paths, _ = write_feature_files(tmp_path, 60, 6, 10, seed=3, names=("train", "q", "g"))
+    cfg = load_feature_config(opts=["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM",
+                                    "64", "MODEL.NFORMER.TOPK", "8", "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    weights = save_stage(str(tmp_path / "model"), build_stage(cfg, 32, 10).eval(), cfg, 32)
+    outs = {}
+    for engine in ("single", "ray"):
+        out = tmp_path / engine
+        args = ["refine", "--weights", weights, "--query", paths["q"], "--gallery", paths["g"],
+                "--output-dir", str(out), "--engine", engine, "--shards", "2", "--threads", "1"]
+        assert main(args) == 0
+        outs[engine] = [load_feature_file(str(out / f"{n}_refined.npz"), False).feats
+                        for n in ("query", "gallery")]
+    for single, sharded in zip(outs["single"], outs["ray"]):
+        assert single.shape == sharded.shape and np.abs(single - sharded).max() <= 1e-6
+
+
+def same_ranking(d1, i1, d2, i2) -> bool:
+    """Equal distances, and the same ids at each distance (ties may come in another order; the
+    last, possibly cut, group is left out)."""
+    if not np.allclose(d1, d2, atol=1e-6):
+        return False
+    for r in range(len(d1)):
+        for value in np.unique(d1[r]):
+            if value != d1[r, -1] and (set(i1[r][d1[r] == value]) != set(i2[r][d2[r] == value])):
+                return False
+    return True
+
+
+def test_ray_sharded_gallery_index_equals_the_single_process_index(cluster, tmp_path):
+    from nformer_plugin import GalleryIndex
+    from nformer_plugin.core.distributed import ShardedGalleryIndex
+    from nformer_plugin.core.nformer import NFormerStage
+
+    gallery, queries = tricky_world(500, 30, seed=6)
+    stage = NFormerStage(make_model(), 10).eval()
+    ids = np.arange(1000, 1500)
+    single = GalleryIndex.build(stage, gallery, ids=ids)
+    sharded = ShardedGalleryIndex.build(stage, gallery, ids=ids, shards=3,
+                                        shard_sizes=[120, 5, 375], engine=cluster)
+    assert torch.equal(single.refine(queries), sharded.refine(queries))
+    assert torch.equal(single.refine(queries[:1]), sharded.refine(queries[:1]))  # one query
+    assert same_ranking(*single.search(queries, 20), *sharded.search(queries, 20))
+    sharded.save(str(tmp_path / "index"))
+    sharded.close()
+    assert sorted(os.listdir(tmp_path / "index")) == ["shard-000", "shard-001", "shard-002",
+                                                      "sharded.json"]
+    loaded = ShardedGalleryIndex.load(str(tmp_path / "index"), engine=cluster)
+    assert torch.equal(single.refine(queries), loaded.refine(queries))
+    assert np.array_equal(loaded.ids, ids) and loaded.ranges == [(0, 120), (120, 125), (125, 500)]
+    loaded.close()
+    with pytest.raises(ValueError, match="a sharded gallery index"):
+        GalleryIndex.load(str(tmp_path / "index"))
+    with pytest.raises(ValueError, match="layout 'shard'"):
+        GalleryIndex.load(str(tmp_path / "index" / "shard-001"))
+    single.save(str(tmp_path / "single"))
+    with pytest.raises(ValueError, match="single-process gallery index"):
+        ShardedGalleryIndex.load(str(tmp_path / "single"), engine=cluster)
+
+
+@pytest.mark.parametrize("neighbors", ["affinity", "input"])
+def test_local_sharded_index_other_sources(neighbors):
+    from nformer_plugin import GalleryIndex
+    from nformer_plugin.core.distributed import ShardedGalleryIndex
+
+    gallery, queries = tricky_world(300, 12, seed=7)
+    model = make_model(neighbors=neighbors)
+    single = GalleryIndex.build(model, gallery, metric="euclidean")
+    sharded = ShardedGalleryIndex.build(model, gallery, metric="euclidean", shards=2,
+                                        shard_sizes=[77, 223], engine="local")
+    assert torch.equal(single.refine(queries), sharded.refine(queries))
+    assert same_ranking(*single.search(queries, 10), *sharded.search(queries, 10))
+
+
+def test_nformer_index_build_and_query_engine_ray(cluster, tmp_path):
+    import json
+
+    from nformer_plugin.app import build_stage, load_feature_config, save_stage
+    from nformer_plugin.cli import main
+
+    paths, _ = write_feature_files(tmp_path, 50, 6, 10, seed=8, names=("train", "q", "g"))
+    cfg = load_feature_config(opts=["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM",
+                                    "64", "MODEL.NFORMER.TOPK", "8", "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    weights = save_stage(str(tmp_path / "model"), build_stage(cfg, 32, 10).eval(), cfg, 32)
+    answers = {}
+    for engine in ("single", "ray"):
+        idx, out = str(tmp_path / f"idx-{engine}"), str(tmp_path / f"{engine}.json")
+        assert main(["index", "build", "--weights", weights, "--gallery", paths["g"],
+                     "--output", idx, "--engine", engine, "--shards", "2"]) == 0
+        assert main(["index", "query", "--index", idx, "--query", paths["q"], "--topk", "5",
+                     "--output-json", out]) == 0
+        with open(out) as f:
+            answers[engine] = json.load(f)["queries"]
+    assert os.path.isfile(tmp_path / "idx-ray" / "sharded.json")
+    for single, sharded in zip(answers["single"], answers["ray"]):
+        assert np.allclose(single["distances"], sharded["distances"], atol=1e-6)
+        assert same_ranking(np.array([single["distances"]]), np.array([single["ids"]]),
+                            np.array([sharded["distances"]]), np.array([sharded["ids"]]))
+
+
+# ----------------------------------------------------------------------------- in process
+@pytest.mark.parametrize("neighbors", ["layer", "affinity", "input"])
+@pytest.mark.parametrize("mask", ["reciprocal", "topk"])
+def test_local_engine_equals_single_process(neighbors, mask):
+    gallery, queries = tricky_world(300, 12, seed=4)
+    model = make_model(neighbors=neighbors, mask=mask)
+    ref, out, report, stats = single_and_sharded(model, gallery, queries, [90, 3, 207], "local",
+                                                 32)
+    assert_same(ref, out, report, stats)
+
+
+def test_merge_breaks_ties_by_the_global_index():
+    a = (torch.tensor([[0.9, 0.5]], dtype=torch.float64), torch.tensor([[7, 3]]))
+    b = (torch.tensor([[0.9, 0.5]], dtype=torch.float64), torch.tensor([[2, 11]]))
+    scores, index = merge_topk([a, b], 3)
+    assert index.tolist() == [[2, 7, 3]] and scores.tolist() == [[0.9, 0.9, 0.5]]
+
+
+def test_bad_requests_are_named():
+    gallery, queries = tricky_world(100, 4, seed=5)
+    model = make_model(mask="none")
+    feats = torch.cat([queries, gallery])
+    model(feats, num_query=4)
+    with pytest.raises(ValueError, match="MASK none"):
+        refine_sharded(model.blocks, feats, 4, model.last_landmarks, model.sparse_settings(100),
+                       engine="local")
+    with pytest.raises(ValueError, match="every shard needs a row"):
+        shard_ranges(3, 4)
+    with pytest.raises(ValueError, match="sum to the 10"):
+        shard_ranges(10, 2, [3, 3])
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from nformer_plugin.cli import main\n"
+            "sys.exit(main(['refine', '--weights', 'w.pth', '--query', 'q.npz', '--gallery', "
+            "'g.npz', '--output-dir', 'out', '--engine', 'ray']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if "fastreid.nformer]" not in line]  # logs
+    assert len(errors) == 1 and "pip install 'nformer-fastreid[distributed]'" in errors[0], \
+        out.stderr
