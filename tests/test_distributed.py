@@ -249,3 +249,22 @@ def test_engine_ray_without_ray_says_how_to_install_it(tmp_path):
     errors = [line for line in out.stderr.splitlines() if "fastreid.nformer]" not in line]  # logs
     assert len(errors) == 1 and "pip install 'nformer-fastreid[distributed]'" in errors[0], \
         out.stderr
+
+
+def test_workers_take_the_callers_thread_count():
+    """Bitwise equality with the single process needs the same torch thread count on both sides
+    (a GEMM's rounding can depend on it): workers default to the caller's count, and the
+    in-process engine no longer changes the caller's."""
+    from nformer_plugin.core.distributed.shard import worker_threads
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert worker_threads(0) == 2 and worker_threads(3) == 3
+        gallery, queries = tricky_world(240, 16)
+        model = make_model()
+        ref, out, report, stats = single_and_sharded(model, gallery, queries, [100, 140], "local")
+        assert torch.get_num_threads() == 2
+        assert_same(ref, out, report, stats)
+    finally:
+        torch.set_num_threads(saved)

@@ -35,7 +35,7 @@ class EngineOptions:
     address: Optional[str] = None
     shards: int = 2
     shard_sizes: Optional[Sequence[int]] = None
-    threads: int = 1
+    threads: int = 0
 
     def __post_init__(self):
         if self.engine not in ENGINES:

@@ -63,7 +63,7 @@ def cmd_refine(args) -> int:
     from ..app.stage import load_stage
 
     options = EngineOptions(args.engine, args.address or None, args.shards,
-                            threads=max(1, args.threads))
+                            threads=args.threads)
     options.check()
     stage, _, dim = load_stage(args.weights, args.opts)
     query, gallery = load_query_gallery(args.query, args.gallery, dim,

@@ -35,6 +35,7 @@ from ..serving.persistence import FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read
 from ..serving.query_refine import QUERY_CHUNK, QueryPass
 from .index_shard import IndexShard, open_index_shard
 from .partition import Range, shard_ranges
+from .shard import worker_threads
 from .refine import (ShardedReport, finish_report, make_executor, query_round, run_layers,
                      sharded_settings)
 
@@ -58,7 +59,7 @@ class ShardedGalleryIndex:
     def build(cls, model: nn.Module, gallery_feats: Features, ids=None, metric: str = "cosine",
               labels: Optional[dict] = None, shards: int = 2, engine: Union[str, object] = "ray",
               address: Optional[str] = None, shard_sizes: Optional[Sequence[int]] = None,
-              threads: int = 1) -> "ShardedGalleryIndex":
+              threads: int = 0) -> "ShardedGalleryIndex":
         """``GalleryIndex.build`` with the gallery split over ``shards`` workers (``engine``
         ``"ray"`` at ``address`` or a local cluster; ``"local"``: in this process)."""
         nformer, head = split_model(model)
@@ -81,7 +82,7 @@ class ShardedGalleryIndex:
                     executor.name, len(inputs), len(ranges),
                     ", ".join(str(b - a) for a, b in ranges))
         start = time.perf_counter()
-        workers = _start(executor, ranges, model, settings, threads)
+        workers = _start(executor, ranges, model, settings, worker_threads(threads))
         report = ShardedReport(engine=executor.name, shards=ranges)
         try:
             executor.get([executor.call(w, "load", inputs[a:b])
@@ -173,7 +174,7 @@ class ShardedGalleryIndex:
     @classmethod
     def load(cls, directory: str, model: Optional[nn.Module] = None,
              engine: Union[str, object] = "ray", address: Optional[str] = None,
-             threads: int = 1) -> "ShardedGalleryIndex":
+             threads: int = 0) -> "ShardedGalleryIndex":
         """The sharded index saved in ``directory``, one worker per saved shard (each shard's
         files checked as ``GalleryIndex.load`` checks them)."""
         manifest = read_sharded_manifest(directory)
@@ -189,6 +190,7 @@ class ShardedGalleryIndex:
         if hasattr(executor, "reserve"):
             executor.reserve(len(ranges))
         model_ref = executor.put(model)
+        threads = worker_threads(threads)
         workers = [executor.create(open_index_shard, s, ranges, model_ref, settings, threads, f)
                    for s, f in enumerate(folders)]
         try:

@@ -29,7 +29,7 @@ class IndexShard(GalleryShard):
     NFormer stage)."""
 
     def __init__(self, shard: int, ranges: Sequence[Range], model: nn.Module,
-                 settings: SparseSettings, threads: int = 1):
+                 settings: SparseSettings, threads: int = 0):
         nformer, self.head = split_model(model)
         super().__init__(shard, ranges, nformer.blocks, settings, threads, keep=True)
         self.model = model.eval()

@@ -42,7 +42,7 @@ from ..serving.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from .executor import LocalExecutor, shared_ray_executor
 from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges
-from .shard import GalleryShard, nbytes
+from .shard import GalleryShard, nbytes, worker_threads
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -92,11 +92,12 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
                    landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
                    shards: int = 2, engine: Union[str, Any] = "ray",
                    address: Optional[str] = None, shard_sizes: Optional[Sequence[int]] = None,
-                   threads: int = 1) -> Tuple[Tensor, ShardedReport]:
+                   threads: int = 0) -> Tuple[Tensor, ShardedReport]:
     """``sparse_nformer_forward(blocks, feats, num_query, landmarks, settings)`` with the
     gallery rows ``feats[num_query:]`` split over ``shards`` workers (``shard_sizes``: uneven
     shards). ``engine``: ``"ray"`` (actors on the cluster at ``address``, or a local cluster),
-    ``"local"`` (objects in this process) or an executor. ``threads``: torch threads per worker.
+    ``"local"`` (objects in this process) or an executor. ``threads``: torch threads per worker (0: this process's count, which bitwise equality
+    with the single process needs; see ``shard.worker_threads``).
 
     Returns the refined (N, d) (queries first) and a :class:`ShardedReport`."""
     nq, feats = num_query, feats.detach().float().cpu().contiguous()
@@ -111,7 +112,7 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
     logger.info("sharded refinement (%s): %d gallery rows over %d shards (%s rows), %d isolated "
                 "queries", executor.name, len(gallery), len(ranges),
                 ", ".join(str(b - a) for a, b in ranges), nq)
-    workers = start_shards(executor, ranges, blocks, settings, threads, gallery)
+    workers = start_shards(executor, ranges, blocks, settings, worker_threads(threads), gallery)
     try:
         passes = [QueryPass(feats[c].contiguous()) for c in chunks(nq, QUERY_CHUNK)]
         gallery_landmarks = [None if lm is None else (lm - nq).long() for lm in landmarks]
