@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from proc_memory import reset_peak_rss, status_mb  # benchmarks/ (the script's folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -60,19 +62,8 @@ def model_and_data(rows: int, queries: int, threads: int):
 
 
 def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    """A ``/proc/self/status`` field in bytes (``proc_memory.status_mb``)."""
+    return int(status_mb(field) * 2 ** 20)
 
 
 def run_single(args) -> dict:
@@ -80,7 +71,7 @@ def run_single(args) -> dict:
     import torch
 
     model, feats = model_and_data(args.rows[0], args.queries, args.threads)
-    reset_peak()
+    reset_peak_rss()
     base = status_bytes("VmRSS")
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -108,7 +99,7 @@ def run_ray(args) -> dict:
                    shards=args.shards, engine=executor, threads=args.threads)  # start the actors
     with torch.no_grad():
         landmarks = model.sample_landmarks(len(feats), args.queries)
-    reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     out, report = refine_sharded(model.blocks, feats, args.queries, landmarks,
                                  model.sparse_settings(args.rows[0]), shards=args.shards,

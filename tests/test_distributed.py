@@ -100,16 +100,23 @@ def test_ray_engine_of_the_application_layer(cluster):
     assert torch.equal(ref, out) and report.engine == "ray" and len(report.shards) == 3
 
 
-def test_nformer_refine_engine_ray_writes_the_single_process_features(cluster, tmp_path):
+def small_stage_files(tmp_path, rows: int, seed: int):
+    """Feature files (train / q / g, d 32) and the weights of an untrained 2-layer stage."""
     from nformer_plugin.app import build_stage, load_feature_config, save_stage
-    from nformer_plugin.cli import main
-    from nformer_plugin.core.features import load_feature_file
 
-    paths, _ = write_feature_files(tmp_path, 60, 6, 10, seed=3, names=("train", "q", "g"))
+    paths, _ = write_feature_files(tmp_path, rows, 6, 10, seed=seed, names=("train", "q", "g"))
     cfg = load_feature_config(opts=["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM",
                                     "64", "MODEL.NFORMER.TOPK", "8", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     weights = save_stage(str(tmp_path / "model"), build_stage(cfg, 32, 10).eval(), cfg, 32)
+    return paths, weights
+
+
+def test_nformer_refine_engine_ray_writes_the_single_process_features(cluster, tmp_path):
+    from nformer_plugin.cli import main
+    from nformer_plugin.core.features import load_feature_file
+
+    paths, weights = small_stage_files(tmp_path, 60, seed=3)
     outs = {}
     for engine in ("single", "ray"):
         out = tmp_path / engine
@@ -182,14 +189,9 @@ def test_local_sharded_index_other_sources(neighbors):
 def test_nformer_index_build_and_query_engine_ray(cluster, tmp_path):
     import json
 
-    from nformer_plugin.app import build_stage, load_feature_config, save_stage
     from nformer_plugin.cli import main
 
-    paths, _ = write_feature_files(tmp_path, 50, 6, 10, seed=8, names=("train", "q", "g"))
-    cfg = load_feature_config(opts=["MODEL.NFORMER.NUM_LAYERS", "2", "MODEL.NFORMER.FFN_DIM",
-                                    "64", "MODEL.NFORMER.TOPK", "8", "MODEL.DEVICE", "cpu"])
-    torch.manual_seed(0)
-    weights = save_stage(str(tmp_path / "model"), build_stage(cfg, 32, 10).eval(), cfg, 32)
+    paths, weights = small_stage_files(tmp_path, 50, seed=8)
     answers = {}
     for engine in ("single", "ray"):
         idx, out = str(tmp_path / f"idx-{engine}"), str(tmp_path / f"{engine}.json")
