@@ -37,7 +37,7 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.FFN_DIM = 1024  # hidden width of each block's feed-forward (official: 4d)
     _C.MODEL.NFORMER.DROPOUT = 0.1  # dropout on attention/feed-forward outputs while training
     _C.MODEL.NFORMER.NUM_LANDMARKS = 5  # l, landmark agents in eq. (4)
-    _C.MODEL.NFORMER.TOPK = 20  # k, neighbors kept by M^k in eq. (6)
+    _C.MODEL.NFORMER.TOPK = 10  # k, neighbors kept by M^k in eq. (6) (paper: 20; 10 chosen on Duke validation)
     _C.MODEL.NFORMER.MASK = "reciprocal"  # reciprocal (eq. 7) | topk (RNS-M^k) | none (softmax)
     # where M's neighbors come from: layer (each layer's input features; chosen on validation)
     # | input (the NFormer input, official code) | affinity (each layer's A~, paper-literal)

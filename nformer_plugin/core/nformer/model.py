@@ -49,7 +49,7 @@ class LandmarkAgentAttention(nn.Module):
     LAA"). Heads are merged and passed through an output projection.
     """
 
-    def __init__(self, dim: int, num_heads: int = 2, topk: int = 20, mask: str = "reciprocal",
+    def __init__(self, dim: int, num_heads: int = 2, topk: int = 10, mask: str = "reciprocal",
                  exact_affinity: bool = False):
         super().__init__()
         if dim % num_heads:
@@ -117,7 +117,7 @@ class NFormerBlock(nn.Module):
     """One NFormer layer: LAA + RNS, then a feed-forward, each with residual and post-LayerNorm."""
 
     def __init__(self, dim: int, num_heads: int = 2, ffn_dim: int = 1024, dropout: float = 0.1,
-                 topk: int = 20, mask: str = "reciprocal", exact_affinity: bool = False,
+                 topk: int = 10, mask: str = "reciprocal", exact_affinity: bool = False,
                  activation: str = "gelu"):
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
@@ -179,7 +179,7 @@ class NFormer(nn.Module):
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,
                  ffn_dim: int = 1024, dropout: float = 0.1, num_landmarks: int = 5,
-                 topk: int = 20, mask: str = "reciprocal", neighbors: str = "layer",
+                 topk: int = 10, mask: str = "reciprocal", neighbors: str = "layer",
                  exact_affinity: bool = False, activation: str = "gelu",
                  settings: Optional[InferenceSettings] = None):
         super().__init__()
