@@ -101,8 +101,10 @@ def is_sharded_index(directory: str) -> bool:
 def build_sharded_index_file(weights: str, gallery_path: str, output: str,
                              options: EngineOptions, opts: Sequence[str] = ()):
     """``nformer index build --engine ray``: the gallery file's index over ``options.shards``
-    Ray workers, saved to ``output`` (one folder per shard and ``sharded.json``)."""
+    Ray workers, saved to ``output`` (one folder per shard and ``sharded.json``) with the
+    file's sha256."""
     from ..core.distributed import ShardedGalleryIndex
+    from ..core.serving.persistence import file_sha256
     from ..core.writable import check_writable
     from .serving import labels_of, read_index_features
     from .stage import load_stage
@@ -115,11 +117,51 @@ def build_sharded_index_file(weights: str, gallery_path: str, output: str,
                                       metric=loaded.cfg.TEST.METRIC, labels=labels_of(gallery),
                                       shards=options.shards, engine="ray",
                                       address=options.address, threads=options.threads)
+    index.sources = [file_sha256(gallery_path)]  # an add of this file adds nothing
     try:
         index.save(output)
     finally:
         index.close()
     return index
+
+
+def open_sharded_index(directory: str, options: EngineOptions, weights: str = ""):
+    """The sharded index saved in ``directory`` on Ray workers (``close()`` it); with
+    ``weights``, checked to be built with that stage."""
+    from ..core.distributed import ShardedGalleryIndex
+    from .stage import load_stage
+
+    options.check()
+    model = load_stage(weights).stage.cpu() if weights else None
+    return ShardedGalleryIndex.load(directory, model, engine="ray", address=options.address,
+                                    threads=options.threads)
+
+
+def add_sharded_index_file(directory: str, gallery_path: str, options: EngineOptions,
+                           weights: str = "") -> Tuple[object, Optional[int]]:
+    """``nformer index add`` of a sharded index: ``app.serving.add_index_file`` on it (the new
+    items to its last shard, nothing added for a gallery file it already holds)."""
+    from .serving import add_index_file
+
+    index = open_sharded_index(directory, options, weights)
+    try:
+        return add_index_file(directory, gallery_path, index=index)
+    finally:
+        index.close()
+
+
+def remove_sharded_index_items(directory: str, options: EngineOptions, ids: Sequence[int] = (),
+                               paths: Sequence[str] = (), weights: str = ""
+                               ) -> Tuple[np.ndarray, int]:
+    """``nformer index remove`` of a sharded index: ``app.serving.remove_index_items`` on it;
+    returns the removed ids and the items left."""
+    from .serving import remove_index_items
+
+    index = open_sharded_index(directory, options, weights)
+    try:
+        return remove_index_items(directory, index, ids, paths), len(index)
+    finally:
+        index.close()
 
 
 def query_sharded_index_file(directory: str, query: FeatureSet, topk: int,

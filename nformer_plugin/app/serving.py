@@ -84,9 +84,9 @@ def add_index_file(directory: str, gallery_path: str = "", weights: str = "",
                    ) -> Tuple[GalleryIndex, Optional[int]]:
     """``nformer index add``: ``directory`` checked for writability, the items of the gallery
     file (or ``new``, features already extracted from images) added to the index saved there
-    (``index``: already opened) and saved again; returns ``(index, items added)`` - ``None``
-    added when the file (by sha256) is already in the index, e.g. on a rerun of an add killed
-    after its save."""
+    (``index``: already opened, a ``GalleryIndex`` or a ``ShardedGalleryIndex``) and saved
+    again; returns ``(index, items added)`` - ``None`` added when the file (by sha256) is
+    already in the index, e.g. on a rerun of an add killed after its save."""
     check_writable(directory, what="--index")
     index = index if index is not None else open_index(directory, weights)
     digest = file_sha256(gallery_path) if gallery_path else None
@@ -187,6 +187,18 @@ def ids_to_remove(index: GalleryIndex, ids: Sequence[int] = (), paths: Sequence[
     if not chosen:
         raise ValueError("nothing to remove: pass --ids or --paths")
     return np.unique(np.asarray(chosen, dtype=np.int64))
+
+
+def remove_index_items(directory: str, index, ids: Sequence[int] = (),
+                       paths: Sequence[str] = ()) -> np.ndarray:
+    """``nformer index remove``: the items named by ``ids`` / ``paths`` (:func:`ids_to_remove`)
+    removed from ``index`` (a ``GalleryIndex`` or a ``ShardedGalleryIndex``, opened from
+    ``directory``), which is saved there again; returns the removed ids."""
+    check_writable(directory, what="--index")
+    removed = ids_to_remove(index, ids, paths)
+    index.remove(removed)
+    index.save(directory)
+    return removed
 
 
 # ---------------------------------------------------------------------- features from images

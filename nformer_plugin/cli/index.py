@@ -16,8 +16,9 @@ labels in both the index and the query file, ``query`` also prints the metrics t
 checks that the index was built with that model. The index records the sha256 of every gallery
 file it holds: ``add`` of a file already in it adds nothing, so rerunning a killed ``add`` (or
 ``build``) finishes it. ``build --engine ray`` writes a sharded index (one folder per shard,
-``sharded.json``); ``query`` of it runs on Ray and answers ranked ids and distances only
-(``add`` / ``remove`` / ``--report`` / metrics are single-process). The work is
+``sharded.json``); ``query`` / ``add`` / ``remove`` of it run on Ray (``--address``); ``query``
+answers ranked ids and distances only (``--images`` / ``--report`` / metrics are
+single-process). The work is
 ``app.serving``'s (``app.distributed``'s for the sharded index).
 """
 from __future__ import annotations
@@ -68,14 +69,34 @@ def _inputs(args, index, npz: str):
     return features_of_images(args.images, index.meta, args.config_file, args.opts)
 
 
+def _sharded_options(args):
+    """The Ray engine of ``add`` / ``remove`` on a sharded index (``None``: a single-process
+    index)."""
+    from ..app.distributed import EngineOptions, is_sharded_index
+
+    return EngineOptions("ray", args.address or None) if is_sharded_index(args.index) else None
+
+
 def cmd_add(args) -> int:
     from ..app.serving import add_index_file, open_index
 
+    options = _sharded_options(args)
+    if options is not None:
+        from ..app.distributed import add_sharded_index_file
+
+        if args.images or not args.gallery:
+            raise ValueError("a sharded index adds --gallery files (no --images yet)")
+        index, added = add_sharded_index_file(args.index, args.gallery, options, args.weights)
+        return _added(args, index, added)
     index = open_index(args.index, args.weights)
     new = _inputs(args, index, args.gallery) if args.images else None
     if new is None and not args.gallery:
         raise ValueError("pass either a feature file (--gallery) or --images")
     index, added = add_index_file(args.index, args.gallery, new=new, index=index)
+    return _added(args, index, added)
+
+
+def _added(args, index, added) -> int:
     if added is None:  # e.g. a rerun of an add killed after its save
         print(f"{args.gallery} is already in the index at {args.index} (nothing added); it "
               f"holds {len(index)}")
@@ -131,12 +152,18 @@ def _query_sharded(args, options) -> int:
 
 
 def cmd_remove(args) -> int:
-    from ..app.serving import ids_to_remove, open_index
+    from ..app.serving import open_index, remove_index_items
 
+    options = _sharded_options(args)
+    if options is not None:
+        from ..app.distributed import remove_sharded_index_items
+
+        ids, left = remove_sharded_index_items(args.index, options, args.ids or (),
+                                               args.paths or (), args.weights)
+        print(f"Removed {len(ids)} items; the sharded index at {args.index} holds {left}")
+        return 0
     index = open_index(args.index, args.weights)
-    ids = ids_to_remove(index, args.ids or (), args.paths or ())
-    index.remove(ids)
-    index.save(args.index)
+    ids = remove_index_items(args.index, index, args.ids or (), args.paths or ())
     print(f"Removed {len(ids)} items; the index at {args.index} holds {len(index)}")
     return 0
 
@@ -163,6 +190,7 @@ def add_index_parser(subparsers) -> None:
                        formatter_class=fmt)
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--gallery", default="", help="NEW.npz")
+    p.add_argument("--address", default="", help="Ray cluster address for a sharded index")
     p.set_defaults(func=cmd_add)
     p = sub.add_parser("query", help="rank the gallery for queries", epilog=FORMATS,
                        formatter_class=fmt)
@@ -178,6 +206,7 @@ def add_index_parser(subparsers) -> None:
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--ids", type=int, nargs="+", help="ids to remove")
     p.add_argument("--paths", nargs="+", help="image paths to remove (as the index stores them)")
+    p.add_argument("--address", default="", help="Ray cluster address for a sharded index")
     p.set_defaults(func=cmd_remove)
     for name, p in sub.choices.items():
         if name != "build":

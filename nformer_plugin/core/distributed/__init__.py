@@ -6,7 +6,7 @@ its rows, their per-layer state, the local searches and the RNS aggregation of e
 ``executor`` (Ray actors, or plain objects in this process: the same calls), ``refine``
 (:func:`refine_sharded`, the driver: per layer, the rounds between the shards; isolated queries
 through ``core.serving.query_refine``), ``index_shard`` / ``index``
-(:class:`ShardedGalleryIndex`: build, refine, search, save, load over shards).
+(:class:`ShardedGalleryIndex`: build, refine, search, add, remove, save, load over shards).
 
 Ray (``pip install nformer-fastreid[distributed]``) is imported lazily, only by
 ``executor.RayExecutor``: the rest of ``core`` imports without it. Pure torch / numpy / faiss

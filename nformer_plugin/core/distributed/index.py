@@ -5,10 +5,14 @@ state of every layer, ``index_shard``); ``refine(Q)`` runs each query chunk laye
 against the shards (its exact top-k merged over them, the rows it needs fetched, the one query
 kernel ``serving.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
 path; ``search(Q, topk)`` asks every shard for its best rows and merges them exactly (score,
-then row). ``save(dir)`` writes one ordinary index folder per shard (``persistence``: manifest,
-checksums, atomic) and ``dir/sharded.json``, which says the layout (``"sharded"``), the
-shards and their rows; ``GalleryIndex.load`` of such a folder says to open it here. Without
-add / remove (a build over the new gallery is the way for now).
+then row). ``add`` / ``remove`` are ``GalleryIndex``'s (``serving.updates``: the same checks,
+pinned landmark ids, label merge and reach log): the new rows go to the last shard (the global
+row order stays old rows, then new ones), a removal drops each shard's rows (a shard left empty
+is closed), then the sharded refinement runs again over the new gallery - what a build over it
+with those landmark ids and shard sizes gives. ``save(dir)`` writes one ordinary index folder per
+shard (``persistence``: manifest, checksums) into a new version folder and then switches
+``dir/sharded.json`` (the layout ``"sharded"``, the shards' folders and rows) in one atomic
+rename; ``GalleryIndex.load`` of such a folder says to open it here.
 
 The shards' files are written where the shard workers run: on a cluster of several machines
 ``dir`` must be a shared file system. Pure torch / numpy / faiss (Ray via ``executor``); must
@@ -19,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -31,8 +37,12 @@ from ..nformer.graphs import chunks
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
                               check_labels, check_servable, normalize_rows, split_model)
-from ..serving.persistence import FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest
+from ..serving.gallery_state import landmark_positions
+from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest,
+                                   version_name)
 from ..serving.query_refine import QUERY_CHUNK, QueryPass
+from ..serving.updates import (check_new_items, check_removal, kept_label_names,
+                               replace_landmarks, report_reach)
 from .index_shard import IndexShard, open_index_shard
 from .partition import Range, shard_ranges
 from .shard import worker_threads
@@ -44,15 +54,20 @@ logger = logging.getLogger("fastreid.nformer")
 
 class ShardedGalleryIndex:
     """A gallery index whose rows live on shard workers; ``GalleryIndex``'s ``refine`` /
-    ``search`` / ``save`` / ``load`` with the same results. ``close()`` frees the workers."""
+    ``search`` / ``add`` / ``remove`` / ``save`` / ``load`` with the same results. ``close()``
+    frees the workers. ``sources``: the sha256 of the gallery files it holds (saved)."""
 
     def __init__(self, model: nn.Module, executor, workers: list, ranges: List[Range],
                  ids: np.ndarray, landmark_ids: List[Optional[np.ndarray]], metric: str,
-                 lands: list, settings, report: Optional[ShardedReport] = None):
+                 lands: list, settings, report: Optional[ShardedReport] = None,
+                 threads: int = 0, sources: Sequence[str] = ()):
         self.model, self.executor, self.workers, self.ranges = model, executor, workers, ranges
         self.nformer, self.head = split_model(model)
         self.ids, self.landmark_ids, self.metric = ids, landmark_ids, metric
         self.lands, self.settings, self.report = lands, settings, report
+        self.threads = worker_threads(threads)  # of every shard worker, also after an update
+        self.sources: List[str] = list(sources)
+        self.last_update_reach: Optional[List[int]] = None  # per layer, rows the update changed
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -75,31 +90,19 @@ class ShardedGalleryIndex:
         labels = check_labels(labels, len(ids))
         rows = nformer.sample_landmarks(len(inputs), 0)
         landmark_ids = [None if r is None else ids[r.cpu().numpy()] for r in rows]
-        settings = sharded_settings(nformer.sparse_settings(len(inputs)))
         ranges = shard_ranges(len(inputs), shards, shard_sizes)
         executor = make_executor(engine, address, len(ranges))
         logger.info("Building a sharded gallery index (%s): %d items over %d shards (%s rows)",
                     executor.name, len(inputs), len(ranges),
                     ", ".join(str(b - a) for a, b in ranges))
         start = time.perf_counter()
-        workers = _start(executor, ranges, model, settings, worker_threads(threads))
-        report = ShardedReport(engine=executor.name, shards=ranges)
-        try:
-            executor.get([executor.call(w, "load", inputs[a:b])
-                          for w, (a, b) in zip(workers, ranges)])
-            run_layers(executor, workers, ranges, nformer.blocks, rows, settings, [], report)
-            executor.get([executor.call(w, "set_items", ids[a:b],
-                                        {k: v[a:b] for k, v in labels.items()})
-                          for w, (a, b) in zip(workers, ranges)])
-            lands = executor.get([executor.call(workers[0], "landmark_proj", i)
-                                  for i in range(nformer.num_layers)])
-            finish_report(executor, workers, report)
-        except BaseException:
-            _release(executor, workers)
-            raise
+        parts = [{"inputs": inputs[a:b], "ids": ids[a:b],
+                  "labels": {k: v[a:b] for k, v in labels.items()}} for a, b in ranges]
+        workers, settings, lands, report = _refine_parts(executor, model, ranges, parts, ids,
+                                                         landmark_ids, worker_threads(threads))
         logger.info("Sharded gallery refined and indexed in %.1f s", time.perf_counter() - start)
         return cls(model, executor, workers, ranges, ids, landmark_ids, metric, lands, settings,
-                   report)
+                   report, threads)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,10 +111,86 @@ class ShardedGalleryIndex:
     def dim(self) -> int:
         return self.nformer.dim
 
+    @property
+    def refined(self) -> np.ndarray:
+        """The served gallery features (G, d), gathered from the shards."""
+        return np.concatenate(self.executor.get([self.executor.call(w, "served_features")
+                                                 for w in self.workers]))
+
+    @property
+    def labels(self) -> dict:
+        """The items' labels (``pids`` / ``camids`` / ``paths``), gathered from the shards."""
+        items = self.executor.get([self.executor.call(w, "item_rows") for w in self.workers])
+        return {k: np.concatenate([it[1][k] for it in items]) for k in items[0][1]}
+
+    @property
+    def paths(self) -> Optional[np.ndarray]:
+        """The items' image paths (when built from files that carry them)."""
+        return self.labels.get("paths")
+
     def close(self) -> None:
         """Free the shard workers (their memory; the hosts stay for the next use)."""
         _release(self.executor, self.workers)
         self.workers = []
+
+    # ------------------------------------------------------------------ updates
+    def add(self, new_feats: Features, ids=None, labels: Optional[dict] = None
+            ) -> "ShardedGalleryIndex":
+        """``GalleryIndex.add``: the new items (ids default to after the largest) go to the
+        last shard, then the gallery is refined again with the same landmark ids."""
+        x, new_ids, labels = check_new_items(self.nformer, self.ids, new_feats, ids, labels,
+                                             torch.device("cpu"))
+        names = kept_label_names(self._label_names(), labels)
+        added = {"inputs": x, "ids": new_ids, "labels": {k: labels[k] for k in names}}
+        last = len(self.ranges) - 1
+        plan = [(None, added if s == last else None) for s in range(len(self.ranges))]
+        kept = np.arange(len(self))
+        return self._update(plan, names, np.concatenate([self.ids, new_ids]), self.landmark_ids,
+                            f"add {len(x)}", kept, kept)
+
+    def remove(self, ids) -> "ShardedGalleryIndex":
+        """``GalleryIndex.remove``: every shard drops its removed rows (a shard left empty is
+        closed), removed landmark rows are replaced as there, then the gallery is refined
+        again."""
+        ids, keep = check_removal(self.nformer, self.ids, ids)
+        kept_ids = self.ids[keep]
+        landmark_ids = replace_landmarks(self.landmark_ids, kept_ids,
+                                         self.nformer.settings.landmark_seed)
+        plan = [(keep[a:b], None) for a, b in self.ranges]
+        return self._update(plan, self._label_names(), kept_ids, landmark_ids,
+                            f"remove {len(ids)}", np.flatnonzero(keep), np.arange(len(kept_ids)))
+
+    def _label_names(self) -> List[str]:
+        return self.executor.get(self.executor.call(self.workers[0], "label_names"))
+
+    def _update(self, plan: list, names: List[str], ids: np.ndarray,
+                landmark_ids: List[Optional[np.ndarray]], what: str, old_rows: np.ndarray,
+                new_rows: np.ndarray) -> "ShardedGalleryIndex":
+        """Per shard ``(keep mask or None, added items or None)``: each shard's part after the
+        update stays in the object store, the old workers go (memory, as the single-process
+        update frees its state first), new ones refine the new gallery; the reach is logged.
+        Every input is checked before; a failure while refining leaves the index closed."""
+        ex = self.executor
+        sizes = [(b - a if keep is None else int(keep.sum())) +
+                 (0 if added is None else len(added["ids"]))
+                 for (keep, added), (a, b) in zip(plan, self.ranges)]
+        parts = [ex.call(w, "items_after", keep, names, added)
+                 for w, (keep, added), n in zip(self.workers, plan, sizes) if n]
+        old_prints = _fingerprints(ex, self.workers)
+        self.close()
+        if len(parts) < len(plan):
+            logger.info("%s: %d shard(s) left empty, closed", what, len(plan) - len(parts))
+        ranges = shard_ranges(len(ids), len(parts), [n for n in sizes if n])
+        start = time.perf_counter()
+        self.workers, self.settings, self.lands, self.report = _refine_parts(
+            ex, self.model, ranges, parts, ids, landmark_ids, self.threads)
+        self.ranges, self.ids, self.landmark_ids = ranges, ids, landmark_ids
+        self.last_update_reach = report_reach(old_prints, _fingerprints(ex, self.workers),
+                                              landmark_positions(ids, landmark_ids), old_rows,
+                                              new_rows, what)
+        logger.info("%s: sharded gallery of %d items refined again in %.1f s (%s rows)", what,
+                    len(ids), time.perf_counter() - start, ", ".join(str(b - a) for a, b in ranges))
+        return self
 
     # ------------------------------------------------------------------ queries
     @torch.no_grad()
@@ -153,21 +232,36 @@ class ShardedGalleryIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str) -> str:
-        """One index folder per shard (``shard-000`` ...) and ``sharded.json`` (written last,
-        atomically): the layout, the shards' folders and rows, the landmark ids."""
+        """Write the index to ``directory`` atomically, as ``GalleryIndex.save``: one index
+        folder per shard (``shard-000`` ...) in a new version folder written as ``.tmp-<v>``
+        and renamed to ``<v>``, then ``sharded.json`` (the layout, the shards' folders and
+        rows, the landmark ids) replaced in one rename - the switch; the old versions go only
+        then. A save that fails or is killed anywhere leaves the old index loadable; the next
+        save deletes what it left."""
+        if os.path.isfile(os.path.join(directory, "CURRENT")):
+            raise ValueError(f"{directory} holds a single-process gallery index: save the sharded "
+                             f"index to another folder")
         os.makedirs(directory, exist_ok=True)
+        version = version_name()
+        tmp = os.path.join(directory, f".tmp-{version}")
         names = [f"shard-{s:03d}" for s in range(len(self.ranges))]
         meta = {"layout": "sharded"}
-        self.executor.get([self.executor.call(w, "save", os.path.join(directory, n),
+        self.executor.get([self.executor.call(w, "save", os.path.join(tmp, n),
                                               self.landmark_ids, self.metric, meta)
                            for w, n in zip(self.workers, names)])
+        os.replace(tmp, os.path.join(directory, version))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "sharded",
                     "metric": self.metric, "num_items": len(self), "dim": self.dim,
-                    "shards": [{"folder": n, "rows": [a, b]} for n, (a, b) in
+                    "shards": [{"folder": f"{version}/{n}", "rows": [a, b]} for n, (a, b) in
                                zip(names, self.ranges)],
                     "landmark_ids": [None if lm is None else [int(i) for i in lm]
-                                     for lm in self.landmark_ids]}
+                                     for lm in self.landmark_ids],
+                    "sources": self.sources}
         save_text(json.dumps(manifest, indent=2), os.path.join(directory, SHARDED_MANIFEST))
+        for name in os.listdir(directory):  # old versions, interrupted saves, the old layout
+            if name != version and (name.startswith(("v", ".tmp-")) or
+                                    re.fullmatch(r"shard-\d{3,}", name)):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         logger.info("Sharded gallery index saved to %s (%d shards)", directory, len(names))
         return directory
 
@@ -203,7 +297,7 @@ class ShardedGalleryIndex:
         ids = np.concatenate([it[0] for it in items])
         landmark_ids = [None if lm is None else np.asarray(lm) for lm in manifest["landmark_ids"]]
         return cls(model, executor, workers, ranges, ids, landmark_ids, manifest["metric"],
-                   lands, settings)
+                   lands, settings, threads=threads, sources=manifest.get("sources", []))
 
 
 def read_sharded_manifest(directory: str) -> dict:
@@ -225,6 +319,35 @@ def read_sharded_manifest(directory: str) -> dict:
             raise ValueError(f"{directory}: shard {shard['folder']} holds {own['num_items']} "
                              f"items, the manifest says {b - a}")
     return manifest
+
+
+def _refine_parts(executor, model: nn.Module, ranges: List[Range], parts: list, ids: np.ndarray,
+                  landmark_ids: List[Optional[np.ndarray]], threads: int) -> tuple:
+    """New shard workers for ``ranges`` loaded with ``parts`` (per shard its rows, ids and
+    labels: values or object-store handles), the gallery refined over them with the landmark
+    rows ``landmark_ids`` pinned; ``(workers, settings, landmark projections, report)``."""
+    nformer, _ = split_model(model)
+    settings = sharded_settings(nformer.sparse_settings(len(ids)))
+    workers = _start(executor, ranges, model, settings, threads)
+    report = ShardedReport(engine=executor.name, shards=list(ranges))
+    try:
+        executor.get([executor.call(w, "load_items", p) for w, p in zip(workers, parts)])
+        run_layers(executor, workers, ranges, nformer.blocks,
+                   landmark_positions(ids, landmark_ids), settings, [], report)
+        executor.get([executor.call(w, "set_items") for w in workers])
+        lands = executor.get([executor.call(workers[0], "landmark_proj", i)
+                              for i in range(nformer.num_layers)])
+        finish_report(executor, workers, report)
+    except BaseException:
+        _release(executor, workers)
+        raise
+    return workers, settings, lands, report
+
+
+def _fingerprints(executor, workers) -> List[Tensor]:
+    """``serving.updates.fingerprints`` of the whole gallery, gathered from its shards."""
+    parts = executor.get([executor.call(w, "fingerprints") for w in workers])
+    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
 def _start(executor, ranges, model, settings, threads) -> list:

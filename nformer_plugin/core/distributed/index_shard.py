@@ -20,6 +20,7 @@ from ..serving.checks import normalize_rows, split_model
 from ..serving.gallery_state import GalleryState, ServedGallery, apply_head
 from ..serving.persistence import load_gallery, save_gallery
 from ..serving.query_refine import matmul_topk
+from ..serving.updates import fingerprints
 from .shard import GalleryShard, Range, without_grad
 
 
@@ -38,21 +39,54 @@ class IndexShard(GalleryShard):
         self.refined: Optional[np.ndarray] = None
         self._search = None
 
-    def set_items(self, ids: np.ndarray, labels: Dict[str, np.ndarray]) -> int:
-        """The items' ids and labels; the served features of the refined rows."""
-        self.ids, self.labels = np.asarray(ids), dict(labels)
+    def load_items(self, part: dict) -> int:
+        """This shard's rows (``part["inputs"]``), ids and labels before the refinement (a
+        build's slice, or what :meth:`items_after` of a shard before an update returned)."""
+        self.ids, self.labels = np.asarray(part["ids"]), dict(part["labels"])
+        return self.load(part["inputs"])
+
+    def set_items(self) -> int:
+        """The served features of the refined rows (after the refinement)."""
         with torch.no_grad():
             self.refined = apply_head(self.head, self.x)
         self._search = None
         return len(self.ids)
 
+    def items_after(self, keep: Optional[np.ndarray], names: Sequence[str],
+                    added: Optional[dict] = None) -> dict:
+        """This shard's part after an update, for :meth:`load_items` of the shard that holds
+        it next: the rows ``keep`` (a mask; ``None``: all), then the rows ``added`` (``inputs``,
+        ``ids``, ``labels``); the labels ``names`` only."""
+        keep = np.ones(len(self.ids), bool) if keep is None else np.asarray(keep, bool)
+        rows = torch.from_numpy(np.flatnonzero(keep))
+        part = {"inputs": self.inputs[rows], "ids": self.ids[keep],
+                "labels": {k: self.labels[k][keep] for k in names}}
+        if added is not None:
+            part["inputs"] = torch.cat([part["inputs"], added["inputs"].float()])
+            part["ids"] = np.concatenate([part["ids"], added["ids"]])
+            part["labels"] = {k: np.concatenate([v, added["labels"][k]])
+                              for k, v in part["labels"].items()}
+        return part
+
+    def label_names(self) -> list:
+        return sorted(self.labels)
+
+    def fingerprints(self) -> list:
+        """``serving.updates.fingerprints`` of this shard's rows (what an update's reach is
+        measured with)."""
+        return fingerprints(self.gallery_state())
+
+    def gallery_state(self) -> GalleryState:
+        """Every layer's state of this shard's rows."""
+        return GalleryState(inputs=self.inputs, outputs=self.x,
+                            layers=[self.layers[i] for i in sorted(self.layers)],
+                            settings=self.settings, input_normed=self.input_base,
+                            input_kth=self.input_kth)
+
     def served(self, landmark_ids) -> ServedGallery:
         """This shard's part as a ``ServedGallery`` (what ``persistence`` saves)."""
-        state = GalleryState(inputs=self.inputs, outputs=self.x,
-                             layers=[self.layers[i] for i in sorted(self.layers)],
-                             settings=self.settings, input_normed=self.input_base,
-                             input_kth=self.input_kth)
-        return ServedGallery(self.ids, list(landmark_ids), state, self.refined, self.labels)
+        return ServedGallery(self.ids, list(landmark_ids), self.gallery_state(), self.refined,
+                             self.labels)
 
     def save(self, directory: str, landmark_ids, metric: str, meta: dict) -> str:
         return save_gallery(directory, self.model, self.served(landmark_ids), metric,
@@ -82,6 +116,9 @@ class IndexShard(GalleryShard):
 
     def item_rows(self) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         return self.ids, self.labels
+
+    def served_features(self) -> np.ndarray:
+        return self.refined
 
 
 def open_index_shard(shard: int, ranges: Sequence[Range], model: nn.Module,

@@ -90,6 +90,12 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def version_name() -> str:
+    """A new, unique version folder name (``v<time>-<pid>-<ns>``); ``.tmp-<name>`` while it is
+    written."""
+    return f"v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}"
+
+
 def _crash_point(name: str) -> None:
     if os.environ.get("NFORMER_INDEX_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -129,7 +135,7 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
 
     nformer, head = split_model(model)
     os.makedirs(directory, exist_ok=True)
-    version = f"v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}"
+    version = version_name()
     tmp = os.path.join(directory, f".tmp-{version}")
     os.makedirs(tmp)
     np.savez(os.path.join(tmp, "arrays.npz"), **_arrays(gallery))

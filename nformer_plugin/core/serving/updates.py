@@ -53,13 +53,21 @@ def log_reach(gallery: ServedGallery, old_prints: List[torch.Tensor], old_rows: 
               new_rows: np.ndarray, what: str, atol: float = 1e-5) -> List[int]:
     """Log, per layer, how many kept rows' layer inputs changed and whether a landmark row did
     (then every row's ``q~, k~`` changed with it, eq. 4); returns the changed counts."""
+    return report_reach(old_prints, fingerprints(gallery.state), gallery.landmark_rows(),
+                        old_rows, new_rows, what, atol)
+
+
+def report_reach(old_prints: List[torch.Tensor], new_prints: List[torch.Tensor],
+                 landmark_pos: List[Optional[torch.Tensor]], old_rows: np.ndarray,
+                 new_rows: np.ndarray, what: str, atol: float = 1e-5) -> List[int]:
+    """:func:`log_reach` from the fingerprints before and after (a sharded index gathers them
+    from its shards) and the new landmark positions per layer."""
     counts = []
-    landmark_pos = gallery.landmark_rows()
-    for i, (old, new) in enumerate(zip(old_prints, fingerprints(gallery.state))):
+    for i, (old, new) in enumerate(zip(old_prints, new_prints)):
         changed = ((old[old_rows] - new[new_rows]).abs().amax(dim=1) > atol).numpy()
         counts.append(int(changed.sum()))
         lm = landmark_pos[i]
-        touched = np.zeros(len(gallery), bool)
+        touched = np.zeros(len(new), bool)
         touched[new_rows[changed]] = True
         landmark_changed = lm is not None and bool(touched[lm.numpy()].any())
         logger.info("%s: layer %d input changed for %d of %d kept rows%s", what, i + 1,
@@ -69,17 +77,51 @@ def log_reach(gallery: ServedGallery, old_prints: List[torch.Tensor], old_rows: 
     return counts
 
 
-def _merge_labels(gallery: ServedGallery, labels: Optional[dict], count: int) -> dict:
-    """The per-item arrays (``pids`` / ``camids`` / ``paths``) both the gallery and the added
-    items carry (pids and camids only together); the others are dropped, with a warning."""
-    labels = check_labels(labels, count)
-    kept = set(gallery.labels) & set(labels)
+def kept_label_names(existing, added) -> List[str]:
+    """The label names (``pids`` / ``camids`` / ``paths``) kept after an add: those both the
+    gallery (``existing``) and the added items carry (pids and camids only together); the
+    others are dropped, with a warning."""
+    kept = set(existing) & set(added)
     if not {"pids", "camids"} <= kept:
         kept -= {"pids", "camids"}
-    dropped = sorted(set(gallery.labels) - kept)
+    dropped = sorted(set(existing) - kept)
     if dropped:
         logger.warning("added items have no %s: the index drops them", "/".join(dropped))
-    return {k: np.concatenate([gallery.labels[k], labels[k]]) for k in sorted(kept)}
+    return sorted(kept)
+
+
+def _merge_labels(gallery: ServedGallery, labels: dict) -> dict:
+    """The gallery's labels followed by the added items' (:func:`kept_label_names`)."""
+    return {k: np.concatenate([gallery.labels[k], labels[k]])
+            for k in kept_label_names(gallery.labels, labels)}
+
+
+def check_new_items(nformer: nn.Module, existing_ids: np.ndarray, new_feats, ids=None,
+                    labels: Optional[dict] = None, device=None
+                    ) -> Tuple[torch.Tensor, np.ndarray, dict]:
+    """The items to add, checked: ``(features, ids, labels)``; ``ids`` default to after the
+    largest of ``existing_ids``; an id already there is an error."""
+    device = device if device is not None else next(nformer.parameters()).device
+    x = as_features(new_feats, nformer.dim, "new gallery features", device)
+    start = int(existing_ids.max()) + 1 if len(existing_ids) else 0
+    ids = as_ids(np.arange(start, start + len(x)) if ids is None else ids, len(x))
+    clash = np.intersect1d(ids, existing_ids)
+    if len(clash):
+        raise ValueError(f"ids already in the index: {clash[:5].tolist()}")
+    return x, ids, check_labels(labels, len(x))
+
+
+def check_removal(nformer: nn.Module, existing_ids: np.ndarray, ids
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids, keep)``: the ids to remove, checked (each must be in ``existing_ids``), and the
+    mask of the rows that stay (still a gallery large enough for the model)."""
+    ids = as_ids(ids, len(np.asarray(ids).reshape(-1)), "ids to remove")
+    unknown = np.setdiff1d(ids, existing_ids)
+    if len(unknown):
+        raise ValueError(f"cannot remove unknown ids: {unknown[:5].tolist()}")
+    keep = ~np.isin(existing_ids, ids)
+    check_gallery_size(nformer, int(keep.sum()))
+    return ids, keep
 
 
 Update = Tuple[ServedGallery, List[int]]
@@ -98,14 +140,8 @@ def add_items(nformer: nn.Module, head: Optional[nn.Module], gallery: ServedGall
               ids=None, labels: Optional[dict] = None) -> Update:
     """Append ``new_feats`` with ``ids`` (default: after the largest id) to ``gallery``; returns
     the new served gallery (``gallery`` is released) and the per-layer reach."""
-    device = next(nformer.parameters()).device
-    x = as_features(new_feats, nformer.dim, "new gallery features", device)
-    start = int(gallery.ids.max()) + 1 if len(gallery.ids) else 0
-    ids = as_ids(np.arange(start, start + len(x)) if ids is None else ids, len(x))
-    clash = np.intersect1d(ids, gallery.ids)
-    if len(clash):
-        raise ValueError(f"ids already in the index: {clash[:5].tolist()}")
-    merged = _merge_labels(gallery, labels, len(x))
+    x, ids, labels = check_new_items(nformer, gallery.ids, new_feats, ids, labels)
+    merged = _merge_labels(gallery, labels)
     inputs = torch.cat([gallery.state.inputs, x])
     kept = np.arange(len(gallery))
     return _rebuild(nformer, head, gallery, inputs, np.concatenate([gallery.ids, ids]),
@@ -116,12 +152,7 @@ def remove_items(nformer: nn.Module, head: Optional[nn.Module], gallery: ServedG
                  ) -> Update:
     """Remove the items ``ids`` (all must be in ``gallery``); landmark rows are replaced.
     Returns the new served gallery (``gallery`` is released) and the per-layer reach."""
-    ids = as_ids(ids, len(np.asarray(ids).reshape(-1)), "ids to remove")
-    unknown = np.setdiff1d(ids, gallery.ids)
-    if len(unknown):
-        raise ValueError(f"cannot remove unknown ids: {unknown[:5].tolist()}")
-    keep = ~np.isin(gallery.ids, ids)
-    check_gallery_size(nformer, int(keep.sum()))
+    ids, keep = check_removal(nformer, gallery.ids, ids)
     kept_ids = gallery.ids[keep]
     landmark_ids = replace_landmarks(gallery.landmark_ids, kept_ids,
                                      nformer.settings.landmark_seed)
