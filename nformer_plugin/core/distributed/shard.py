@@ -37,6 +37,7 @@ from ..nformer.graphs import (InnerProductSearcher, SparseSettings, _with_self_l
                               certified_search, gather_rows)
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
+from ..process_memory import reset_peak_rss, status_bytes
 from ..serving.gallery_state import GalleryLayer
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
@@ -74,27 +75,6 @@ def padded(fn, x: Tensor, whole: bool):
     return tuple(t.narrow(-2, 0, x.shape[0]) for t in fn(pad))
 
 
-def _status_bytes(field: str) -> Optional[int]:
-    """``VmRSS`` / ``VmHWM`` of ``/proc/self/status`` in bytes (``None`` off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> None:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0), so the peak is this shard's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def without_grad(cls):
     """Every public method of ``cls`` under ``torch.no_grad`` (inference only, on any thread
     a worker runs it)."""
@@ -123,8 +103,8 @@ class GalleryShard:
         threads = worker_threads(threads)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        _reset_peak()
-        self.baseline_rss = _status_bytes("VmRSS") or 0
+        reset_peak_rss()
+        self.baseline_rss = status_bytes("VmRSS") or 0
         self.shard, self.ranges = shard, [tuple(r) for r in ranges]
         self.start, self.stop = self.ranges[shard]
         self.total = self.ranges[-1][1]
@@ -165,7 +145,7 @@ class GalleryShard:
         this shard was created (Linux ``VmHWM``, reset then where the kernel allows it, else
         the process's lifetime peak) and the resident memory at creation (the process with
         torch, faiss and the model loaded, before the shard's rows)."""
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return peak, self.baseline_rss
