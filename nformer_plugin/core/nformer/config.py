@@ -74,7 +74,7 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.STAGE2.FEAT_NOISE = 0.0  # Gaussian noise on set features, in per-dim std units
     _C.MODEL.NFORMER.STAGE2.AUG_PASSES = 0  # extra passes over the training images under training augmentation in the feature bank
     _C.MODEL.NFORMER.STAGE2.VAL_PERIOD = 1  # epochs between validations (DATASETS.VAL_FRACTION > 0)
-    _C.MODEL.NFORMER.STAGE2.PATIENCE = 0  # early stop: epochs without a validation-mAP gain (0: run all EPOCHS)
+    _C.MODEL.NFORMER.STAGE2.PATIENCE = 5  # early stop: epochs without a validation-mAP gain (0: run all EPOCHS; 5 chosen on Duke validation)
     _C.MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD = 10  # epochs between stage-2 checkpoints
     _C.MODEL.NFORMER.STAGE2.EVAL_PERIOD = 0  # epochs between stage-2 evaluations; 0 = at the end
     return cfg

@@ -46,7 +46,7 @@ class Stage2Settings:
     triplet_scale: float = 1.0
     triplet_margin: float = 0.3
     feat_noise: float = 0.0
-    patience: int = 0
+    patience: int = 5
 
     @classmethod
     def from_config(cls, node) -> "Stage2Settings":
