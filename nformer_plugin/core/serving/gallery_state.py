@@ -61,10 +61,6 @@ class GalleryLayer:
     inputs: Optional[Tensor] = None  # (G, d): the exact layer input, where stored anyway (layer 0)
     norms: Optional[Tensor] = None  # (G,): |x_L|, so that x_L ~ norms * normed (later layers)
 
-    @property
-    def num_rows(self) -> int:
-        return self.keys.shape[1]
-
 
 @dataclass
 class GalleryState:
