@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..nformer.graphs import SparseSettings
 from ..nformer.sparse import landmark_projections, sparse_set_forward
-from ..nformer.ties import canonical_rows, exact_scores
+from ..nformer.ties import canonical_rows, exact_scores, stable_rows
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -111,6 +111,22 @@ def layer_input_rows(layer: GalleryLayer, index: Tensor) -> Tensor:
     if layer.inputs is not None:
         return F.embedding(index, layer.inputs)
     return F.embedding(index, layer.normed) * layer.norms[index].unsqueeze(1)
+
+
+def gallery_value_table(attn: nn.Module, layer: GalleryLayer, nbrs: Tensor
+                        ) -> Tuple[Tensor, Tensor]:
+    """``(table, positions)``: the gallery values ``v`` (eq. 2) that neighbor lists ``nbrs``
+    (any shape, gallery rows) need, and where each entry's row is in ``table`` (nbrs' shape).
+    The layer's stored values where it keeps them; else ``v`` recomputed, once per distinct
+    row, from the layer input rows of :func:`layer_input_rows` (``ties.stable_rows``:
+    a row's bits do not depend on how many rows the projection has, so a query gets the same
+    values alone, in a chunk, in a batch or on a shard)."""
+    if layer.values is not None:
+        return layer.values, nbrs
+    rows, positions = torch.unique(nbrs, return_inverse=True)
+    x = layer_input_rows(layer, rows)
+    weight, bias = attn.v_proj.weight, attn.v_proj.bias
+    return stable_rows(lambda r: F.linear(r, weight, bias), x), positions
 
 
 def candidate_pool_size(settings: SparseSettings, set_size: int) -> int:

@@ -34,7 +34,7 @@ from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep,
                               scored)
 from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
                             exact_scores, score_cap, stable_rows)
-from .gallery_state import GalleryLayer, GalleryState, layer_input_rows
+from .gallery_state import GalleryLayer, GalleryState, gallery_value_table
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
 
 # (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
@@ -73,21 +73,6 @@ def gallery_keys(state: GalleryState, layer_index: int) -> Tensor:
     return state.searchers[key]
 
 
-def gallery_value_table(attn: nn.Module, layer: GalleryLayer, nbrs: Tensor
-                        ) -> Tuple[Tensor, Tensor]:
-    """``(table, positions)``: the gallery values ``v`` (eq. 2) that neighbor lists ``nbrs``
-    (any shape, gallery rows) need, and where each entry's row is in ``table`` (nbrs' shape).
-    The layer's stored values where it keeps them; else ``v`` recomputed, once per distinct
-    row, from the layer input rows of ``gallery_state.layer_input_rows`` (``ties.stable_rows``:
-    a row's bits do not depend on how many rows the projection has, so a query gets the same
-    values alone, in a chunk, in a batch or on a shard)."""
-    if layer.values is not None:
-        return layer.values, nbrs
-    rows, positions = torch.unique(nbrs, return_inverse=True)
-    x = layer_input_rows(layer, rows)
-    return stable_rows(lambda r: _linear(attn.v_proj, r), x), positions
-
-
 def masked_heads(keys_ghm: Tensor, value_table: Tensor, nbrs: Tensor, value_pos: Tensor,
                  keep: Tensor, qs: Tensor, ks: Tensor, values: Tensor, scale: float) -> Tensor:
     """RNS (eq. 8) over each query's kept gallery neighbors plus itself (its self loop) and
@@ -95,8 +80,8 @@ def masked_heads(keys_ghm: Tensor, value_table: Tensor, nbrs: Tensor, value_pos:
 
     ``keys_ghm`` (G, h, m): the layer's gallery keys; ``nbrs`` / ``keep`` (H, Q, k) with ``H`` = 1
     (lists shared by the heads) or ``h``; ``value_table`` (U, d) and ``value_pos`` (nbrs' shape):
-    the neighbors' values and each entry's row in it (:func:`gallery_value_table`); ``qs``,
-    ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
+    the neighbors' values and each entry's row in it (``gallery_state.gallery_value_table``);
+    ``qs``, ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
     """
     heads, num_query, _ = qs.shape
     head_dim = values.shape[1] // heads
