@@ -279,6 +279,10 @@ def test_load_errors_are_named(saved, tmp_path):
     json.dump(meta, open(manifest, "w"))
     with pytest.raises(ValueError, match="format version 99"):
         GalleryIndex.load(path)
+    meta["format_version"] = 1  # kept per-layer values: its queries would not match a build
+    json.dump(meta, open(manifest, "w"))
+    with pytest.raises(ValueError, match="format version 1 .*older version.*build the index"):
+        GalleryIndex.load(path)
 
 
 KILLED_SAVE = """

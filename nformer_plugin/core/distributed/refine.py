@@ -277,8 +277,10 @@ def mini_state(parts: List[dict], land: Optional[Tuple[Tensor, Tensor]], layer: 
         return torch.cat([p[name] for p in parts], dim=dim)
 
     gl = GalleryLayer(keys=cat("keys", 1), values=cat("values", 0), queries=cat("queries", 1),
-                      normed=cat("normed", 0), kth=cat("kth", 1), landmark_proj=land)
-    empty = torch.empty(rows, gl.values.shape[1])
+                      normed=cat("normed", 0), kth=cat("kth", 1), landmark_proj=land,
+                      inputs=cat("inputs", 0), norms=cat("norms", 0))
+    width = next(t.shape[1] for t in (gl.values, gl.inputs, gl.normed) if t is not None)
+    empty = torch.empty(rows, width)
     state = GalleryState(inputs=empty, outputs=empty, layers=[None] * layer + [gl],
                          settings=settings, input_normed=cat("input_normed", 0),
                          input_kth=cat("input_kth", 1), pool_size=0)

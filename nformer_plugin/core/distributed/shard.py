@@ -38,7 +38,7 @@ from ..nformer.graphs import (InnerProductSearcher, SparseSettings, _with_self_l
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
 from ..process_memory import reset_peak_rss, status_bytes
-from ..serving.gallery_state import GalleryLayer
+from ..serving.gallery_state import GalleryLayer, keep_value_source
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
 Range = Tuple[int, int]
@@ -173,7 +173,7 @@ class GalleryShard:
         qs, ks = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
         v = torch.cat([p[2] for p in parts])
         source, reciprocal = self.settings.neighbors, self.settings.mask == "reciprocal"
-        self.state = dict(keys=ks, values=v, qs=qs,
+        self.state = dict(keys=ks, values=v, qs=qs, x=self.x,
                           queries=qs if source == "affinity" and reciprocal else None)
         self.search, self.searchers = [], []
         if source == "affinity":
@@ -311,9 +311,10 @@ class GalleryShard:
                             grid_pieces(self.start, self.stop, self.total, chunk)])
         self.state.pop("qs")
         st = self.state
-        self.layers[layer] = GalleryLayer(keys=keys, values=values, landmark_proj=self.land,
-                                          queries=st.get("queries"), normed=st.get("normed"),
-                                          kth=st.get("kth"))
+        gl = GalleryLayer(keys=keys, landmark_proj=self.land, queries=st.get("queries"),
+                          normed=st.get("normed"), kth=st.get("kth"))
+        keep_value_source(gl, st["x"], values, st["x"] if layer == 0 else None, chunk)
+        self.layers[layer] = gl
         if not self.keep:  # only the current layer (the queries pass it next)
             self.layers = {layer: self.layers[layer]}
             self.query_searchers = {k: v for k, v in self.query_searchers.items()
@@ -346,14 +347,17 @@ class GalleryShard:
 
     def gallery_rows(self, layer: int, ids: Tensor) -> dict:
         """What ``query_refine.query_layer`` needs of global rows ``ids`` (this shard's) at
-        ``layer``: keys, values, q~ (affinity), canonical rows, k-th scores."""
+        ``layer``: keys, values (or what they are recomputed from: the exact layer input or the
+        row norms, ``gallery_state.keep_value_source``), q~ (affinity), canonical rows, k-th
+        scores."""
         local, gl = ids - self.start, self.layers[layer]
-        out = dict(keys=gl.keys[:, local], values=gl.values[local])
+        out = dict(keys=gl.keys[:, local])
         for name in ("queries", "kth"):
             if getattr(gl, name) is not None:
                 out[name] = getattr(gl, name)[:, local]
-        if gl.normed is not None:
-            out["normed"] = gl.normed[local]
+        for name in ("values", "normed", "inputs", "norms"):
+            if getattr(gl, name) is not None:
+                out[name] = getattr(gl, name)[local]
         if self.input_base is not None:
             out["input_normed"] = self.input_base[local]
         if self.input_kth is not None:

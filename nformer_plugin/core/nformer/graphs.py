@@ -367,7 +367,10 @@ def feature_graphs(x: Tensor, num_query: int, settings: SparseSettings,
     ``pool`` (``first_layer``: the layer the pool was searched on, no drift). ``record`` (a dict)
     receives the canonical rows ``normed`` (``ties.canonical_rows``) and, with a pool, the set
     rows' exact top-k scores ``set_scores`` (best first), which ``core.serving`` keeps."""
-    normed = canonical_rows(x, settings.chunk_size)
+    if first_layer and pool is not None:
+        normed = pool.base0  # the canonical rows of this very input (no second copy)
+    else:
+        normed = canonical_rows(x, settings.chunk_size)
     if record is not None:
         record["normed"] = normed
     if pool is None:

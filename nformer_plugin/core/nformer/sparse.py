@@ -169,10 +169,13 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
 
 def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
                        landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
-                       on_layer: Optional[Callable[[int, dict], None]] = None
+                       on_layer: Optional[Callable[[int, dict], None]] = None,
+                       pool_rows: Optional[Tensor] = None
                        ) -> Tuple[Tensor, List[Dict[str, float]]]:
     """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
     queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
+    ``pool_rows``: ``canonical_rows(feats)`` when the caller holds them already (the layer
+    pool searches them and layer 0 builds its graphs on them: no second copy).
 
     Returns the refined (N, d) and, per layer, the neighbor statistics. ``on_layer(i, record)``
     is called after each layer with its input ``x``, the candidate ``pool``, what
@@ -190,8 +193,10 @@ def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: in
         graphs = feature_graphs(x, num_query, settings)
     if (settings.neighbors == "layer" and masked and settings.layer_pool > 0
             and settings.layer_pool < x.shape[0] - num_query):
-        pool = CandidatePool(canonical_rows(x, settings.chunk_size), num_query,
-                             max(settings.layer_pool, settings.topk), settings)
+        if pool_rows is None:
+            pool_rows = canonical_rows(x, settings.chunk_size)
+        pool = CandidatePool(pool_rows, num_query, max(settings.layer_pool, settings.topk),
+                             settings)
     stats = []
     for i, (block, lm) in enumerate(zip(blocks, landmarks)):
         record = None if on_layer is None else dict(x=x, pool=pool)

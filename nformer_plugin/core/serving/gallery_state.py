@@ -11,6 +11,15 @@ affinity ``A~_ji``, ``"affinity"`` only) and each gallery row's ``k``-th neighbo
 query-side reciprocal test). Float32, except the k-th scores: float64, exact (``ties``). The
 feature bases are canonical rows (``ties.canonical_rows``).
 
+Memory (issue 20): with ``neighbors="layer"`` the values ``v`` are not stored. A query needs
+``v`` only of its ``k`` gathered neighbors, so ``query_refine`` recomputes them (``v = x_L W_v^T
++ b_v``, eq. 2) from the rows of the layer input that :func:`layer_input_rows` gives: layer 0's
+input is the NFormer input (stored anyway); a later layer's is rebuilt from its search base as
+``|x_L| * canonical(x_L)`` (one float per row kept), which is within ``2^-25 |x_L|`` of ``x_L``
+per coordinate (the canonical grid), below the rounding of the projection itself. Per layer the
+index then keeps one (G, d) matrix (the search base) instead of two. Batch isolated refinement
+uses the same state and the same recomputation, so the two stay equal bit for bit.
+
 ``isolated.refine_isolated`` is batch isolated refinement (``NFormer(cat([Q, G]),
 num_query=|Q|)``) built from the same pieces: the gallery refined by :func:`refine_gallery`, the
 queries by ``query_refine.query_layer`` against each layer's state as soon as it exists.
@@ -29,11 +38,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nformer.graphs import SparseSettings
 from ..nformer.sparse import landmark_projections, sparse_set_forward
-from ..nformer.ties import canonical_rows, exact_scores
+from ..nformer.ties import canonical_rows, exact_scores, stable_rows
 
 logger = logging.getLogger("fastreid.nformer")
 
@@ -43,11 +53,13 @@ class GalleryLayer:
     """One layer's gallery state; ``h`` heads, ``G`` rows, ``m`` = l (eq. 4) or d_h (eq. 3)."""
 
     keys: Tensor  # (h, G, m): k~ (or k with exact_affinity)
-    values: Tensor  # (G, d): v
+    values: Optional[Tensor] = None  # (G, d): v, where the layer has no search base (``normed``)
     landmark_proj: Optional[Tuple[Tensor, Tensor]] = None  # (q_l, k_l), each (h, l, d_h)
     queries: Optional[Tensor] = None  # (h, G, m): q~, for the reverse affinity A~_ji
     normed: Optional[Tensor] = None  # (G, d): unit-length layer input (neighbors="layer")
     kth: Optional[Tensor] = None  # (h or 1, G): each row's k-th neighbor score, float64
+    inputs: Optional[Tensor] = None  # (G, d): the exact layer input, where stored anyway (layer 0)
+    norms: Optional[Tensor] = None  # (G,): |x_L|, so that x_L ~ norms * normed (later layers)
 
 
 @dataclass
@@ -66,6 +78,55 @@ class GalleryState:
     @property
     def num_items(self) -> int:
         return self.inputs.shape[0]
+
+
+def row_norms(x: Tensor, chunk_size: int = 8192) -> Tensor:
+    """``|x_i|`` of every row (G,), float32: a float64 sum of squares per row, rounded once
+    (row-wise: a row's norm does not depend on the other rows of the call)."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], max(1, chunk_size)):
+        rows = x[start:start + chunk_size].double()
+        out[start:start + rows.shape[0]] = (rows * rows).sum(-1).sqrt().float()
+    return out
+
+
+def keep_value_source(layer: GalleryLayer, x: Tensor, values: Tensor,
+                      exact_inputs: Optional[Tensor], chunk_size: int) -> None:
+    """What a query recomputes the layer's gallery values from (see the module docstring): the
+    exact layer input when it is stored anyway (``exact_inputs``: layer 0), else the row norms of
+    the layer input ``x`` next to its search base ``layer.normed``; without a search base (the
+    ``affinity`` / ``input`` sources, ``mask="none"``) the values ``v`` themselves."""
+    if layer.normed is None:
+        layer.values = values
+    elif exact_inputs is not None:
+        layer.inputs = exact_inputs
+    else:
+        layer.norms = row_norms(x, chunk_size)
+
+
+def layer_input_rows(layer: GalleryLayer, index: Tensor) -> Tensor:
+    """Rows ``index`` (R,) of the layer input a query's values are recomputed from: exact where
+    stored (``layer.inputs``), else ``norms * normed`` (within ``2^-25 |x_L|`` per coordinate of
+    ``x_L``; row-wise, so a row's bits do not depend on the other rows gathered)."""
+    if layer.inputs is not None:
+        return F.embedding(index, layer.inputs)
+    return F.embedding(index, layer.normed) * layer.norms[index].unsqueeze(1)
+
+
+def gallery_value_table(attn: nn.Module, layer: GalleryLayer, nbrs: Tensor
+                        ) -> Tuple[Tensor, Tensor]:
+    """``(table, positions)``: the gallery values ``v`` (eq. 2) that neighbor lists ``nbrs``
+    (any shape, gallery rows) need, and where each entry's row is in ``table`` (nbrs' shape).
+    The layer's stored values where it keeps them; else ``v`` recomputed, once per distinct
+    row, from the layer input rows of :func:`layer_input_rows` (``ties.stable_rows``:
+    a row's bits do not depend on how many rows the projection has, so a query gets the same
+    values alone, in a chunk, in a batch or on a shard)."""
+    if layer.values is not None:
+        return layer.values, nbrs
+    rows, positions = torch.unique(nbrs, return_inverse=True)
+    x = layer_input_rows(layer, rows)
+    weight, bias = attn.v_proj.weight, attn.v_proj.bias
+    return stable_rows(lambda r: F.linear(r, weight, bias), x), positions
 
 
 def candidate_pool_size(settings: SparseSettings, set_size: int) -> int:
@@ -107,7 +168,7 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
 
     def keep_layer(i: int, record: dict) -> None:
         block, lm = blocks[i], landmarks[i]
-        layer = GalleryLayer(keys=torch.stack(record["ks"]), values=record["v"])
+        layer = GalleryLayer(keys=torch.stack(record["ks"]))
         if lm is not None:
             x_land = record["x"][lm.to(inputs.device)]
             layer.landmark_proj = landmark_projections(block.attn, x_land)
@@ -125,12 +186,15 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
                 for h, graphs in enumerate(record["graphs"])])
         if i == 0 and masked and source == "input" and reciprocal:
             state.input_kth = _feature_kth(record, state.input_normed, settings)[None]
+        keep_value_source(layer, record["x"], record["v"], inputs if i == 0 else None, chunk)
+        record.pop("v")  # the forward's transients go with its record
         state.layers.append(layer)
         logger.info("Gallery index: layer %d of %d refined and kept", i + 1, len(blocks))
         if after_layer is not None:
             after_layer(i, state, record)
 
-    state.outputs, _ = sparse_set_forward(blocks, inputs, 0, landmarks, settings, keep_layer)
+    state.outputs, _ = sparse_set_forward(blocks, inputs, 0, landmarks, settings, keep_layer,
+                                          pool_rows=state.input_normed)
     return state
 
 

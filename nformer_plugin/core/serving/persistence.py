@@ -40,10 +40,10 @@ from .checks import split_model
 from .gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 
 FORMAT = "nformer-gallery-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)
 FILES = ("arrays.npz", "model.pth", "search.faiss")
 RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
-LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth")
+LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth", "inputs", "norms")
 SHARDED_MANIFEST = "sharded.json"  # a sharded index's folder (core.distributed.index)
 
 
@@ -112,6 +112,8 @@ def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
             out[f"layer{i}_{name}"] = getattr(layer, name)
         if layer.normed is not None and layer.normed is state.input_normed:  # stored once
             out[f"layer{i}_normed"], out[f"layer{i}_normed_is_input"] = None, np.ones(1)
+        if layer.inputs is not None and layer.inputs is state.inputs:  # stored once
+            out[f"layer{i}_inputs"], out[f"layer{i}_inputs_is_input"] = None, np.ones(1)
         if layer.landmark_proj is not None:
             out[f"layer{i}_landmark_q"], out[f"layer{i}_landmark_k"] = layer.landmark_proj
         if gallery.landmark_ids[i] is not None:
@@ -188,8 +190,13 @@ def read_manifest(directory: str) -> tuple:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{directory}: not a gallery index (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
+        older = isinstance(manifest.get("format_version"), int) and \
+            manifest["format_version"] < FORMAT_VERSION
         raise ValueError(f"{directory}: index format version {manifest.get('format_version')} "
-                         f"is not supported (this version reads {FORMAT_VERSION})")
+                         f"is not supported (this version reads {FORMAT_VERSION})"
+                         + ("; it was saved by an older version of the plugin (whose queries "
+                            "used stored per-layer values): build the index again from its "
+                            "gallery features" if older else ""))
     for name, meta in manifest["files"].items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -252,16 +259,18 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None,
     with np.load(os.path.join(folder, "arrays.npz")) as data:
         arrays = {k: data[k] for k in data.files}
     layers, input_normed = [], _tensor(arrays, "input_normed", device)
+    inputs = _tensor(arrays, "inputs", device)
     for i in range(manifest["num_layers"]):
         fields = {name: _tensor(arrays, f"layer{i}_{name}", device) for name in LAYER_FIELDS}
         if f"layer{i}_normed_is_input" in arrays:
             fields["normed"] = input_normed
+        if f"layer{i}_inputs_is_input" in arrays:
+            fields["inputs"] = inputs
         proj = None
         if f"layer{i}_landmark_q" in arrays:
             proj = (_tensor(arrays, f"layer{i}_landmark_q", device),
                     _tensor(arrays, f"layer{i}_landmark_k", device))
         layers.append(GalleryLayer(landmark_proj=proj, **fields))
-    inputs = _tensor(arrays, "inputs", device)
     settings = nformer.sparse_settings(len(inputs))
     state = GalleryState(inputs=inputs, outputs=_tensor(arrays, "outputs", device), layers=layers,
                          settings=settings, input_normed=input_normed,

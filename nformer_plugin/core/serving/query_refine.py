@@ -34,7 +34,7 @@ from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep,
                               scored)
 from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
                             exact_scores, score_cap, stable_rows)
-from .gallery_state import GalleryLayer, GalleryState
+from .gallery_state import GalleryLayer, GalleryState, gallery_value_table
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
 
 # (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
@@ -73,14 +73,15 @@ def gallery_keys(state: GalleryState, layer_index: int) -> Tensor:
     return state.searchers[key]
 
 
-def masked_heads(keys_ghm: Tensor, gallery_values: Tensor, nbrs: Tensor, keep: Tensor,
-                 qs: Tensor, ks: Tensor, values: Tensor, scale: float) -> Tensor:
+def masked_heads(keys_ghm: Tensor, value_table: Tensor, nbrs: Tensor, value_pos: Tensor,
+                 keep: Tensor, qs: Tensor, ks: Tensor, values: Tensor, scale: float) -> Tensor:
     """RNS (eq. 8) over each query's kept gallery neighbors plus itself (its self loop) and
     eq. (2) aggregation, all heads at once -> (Q, d).
 
-    ``keys_ghm`` (G, h, m) and ``gallery_values`` (G, d): the layer's gallery keys and values;
-    ``nbrs`` / ``keep`` (H, Q, k) with ``H`` = 1 (lists shared by the heads) or ``h``; ``qs``,
-    ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
+    ``keys_ghm`` (G, h, m): the layer's gallery keys; ``nbrs`` / ``keep`` (H, Q, k) with ``H`` = 1
+    (lists shared by the heads) or ``h``; ``value_table`` (U, d) and ``value_pos`` (nbrs' shape):
+    the neighbors' values and each entry's row in it (``gallery_state.gallery_value_table``);
+    ``qs``, ``ks`` (h, Q, m) and ``values`` (Q, d): the queries' own ``q~, k~, v``.
     """
     heads, num_query, _ = qs.shape
     head_dim = values.shape[1] // heads
@@ -88,12 +89,12 @@ def masked_heads(keys_ghm: Tensor, gallery_values: Tensor, nbrs: Tensor, keep: T
         idx = nbrs[0]  # F.embedding: a plain row gather, faster than indexing
         key_rows = F.embedding(idx, keys_ghm.view(keys_ghm.shape[0], -1)).view(
             num_query, -1, heads, keys_ghm.shape[-1])  # (Q, k, h, m)
-        value_rows = F.embedding(idx, gallery_values).view(num_query, -1, heads, head_dim)
+        value_rows = F.embedding(value_pos[0], value_table).view(num_query, -1, heads, head_dim)
     else:
         idx = nbrs.permute(1, 2, 0)  # (Q, k, h)
         head_ids = torch.arange(heads, device=qs.device)
         key_rows = keys_ghm[idx, head_ids]
-        value_rows = gallery_values.view(-1, heads, head_dim)[idx, head_ids]
+        value_rows = value_table.view(-1, heads, head_dim)[value_pos.permute(1, 2, 0), head_ids]
     key_rows = torch.cat([key_rows, ks.transpose(0, 1).unsqueeze(1)], dim=1)  # (Q, k+1, h, m)
     value_rows = torch.cat([value_rows, values.view(num_query, 1, heads, head_dim)], dim=1)
     # elementwise products and per-row reductions (no batched GEMM, whose kernel choice could
@@ -363,8 +364,9 @@ def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) ->
                 for h, (nbrs_h, scores, own, back) in enumerate(lists)])
             qp.nbrs = torch.stack([entry[0] for entry in lists])
         qp.kept.append(qp.keep.sum(-1).float().mean(0))
-        heads_out = masked_heads(gallery_keys(state, i), layer.values, qp.nbrs, qp.keep, qs, ks,
-                                 v, scale)
+        table, positions = gallery_value_table(attn, layer, qp.nbrs)
+        heads_out = masked_heads(gallery_keys(state, i), table, qp.nbrs, positions, qp.keep, qs,
+                                 ks, v, scale)
     out = stable_rows(lambda r: _linear(attn.out_proj, r), heads_out)
     qp.x = stable_rows(lambda r: residual_tail(block, r[:, :x.shape[1]], r[:, x.shape[1]:]),
                        torch.cat([x, out], dim=1))

@@ -38,14 +38,18 @@ FINGERPRINT_WIDTH = 4
 
 
 def fingerprints(state) -> List[torch.Tensor]:
-    """Per layer, a random projection (G, 4) of every row's values ``v`` (a row-wise map of the
-    layer input): enough to tell which rows changed without keeping the old state (memory)."""
+    """Per layer, a random projection (G, 4) of a row-wise map of every row's layer input (its
+    values ``v``, the input itself, or its canonical row times its norm, whichever the layer
+    keeps): enough to tell which rows changed without keeping the old state (memory)."""
     out = []
     for layer in state.layers:
-        values = layer.values
+        rows = next(t for t in (layer.values, layer.inputs, layer.normed) if t is not None)
         g = torch.Generator().manual_seed(0)
-        projection = torch.randn(values.shape[1], FINGERPRINT_WIDTH, generator=g)
-        out.append((values @ projection.to(values.device)).cpu())
+        projection = torch.randn(rows.shape[1], FINGERPRINT_WIDTH, generator=g)
+        prints = rows @ projection.to(rows.device)
+        if layer.values is None and layer.inputs is None:
+            prints = prints * layer.norms.unsqueeze(1)  # |x| * canonical(x) ~ x
+        out.append(prints.cpu())
     return out
 
 
