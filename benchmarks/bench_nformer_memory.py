@@ -33,6 +33,7 @@ import numpy as np
 from proc_memory import reset_peak_rss, status_mb  # benchmarks/ (the script's folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POOL_VS_LAYER = 64  # --pool-vs-layer's pool when --layer-pool is 0 (the default)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -130,8 +131,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--sparse", type=int, nargs="*", default=[19281, 100000],
                    help="set sizes N for the sparse path at the defaults (exact search)")
     p.add_argument("--pool-vs-layer", type=int, nargs="*", default=[],
-                   help="set sizes N run with the layer pool and with a search per layer (pool "
-                        "0), compared: rows differing by > 1e-4 (must be 0) and the time ratio")
+                   help="set sizes N run with the layer pool (--layer-pool, else 64) and with a "
+                        "search per layer (pool 0), compared: rows differing by > 1e-4 (must be 0) and the time ratio")
     p.add_argument("--ivf", type=int, nargs="*", default=[],
                    help="set sizes N for the sparse path, approximate IVF index (1000000)")
     defaults = _default_config().MODEL.NFORMER
@@ -159,9 +160,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     runs += [("sparse", n, False, 0) for n in args.exact]
     runs += [("sparse", n, False, args.layer_pool) for n in args.sparse]
     runs += [("sparse", n, True, args.layer_pool) for n in args.ivf]
+    pool = args.layer_pool or POOL_VS_LAYER  # the default searches every layer (pool 0)
     for n in args.pool_vs_layer:
-        runs += [r for r in (("sparse", n, False, args.layer_pool), ("sparse", n, False, 0))
-                 if r not in runs]
+        for r in (("sparse", n, False, pool), ("sparse", n, False, 0)):
+            if r not in runs:
+                runs.append(r)
     compared = ({n for n in args.dense if n in args.exact}
                 | {n for n in args.ivf if n in args.sparse} | set(args.pool_vs_layer))
     print(f"NFormer inference, d={args.dim}, {args.layers} layers, 2 heads, l=5, k=20, N/8 "
