@@ -78,6 +78,16 @@ def assert_same_index(single, sharded, queries):
     assert single.last_update_reach == sharded.last_update_reach
 
 
+def assert_equals_single_and_fresh(stage, single, sharded, gallery, queries):
+    """The updated sharded index equals the single-process one after the same update and a
+    fresh sharded refinement of the new ``gallery`` with its landmark rows and shard sizes."""
+    assert_same_index(single, sharded, queries)
+    fresh_q, fresh_g = fresh_refinement(stage, gallery, queries, single.landmark_rows(),
+                                        sharded.ranges)
+    assert float((fresh_q - sharded.refine(queries)).abs().max()) <= 1e-6
+    assert np.abs(fresh_g - sharded.refined).max() <= 1e-6
+
+
 @pytest.mark.parametrize("neighbors", ["layer", "affinity"])
 def test_add_equals_the_single_process_add_and_a_fresh_sharded_build(neighbors):
     stage, gallery, queries, single, sharded = both_indexes(neighbors)
@@ -88,12 +98,7 @@ def test_add_equals_the_single_process_add_and_a_fresh_sharded_build(neighbors):
     assert sharded.ranges == [(0, 100), (100, 120), (120, 340)]  # to the last shard
     assert list(sharded.ids[-2:]) == [345, 346]  # after the largest id
     assert sorted(sharded.labels) == ["camids", "pids"]
-    assert_same_index(single, sharded, queries)
-    union = torch.cat([gallery, new])
-    fresh_q, fresh_g = fresh_refinement(stage, union, queries, single.landmark_rows(),
-                                        sharded.ranges)
-    assert float((fresh_q - sharded.refine(queries)).abs().max()) <= 1e-6
-    assert np.abs(fresh_g - sharded.refined).max() <= 1e-6
+    assert_equals_single_and_fresh(stage, single, sharded, torch.cat([gallery, new]), queries)
 
 
 def test_remove_equals_the_single_process_remove_including_a_landmark_row_and_a_shard():
@@ -105,12 +110,8 @@ def test_remove_equals_the_single_process_remove_including_a_landmark_row_and_a_
     assert not np.isin(gone, np.concatenate(sharded.landmark_ids)).any()
     assert sharded.ranges[0][1] < 100 and len(sharded.ranges) == 2  # the empty shard closed
     assert len(sharded) == 300 - len(set(gone))
-    assert_same_index(single, sharded, queries)
     rest = gallery[torch.from_numpy(~np.isin(np.arange(300) + 7, gone))]
-    fresh_q, fresh_g = fresh_refinement(stage, rest, queries, single.landmark_rows(),
-                                        sharded.ranges)
-    assert float((fresh_q - sharded.refine(queries)).abs().max()) <= 1e-6
-    assert np.abs(fresh_g - sharded.refined).max() <= 1e-6
+    assert_equals_single_and_fresh(stage, single, sharded, rest, queries)
 
 
 def test_bad_updates_are_named_and_change_nothing():
