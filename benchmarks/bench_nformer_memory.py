@@ -132,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="set sizes N for the sparse path at the defaults (exact search)")
     p.add_argument("--pool-vs-layer", type=int, nargs="*", default=[],
                    help="set sizes N run with the layer pool (--layer-pool, else 64) and with a "
-                        "search per layer (pool 0), compared: rows differing by > 1e-4 (must be 0) and the time ratio")
+                        "search per layer (pool 0), compared: rows differing by > 1e-4 (must "
+                        "be 0) and the time ratio")
     p.add_argument("--ivf", type=int, nargs="*", default=[],
                    help="set sizes N for the sparse path, approximate IVF index (1000000)")
     defaults = _default_config().MODEL.NFORMER
