@@ -37,10 +37,12 @@ def add_plugin_config(cfg: CfgNode) -> CfgNode:
     """Add every key of the plugin (with its defaults) to ``cfg`` in place; returns ``cfg``.
     The one composition both entry points use (``fastreid-train`` through
     ``fastreid_ext.config``, the feature-file commands through ``app.config``)."""
-    for path in ("MODEL.BACKBONE", "MODEL.HEADS", "MODEL.LOSSES", "DATASETS", "TEST"):
+    for path in ("MODEL.BACKBONE", "MODEL.HEADS", "MODEL.LOSSES", "DATASETS", "TEST", "SOLVER"):
         node(cfg, path)
     cfg.SEED = 0  # global random seed; -1 draws one (logged), so runs are reproducible by default
     cfg.DATASETS.VAL_FRACTION = 0.1  # share of training identities held out of both stages to validate stage 2 (picks model_best)
+    cfg.SOLVER.LOG_PERIOD = 20  # iterations between training progress lines (losses, ETA); FastReID's own is a fixed 200
+    cfg.TEST.REUSE_FEATURES = True  # reuse the last evaluation's test features while backbone and head are unchanged (stage 2)
     add_synthetic_dataset_config(cfg)  # DATASETS.EMBEDDED.*
     _add_nformer_keys(cfg)  # MODEL.NFORMER.*, MODEL.HEADS.NFORMER_FEAT_DIM, MODEL.LOSSES.CENTER.*
     add_transmatcher_config(cfg)  # MODEL.TRANSMATCHER.*

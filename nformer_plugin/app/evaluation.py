@@ -156,12 +156,13 @@ def evaluate_and_write(cfg, query: FeatureSet, gallery: FeatureSet,
 
 def report_from_weights(weights: str, query_path: str, gallery_path: str, out_dir: str,
                         images_root: str = "", queries: Optional[int] = None,
-                        rerank: bool = False, opts: Sequence[str] = ()) -> str:
+                        rerank: bool = False, opts: Sequence[str] = (),
+                        config_file: str = "") -> str:
     """``nformer report``: the ranked-list page of every pipeline row for the stage in
     ``weights`` on the query / gallery files (which need their ``paths``; labels optional:
     without them the page shows the ranked lists unmarked, ``report.plain``); ``queries``
     defaults to ``TEST.REPORT.QUERIES``. Returns the page's path."""
-    stage, cfg, dim = load_stage(weights, opts)
+    stage, cfg, dim = load_stage(weights, opts, config_file)
     query, gallery = load_query_gallery(query_path, gallery_path, dim,
                                         require_labels=False)  # unlabelled: ranked, no marks
     for fs, path in ((query, query_path), (gallery, gallery_path)):

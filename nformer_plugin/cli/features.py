@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_common_arguments
+
 FORMATS = """\
 feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (optional for refine,
   report and index), paths (N, optional); several --train files are passes over the same images
@@ -28,6 +30,7 @@ feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (option
   "mINP"} (percent), "nformer_neighbors": [per layer {"mean", "p5", "self_only"}]}
 a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows the traceback
 """
+WEIGHTS_HELP = ("the NFormer model: a fastreid-train run's model_final.pth, or nformer train's")
 
 
 def cmd_train(args) -> int:
@@ -44,7 +47,7 @@ def cmd_eval(args) -> int:
     from ..app.stage import load_stage
     from ..core.retrieval.comparison import format_table
 
-    stage, cfg, dim = load_stage(args.weights, args.opts)
+    stage, cfg, dim = load_stage(args.weights, args.opts, args.config_file)
     cfg.TEST.RERANK.ENABLED = bool(args.rerank)
     query, gallery = load_query_gallery(args.query, args.gallery, dim)
     rows = evaluate_pipelines(cfg, query, gallery, stage, next(stage.parameters()).device)
@@ -65,7 +68,7 @@ def cmd_refine(args) -> int:
     options = EngineOptions(args.engine, args.address or None, args.shards,
                             threads=args.threads)
     options.check()
-    stage, _, dim = load_stage(args.weights, args.opts)
+    stage, _, dim = load_stage(args.weights, args.opts, args.config_file)
     query, gallery = load_query_gallery(args.query, args.gallery, dim,
                                         require_labels=False)  # nothing is scored
     export_features(args.output_dir, query, gallery,
@@ -93,6 +96,7 @@ def add_feature_parsers(sub) -> None:
                    help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
     p.add_argument("--config-file", default="", help="YAML with MODEL.NFORMER.* keys")
+    add_common_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/last_checkpoint.pth (written every "
                         "MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD epochs and after the last)")
@@ -101,7 +105,7 @@ def add_feature_parsers(sub) -> None:
     for name, func, text in (("eval", cmd_eval, "metrics of input vs refined features"),
                              ("refine", cmd_refine, "write refined query/gallery features")):
         p = sub.add_parser(name, help=text, epilog=FORMATS, formatter_class=fmt)
-        p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
+        p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
         p.add_argument("--query", required=True, help="Q.npz")
         p.add_argument("--gallery", required=True, help="G.npz")
         if name == "eval":
@@ -110,4 +114,5 @@ def add_feature_parsers(sub) -> None:
         else:
             p.add_argument("--output-dir", required=True, help="folder for *_refined.npz")
             add_engine_arguments(p)
+        add_common_arguments(p)
         p.set_defaults(func=func)

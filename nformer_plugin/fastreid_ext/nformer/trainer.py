@@ -39,6 +39,7 @@ class Trainer(EvaluatingTrainer):
     """Two-stage NFormer trainer (stage 1: backbone + head, stage 2: NFormer)."""
 
     evaluator_class = NFormerEvaluator
+    reuses_test_features = True  # stage 2 freezes backbone and head
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
@@ -165,7 +166,8 @@ class Trainer(EvaluatingTrainer):
             trainer.load_state_dict(self._stage2_state)
         if comm.is_main_process() and cfg.OUTPUT_DIR:  # TensorBoard + metrics.json, as stage 1
             trainer.events = Stage2Events(cfg.OUTPUT_DIR)
-        saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())
+        saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+                                   config=cfg.dump())
         results = {}
 
         def on_epoch_end(epoch: int, stats: dict) -> None:
