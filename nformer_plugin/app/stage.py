@@ -76,7 +76,8 @@ def read_model_file(weights: str) -> dict:
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{weights}: not a model file (truncated, or not written by torch.save: "
+        raise ValueError(f"{weights}: not a model written by 'nformer train' or 'fastreid-train' "
+                         f"(unreadable: truncated, or not written by torch.save: "
                          f"{str(e).splitlines()[0]})") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{weights}: not a model written by 'nformer train' or "

@@ -5,6 +5,9 @@
                          where the command reads a model file)
 ``KEY VALUE ...``        config overrides, after every flag
 ``--device DEVICE``      ``MODEL.DEVICE`` (cpu, cuda, cuda:1); same as ``MODEL.DEVICE DEVICE``
+
+``nformer index remove`` reads no config (the index holds its model, refined on the CPU): it takes
+``--threads`` and ``--debug`` only.
 ``--threads N``          torch threads (0: ``$NFORMER_NUM_THREADS``, else the available cores)
 ``--debug``              tracebacks of user errors
 
@@ -18,11 +21,13 @@ CONFIG_FILE_HELP = "YAML merged into the config (over the model's own, where the
 
 
 def add_common_arguments(p: argparse.ArgumentParser, config_file: bool = True,
-                         config_help: str = CONFIG_FILE_HELP) -> argparse.ArgumentParser:
+                         config_help: str = CONFIG_FILE_HELP,
+                         device_help: str = "") -> argparse.ArgumentParser:
     """Add the common flags to the leaf parser ``p`` (``config_file``: it reads a config, so
-    ``--config-file`` and ``KEY VALUE`` overrides apply); returns ``p``."""
-    p.add_argument("--device", default="",
-                   help="MODEL.DEVICE: cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
+    ``--config-file``, ``--device`` and ``KEY VALUE`` overrides apply); returns ``p``."""
+    if config_file:
+        p.add_argument("--device", default="", help=device_help or (
+            "MODEL.DEVICE: cpu, cuda or cuda:N (default: cuda when torch sees a GPU)"))
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: $NFORMER_NUM_THREADS, else the available cores)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -30,7 +35,7 @@ def add_common_arguments(p: argparse.ArgumentParser, config_file: bool = True,
         if "--config-file" not in p._option_string_actions:
             p.add_argument("--config-file", default="", help=config_help)
         p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    p.set_defaults(command_parser=p, opts=[], config_file="")
+    p.set_defaults(command_parser=p, opts=[], config_file="", device="")
     return p
 
 

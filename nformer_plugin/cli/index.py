@@ -220,6 +220,8 @@ def add_index_parser(subparsers) -> None:
             p.add_argument("--images", default="",
                            help="a folder / glob / list of crops, extracted as the gallery was")
             add_common_arguments(p, config_help="merged into the --images extractor's config "
-                                                "(the one the index records)")
+                                                "(the one the index records)",
+                                 device_help="MODEL.DEVICE of the --images extraction (the "
+                                             "index refines on the CPU)")
         else:  # build: the model's config; remove: the index's own model, no config read
             add_common_arguments(p, config_file=name == "build")
