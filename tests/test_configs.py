@@ -112,12 +112,33 @@ def test_too_few_training_identities_for_a_batch_is_a_clear_error(tiny_config, i
 def test_renamed_keys_still_load_with_a_deprecation_message(caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="fastreid.nformer"):
+    with caplog.at_level(logging.WARNING, logger="nformer_plugin"):
         cfg = load(os.path.join(REPO, "configs/NFormer/demo.yml"), "TEST.RANKED_LIST_PNG", "3")
     assert cfg.TEST.RANKED_LIST_QUERIES == 3
     assert "TEST.RANKED_LIST_PNG is deprecated" in caplog.text
     cfg = load(os.path.join(REPO, "configs/NFormer/demo.yml"), "MODEL.HEADS.NAME", "NFormerHead",
                "MODEL.HEADS.NUM_CLASSES", "5")
-    with caplog.at_level(logging.WARNING, logger="fastreid.nformer"):
+    with caplog.at_level(logging.WARNING, logger="nformer_plugin"):
         model = build_model(cfg)
     assert type(model.heads).__name__ == "NFormerHead" and "deprecated" in caplog.text
+
+
+def test_synthetic_dataset_keys_and_names_renamed_from_embedded(tmp_path, caplog):
+    """``DATASETS.EMBEDDED.*`` and the ``EmbeddedReID*`` datasets (configs written before the
+    rename) still load, with a deprecation message, into ``DATASETS.SYNTHETIC.*`` /
+    ``SyntheticReID*``."""
+    import logging
+
+    pytest.importorskip("fastreid")
+    from fastreid.data.datasets import DATASET_REGISTRY
+
+    from nformer_plugin.fastreid_ext import load_config
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
+
+    old = tmp_path / "old.yml"
+    old.write_text("DATASETS:\n  NAMES: ('EmbeddedReID',)\n  EMBEDDED:\n    NUM_TRAIN_IDS: 9\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(str(old))
+    assert cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IDS == 9
+    assert "DATASETS.EMBEDDED.NUM_TRAIN_IDS is deprecated" in caplog.text
+    assert issubclass(DATASET_REGISTRY.get("EmbeddedReID"), SyntheticReID)

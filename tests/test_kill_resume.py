@@ -6,7 +6,7 @@ command counts how often it passes every point (``NFORMER_FAULT_COUNTS``); each 
 ``n`` from a ``random.Random`` seeded with ``NFORMER_FAULT_SEED`` (default 22) and the moment's
 name, so CI draws the same moments every time and another seed draws others:
 
-* ``fastreid-train`` (both stages, tiny embedded dataset, CPU, one thread; warm-up and an LR step
+* ``fastreid-train`` (both stages, tiny synthetic dataset, CPU, one thread; warm-up and an LR step
   inside stage 1, a monitoring evaluation inside stage 2): killed during a stage-1 epoch, while a
   checkpoint is being written (before its rename, or before ``last_checkpoint`` names it),
   between two checkpoints, while stage 2 builds its feature bank, mid stage-2 epoch and during

@@ -164,7 +164,7 @@ def test_a_gallery_of_another_backbone_is_refused(run, tmp_path):
 
 def test_final_evaluation_reuses_stage1_features_with_identical_tables(run):
     tmp, out, log = run
-    assert "Test features of EmbeddedReID reused" in log
+    assert "Test features of SyntheticReID reused" in log
     _, again = _train(tmp, "no_reuse", "TEST.REUSE_FEATURES", "False")
     assert "reused" not in again
     assert TABLE_ROW.findall(log) == TABLE_ROW.findall(again)

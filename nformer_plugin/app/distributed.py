@@ -20,7 +20,7 @@ from ..core.distributed.executor import require_ray
 from ..core.features import FeatureSet
 from ..core.nformer import NFormer, NFormerStage
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 ENGINES = ("single", "ray")
 

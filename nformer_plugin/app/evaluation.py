@@ -25,7 +25,7 @@ from ..report import write_report
 from .features import load_query_gallery
 from .stage import load_stage
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 def rerank_params(cfg) -> Optional[RerankParams]:

@@ -25,7 +25,7 @@ import torch
 
 from ..core.io import atomic_write, save_text
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17

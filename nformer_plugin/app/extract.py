@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 FASTREID_MISSING = ("needs FastReID, which is not installed; install it with: "
                     "pip install --no-deps fastreid==1.4.0")

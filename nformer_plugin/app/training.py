@@ -18,7 +18,7 @@ from .config import config_device, load_feature_config
 from .features import load_training_bank
 from .stage import build_stage, save_stage
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .test_features import TestTimeFeatures, test_time_features
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 __all__ = ["test_time_features", "TestTimeFeatures", "build_feature_model", "image_loader",
            "batch_features", "flip_test"]

@@ -2,7 +2,7 @@
 
 FastReID's builders wrap every loader in ``DataLoaderX``, which creates a CUDA stream, and read
 the dataset root once at import time. These builders read ``FASTREID_DATASETS`` at call time,
-seed the samplers from ``cfg.SEED``, pass ``cfg.DATASETS.EMBEDDED`` to datasets that take it,
+seed the samplers from ``cfg.SEED``, pass ``cfg.DATASETS.SYNTHETIC`` to datasets that take it,
 and return plain ``torch.utils.data.DataLoader`` s when CUDA is not in use.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fastreid.utils import comm
 from ..core.training.reproducible import PositionSeededBatches, PositionSeededDataset
 from ..core.training.validation import split_validation_ids
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 DATASETS_ENV = "FASTREID_DATASETS"
 

@@ -21,7 +21,7 @@ from ..core.writable import OutputNotWritable, check_writable
 from .config import load_config
 from .model_setup import check_device, trainer_class, with_num_classes_from_weights  # noqa: F401
 from .nformer.trainer import Trainer
-from .trainer import AtomicCheckpointer, export_training_features
+from .trainer import AtomicCheckpointer, export_training_features, setup_plugin_logger
 
 
 DEBUG_ENV = "NFORMER_DEBUG"  # set (or pass --debug) to see the traceback behind a user error
@@ -83,8 +83,9 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_plugin_logger(cfg.OUTPUT_DIR, comm.get_rank())
     seed_all_rng(cfg.SEED + comm.get_rank())
-    logging.getLogger("fastreid.nformer").info("Seed: %d", cfg.SEED + comm.get_rank())
+    logging.getLogger(__name__).info("Seed: %d", cfg.SEED + comm.get_rank())
     return cfg
 
 

@@ -26,6 +26,7 @@ from fastreid.evaluation import inference_on_dataset
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.logger import setup_logger
 
 from ..core.faults import fault_point
 from ..core.features import save_feature_file
@@ -36,7 +37,7 @@ from ..core.writable import check_writable, checkpoint_bytes, last_good, write_f
 from . import loaders as data_build
 from .test_features import TestTimeFeatures, test_time_features
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -103,6 +104,17 @@ class Stage1Checkpointer(hooks.HookBase):
         epoch = self.trainer.epoch
         if self.period > 0 and (epoch + 1) % self.period == 0 and epoch < self.trainer.max_epoch - 1:
             self.checkpointer.save(f"model_{epoch:04d}", epoch=epoch, stage=1, rng=rng_state())
+
+
+def setup_plugin_logger(output: str = None, rank: int = 0) -> None:
+    """FastReID's log handlers (console, ``OUTPUT_DIR/log.txt``) for the plugin's loggers too
+    (each module logs under its own name, ``nformer_plugin.*``); the ``fastreid`` logger's as
+    well when nothing set it up (a trainer built outside ``fastreid-train``)."""
+    if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
+        setup_logger(output, distributed_rank=rank)
+    if not logging.getLogger("nformer_plugin").isEnabledFor(logging.INFO):
+        setup_logger(output, distributed_rank=rank, name="nformer_plugin",
+                     abbrev_name="nformer")
 
 
 def wrap_ddp(cfg, module: torch.nn.Module) -> torch.nn.Module:

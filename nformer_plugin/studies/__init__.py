@@ -19,7 +19,7 @@ from ..core.features import FeatureSet, load_feature_file
 from . import data, paper
 from .common import StudyContext, write_outputs
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 #: study name -> function(ctx) returning (rows, summary, plot)
 STUDIES = {

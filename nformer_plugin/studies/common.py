@@ -22,7 +22,7 @@ from ..core.io import save_text
 from ..core.retrieval.comparison import distances
 from ..core.retrieval.metrics import evaluate_ranking
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "mINP")
 #: evaluation-time settings of a trained NFormer: attribute of NFormer (dotted: of an attribute)

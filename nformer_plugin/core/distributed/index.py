@@ -49,7 +49,7 @@ from .shard import worker_threads
 from .refine import (ShardedReport, finish_report, make_executor, query_round, run_layers,
                      sharded_settings)
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 class ShardedGalleryIndex:

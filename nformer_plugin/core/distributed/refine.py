@@ -44,7 +44,7 @@ from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges
 from .shard import GalleryShard, nbytes, worker_threads
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ..retrieval.neighbors import build_index, knn_search
 from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
                    float32_dot_bound, lex_sort, score_cap)
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 @dataclass
 class SparseSettings:

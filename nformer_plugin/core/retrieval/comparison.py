@@ -15,7 +15,7 @@ import numpy as np
 from ..features import FeatureSet, check_same_dim
 from .metrics import cosine_distance, euclidean_distance, evaluate_ranking, l2_normalize
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 ROW_NAMES = {"baseline": "baseline", "kr": "+KR", "nformer": "+NFormer", "nformer_kr": "+NFormer+KR"}

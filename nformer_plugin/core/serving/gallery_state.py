@@ -45,7 +45,7 @@ from ..nformer.graphs import SparseSettings
 from ..nformer.sparse import landmark_projections, sparse_set_forward
 from ..nformer.ties import canonical_rows, exact_scores, stable_rows
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

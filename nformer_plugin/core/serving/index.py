@@ -32,7 +32,7 @@ from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
                            matmul_topk, refine_queries, torch_threads)
 from .updates import add_items, remove_items
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 class GalleryIndex:

@@ -25,7 +25,7 @@ from ..io import save_torch
 from ..writable import check_writable, checkpoint_bytes, write_failure
 from .stage2 import EpochCallback, Stage2Trainer
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last_checkpoint.pth"
 

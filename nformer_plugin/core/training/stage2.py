@@ -24,7 +24,7 @@ from ..faults import fault_point
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, Dict[str, float]], None]
 OPTIMIZERS = ("Adam", "SGD")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..retrieval.rerank_precomputed import k_reciprocal_rerank_distances
 from .matcher import TransMatcher
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 #: Default cap on the pair similarity values formed at once: 64 Mi float32 values (256 MB).
 PAIR_BLOCK_CELLS = 1 << 26

@@ -50,7 +50,7 @@ class NFormerHead(ReductionNeckHead):
     """Deprecated name of :class:`ReductionNeckHead` (the stage-1 head, not NFormer)."""
 
     def __init__(self, *args, **kwargs):
-        logging.getLogger("fastreid.nformer").warning(
+        logging.getLogger(__name__).warning(
             "MODEL.HEADS.NAME NFormerHead is deprecated; use ReductionNeckHead")
         super().__init__(*args, **kwargs)
 

@@ -19,7 +19,6 @@ import torch
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
-from fastreid.utils.logger import setup_logger
 
 from ...core.training import Stage2Settings, build_stage2
 from ...core.training.events import Stage2Events
@@ -27,10 +26,10 @@ from ...core.training.reproducible import rng_state, set_rng_state
 from ...core.training.validation import make_validator
 from .. import loaders as data_build
 from ..trainer import (AtomicCheckpointer, EvaluatingTrainer, export_training_features,
-                       extract_features, wrap_ddp)
+                       extract_features, setup_plugin_logger, wrap_ddp)
 from .evaluator import NFormerEvaluator
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 STAGES = ("both", "stage1", "stage2")
 
@@ -43,8 +42,7 @@ class Trainer(EvaluatingTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
-            setup_logger()
+        setup_plugin_logger()
         if cfg.MODEL.NFORMER.STAGES not in STAGES:
             raise ValueError(f"MODEL.NFORMER.STAGES must be one of {STAGES}")
         data_loader = self.build_train_loader(cfg)

@@ -39,7 +39,7 @@ from ...core.transmatcher.scoring import (MapStore, match_scores, reranked_dista
                                           scores_to_distances)
 from ...app.evaluation import rerank_params
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 ROWS = {"global": "global (GAP)", "global_kr": "global+KR", "transmatcher": "TransMatcher",
         "transmatcher_kr": "TransMatcher+KR"}

@@ -25,7 +25,7 @@ from ...core.transmatcher import TransMatcher
 from ...core.transmatcher.loss import pairwise_matching_loss
 from ..backbone_registry import check_pretrain_available, normalized_images
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 __all__ = ["FeatureTrunk", "TransMatcherReID", "matcher_kwargs"]
 

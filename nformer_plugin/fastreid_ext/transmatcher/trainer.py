@@ -35,17 +35,16 @@ from fastreid.data.build import fast_batch_collator
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
-from fastreid.utils.logger import setup_logger
 
 from ...core.training.graph_sampler import GraphSampler
 from ...core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
 from ...core.transmatcher.scoring import MapStore, match_scores
 from .. import loaders as data_build
-from ..trainer import EvaluatingTrainer
+from ..trainer import EvaluatingTrainer, setup_plugin_logger
 from .evaluator import TransMatcherEvaluator, _storage_dtype
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 SAMPLERS = ("GS", "identity")
 
@@ -106,8 +105,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
-            setup_logger()
+        setup_plugin_logger()
         if comm.get_world_size() > 1:
             raise ValueError("TransMatcherTrainer runs in one process (--num-gpus 1)")
         t = cfg.MODEL.TRANSMATCHER
