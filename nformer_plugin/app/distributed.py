@@ -15,7 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..core.distributed import ShardedReport, refine_sharded
+from ..core.distributed import ShardedReport
+from ..core.distributed import refine_nformer_sharded as sharded_refinement
 from ..core.distributed.executor import require_ray
 from ..core.features import FeatureSet
 from ..core.nformer import NFormer, NFormerStage
@@ -56,23 +57,12 @@ class EngineOptions:
 
 def refine_nformer_sharded(nformer: NFormer, feats: torch.Tensor, num_query: int,
                            options: EngineOptions) -> Tuple[torch.Tensor, ShardedReport]:
-    """``nformer(feats, num_query)`` (eval, sparse) with the gallery sharded over Ray workers:
-    the same landmarks and settings as the single process; ``nformer.neighbor_stats`` set."""
+    """``core.distributed.refine_nformer_sharded`` on ``options``' engine, address, shards and
+    threads (``nformer.neighbor_stats`` set, as by the single process)."""
     options.check()
-    feats = feats.detach().float().cpu().contiguous()
-    nformer.eval()
-    nformer._check_input(feats, num_query)
-    isolated = num_query if nformer.settings.query_mode == "isolated" else 0
-    if nformer.settings.inference == "dense":
-        logger.info("ray engine: the sparse path (INFERENCE dense is single-process only)")
-    landmarks = nformer.sample_landmarks(feats.shape[0], num_query)
-    nformer.last_landmarks = list(landmarks)
-    settings = nformer.sparse_settings(feats.shape[0] - isolated)
-    out, report = refine_sharded(nformer.blocks, feats, isolated, landmarks, settings,
-                                 shards=options.shards, engine="ray", address=options.address,
-                                 shard_sizes=options.shard_sizes, threads=options.threads)
-    nformer.neighbor_stats = report.neighbor_stats
-    return out, report
+    return sharded_refinement(nformer, feats, num_query, shards=options.shards, engine="ray",
+                              address=options.address, shard_sizes=options.shard_sizes,
+                              threads=options.threads)
 
 
 @torch.no_grad()

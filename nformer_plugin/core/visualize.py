@@ -7,7 +7,9 @@ from typing import Dict, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot_agg():
+    """matplotlib's pyplot on the Agg backend (files only, no display); imported on first use
+    (matplotlib is optional for everything but the PNGs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +28,7 @@ def save_ranked_lists(path: str, dist: np.ndarray, q_paths: Sequence[str], g_pat
     """
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot_agg()
     num_queries = min(num_queries, dist.shape[0])
     fig, axes = plt.subplots(num_queries, topk + 1, figsize=(1.1 * (topk + 1), 2.2 * num_queries),
                              squeeze=False)
@@ -59,7 +61,7 @@ def save_ranked_lists(path: str, dist: np.ndarray, q_paths: Sequence[str], g_pat
 def save_curves(path: str, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
                 title: str = "") -> str:
     """Plot named series (e.g. losses per epoch) into one PNG."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, label=name)

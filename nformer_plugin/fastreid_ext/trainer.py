@@ -250,7 +250,7 @@ class EvaluatingTrainer(DefaultTrainer):
 
 
 class TestFeatureCache:
-    """The test features an evaluator gathered (its ``_predictions``), kept on the model with
+    """The test features an evaluator gathered (its ``batches``), kept on the model with
     the fingerprint of its backbone and head (``core.fingerprint``): the next evaluation of the
     same test set reuses them instead of extracting again, and only while that fingerprint is
     unchanged - in NFormer's stage 2, whose backbone and head are frozen."""
@@ -273,7 +273,7 @@ class TestFeatureCache:
         return state_fingerprint(self.model.state_dict())
 
     def store(self, name: str, evaluator) -> None:
-        self._entries()[name] = (self.fingerprint(), list(evaluator._predictions))
+        self._entries()[name] = (self.fingerprint(), evaluator.batches)
 
     def restore(self, name: str, evaluator, data_loader) -> bool:
         """Give ``evaluator`` the cached features of ``name`` when backbone and head are the ones
@@ -284,8 +284,7 @@ class TestFeatureCache:
         if entry is None or entry[0] != self.fingerprint():
             return False
         torch.empty((), dtype=torch.int64).random_(generator=data_loader.generator)
-        evaluator.reset()
-        evaluator._predictions = list(entry[1])
+        evaluator.use_batches(entry[1])
         logger.info("Test features of %s reused: backbone and head unchanged since they were "
                     "extracted (%d batches; TEST.REUSE_FEATURES)", name, len(entry[1]))
         return True

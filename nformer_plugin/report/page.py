@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.features import FeatureSet
 from ..core.io import save_text
-from .assets import ROW_LABELS, SCRIPT, STYLE, _resolve
+from .assets import ROW_LABELS, SCRIPT, STYLE, resolve_image_path
 from .ranking import categorize, query_rankings
 
 
@@ -56,7 +56,7 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
     def image(kind: str, idx: int, paths) -> str:
         key = f"{kind}{idx}"
         if key not in copied:
-            src = _resolve(str(paths[idx]), images_root)
+            src = resolve_image_path(str(paths[idx]), images_root)
             if not os.path.isfile(src):
                 raise FileNotFoundError(f"image not found: {src} (resolve relative paths with "
                                         f"--images-root / TEST.REPORT.IMAGES_ROOT)")

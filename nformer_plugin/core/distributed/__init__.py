@@ -14,6 +14,6 @@ Ray (``pip install nformer-fastreid[distributed]``) is imported lazily, only by
 """
 from .index import ShardedGalleryIndex
 from .partition import shard_ranges
-from .refine import ShardedReport, refine_sharded
+from .refine import ShardedReport, refine_nformer_sharded, refine_sharded
 
-__all__ = ["refine_sharded", "shard_ranges", "ShardedReport", "ShardedGalleryIndex"]
+__all__ = ["refine_sharded", "refine_nformer_sharded", "shard_ranges", "ShardedReport", "ShardedGalleryIndex"]

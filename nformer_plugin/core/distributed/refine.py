@@ -126,6 +126,33 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
     return torch.cat([qp.x for qp in passes] + list(outputs)), report
 
 
+def refine_nformer_sharded(nformer: nn.Module, feats: Tensor, num_query: int = 0,
+                           shards: int = 2, engine: Union[str, Any] = "ray",
+                           address: Optional[str] = None,
+                           shard_sizes: Optional[Sequence[int]] = None,
+                           threads: int = 0) -> Tuple[Tensor, ShardedReport]:
+    """``nformer(feats, num_query)`` in eval mode on the sparse path, with the gallery sharded
+    over ``shards`` workers (:func:`refine_sharded`): the model's own landmarks, settings and
+    neighbor statistics, the same result as the single process. Returns the refined (N, d) and
+    the run's report."""
+    feats = feats.detach().float().cpu().contiguous()
+    nformer.eval()
+    if nformer.settings.inference == "dense":
+        logger.info("sharded refinement runs the sparse path (INFERENCE dense is single-process "
+                    "only)")
+    reports: List[ShardedReport] = []
+
+    def kernel(blocks, x, isolated, landmarks, settings):
+        out, report = refine_sharded(blocks, x, isolated, landmarks, settings, shards=shards,
+                                     engine=engine, address=address, shard_sizes=shard_sizes,
+                                     threads=threads)
+        reports.append(report)
+        return out, report.neighbor_stats
+
+    out = nformer.forward_sparse(feats, num_query, kernel=kernel)
+    return out, reports[0]
+
+
 def start_shards(executor, ranges: Sequence[Range], blocks: Sequence[nn.Module],
                  settings: SparseSettings, threads: int, gallery: Tensor,
                  keep: bool = False) -> list:

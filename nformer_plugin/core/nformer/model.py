@@ -25,7 +25,7 @@ This module must not import FastReID.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -245,7 +245,9 @@ class NFormer(nn.Module):
         return num_query if self.settings.query_mode == "isolated" else 0
 
     # ------------------------------------------------------------------ validation
-    def _check_input(self, feats: Tensor, num_query: int) -> None:
+    def check_input(self, feats: Tensor, num_query: int) -> None:
+        """A clear error for an input the model cannot refine (type, shape, dtype, empty,
+        non-finite, ``num_query`` out of range)."""
         if not isinstance(feats, Tensor):
             raise TypeError(f"NFormer expects a torch.Tensor, got {type(feats).__name__}")
         expected = "(B, N, d)" if self.training else "(N, d) or (B, N, d)"
@@ -292,7 +294,7 @@ class NFormer(nn.Module):
     def forward_dense(self, feats: Tensor, num_query: int = 0,
                       landmarks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
         """Dense path: ``N x N`` affinities per head (training, small sets, reference)."""
-        self._check_input(feats, num_query)
+        self.check_input(feats, num_query)
         squeeze = feats.dim() == 2
         x = feats.unsqueeze(0) if squeeze else feats
         layer_landmarks = self._landmarks(x.shape[1], num_query, landmarks)
@@ -312,15 +314,19 @@ class NFormer(nn.Module):
 
     @torch.no_grad()
     def forward_sparse(self, feats: Tensor, num_query: int = 0,
-                       landmarks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
-        """Memory-bounded path for one set (N, d): O(N (k + l + d)) memory, no gradients."""
+                       landmarks: Optional[Sequence[Optional[Tensor]]] = None,
+                       kernel: Callable = sparse_nformer_forward) -> Tensor:
+        """Memory-bounded path for one set (N, d): O(N (k + l + d)) memory, no gradients.
+        ``kernel(blocks, feats, isolated, landmarks, settings) -> (out, neighbor_stats)`` runs the
+        layers: this process's (``sparse_nformer_forward``) or the gallery sharded over workers
+        (``core.distributed.refine_nformer_sharded``)."""
         if feats.dim() != 2:
             raise ValueError(f"sparse inference takes one set (N, d), got shape "
                              f"{tuple(feats.shape)}")
-        self._check_input(feats, num_query)
+        self.check_input(feats, num_query)
         layer_landmarks = self._landmarks(feats.shape[0], num_query, landmarks)
         settings = self.sparse_settings(feats.shape[0] - self._isolated_queries(num_query))
-        out, self.neighbor_stats = sparse_nformer_forward(
+        out, self.neighbor_stats = kernel(
             self.blocks, feats, self._isolated_queries(num_query), layer_landmarks, settings)
         return out
 

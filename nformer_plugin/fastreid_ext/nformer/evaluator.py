@@ -38,6 +38,16 @@ class NFormerEvaluator(DatasetEvaluator):
     def reset(self):
         self._predictions = []
 
+    @property
+    def batches(self) -> list:
+        """The per-batch features gathered so far (this process's share)."""
+        return list(self._predictions)
+
+    def use_batches(self, batches: list) -> None:
+        """Evaluate ``batches`` (what :attr:`batches` gave for the same test set) instead of
+        features extracted again (``fastreid_ext.trainer.TestFeatureCache``)."""
+        self._predictions = list(batches)
+
     def process(self, inputs, outputs):
         fault_point("eval_batch")
         self._predictions.append({

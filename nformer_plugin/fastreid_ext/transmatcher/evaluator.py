@@ -49,7 +49,8 @@ for _name, _label in ROWS.items():  # the shared table's row labels
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _storage_dtype(name: str) -> torch.dtype:
+def storage_dtype(name: str) -> torch.dtype:
+    """The dtype of ``MODEL.TRANSMATCHER.TEST_STORAGE`` (a clear error for an unknown name)."""
     try:
         return STORAGE[name]
     except KeyError:
@@ -69,7 +70,7 @@ class TransMatcherEvaluator(DatasetEvaluator):
         self._model = model
         self._output_dir = output_dir or cfg.OUTPUT_DIR
         self._dataset_name = dataset_name
-        self._dtype = _storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
+        self._dtype = storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
         self.reset()
 
     def reset(self):

@@ -42,7 +42,7 @@ from ...core.training.reproducible import (PositionSeededDataset, rng_state, sam
 from ...core.transmatcher.scoring import MapStore, match_scores
 from .. import loaders as data_build
 from ..trainer import EvaluatingTrainer, setup_plugin_logger
-from .evaluator import TransMatcherEvaluator, _storage_dtype
+from .evaluator import TransMatcherEvaluator, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
         subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
         loader = torch.utils.data.DataLoader(subset, batch_size=t.GS_CHUNK, shuffle=False,
                                              num_workers=0, collate_fn=fast_batch_collator)
-        store = MapStore(_storage_dtype(t.TEST_STORAGE))
+        store = MapStore(storage_dtype(t.TEST_STORAGE))
         with inference_context(model):
             for batch in loader:
                 store.append(model(batch))
