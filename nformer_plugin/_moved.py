@@ -34,6 +34,17 @@ MOVED: Dict[str, str] = {
         "nformer_plugin.fastreid_ext.transmatcher.evaluator",
     "nformer_plugin.fastreid_ext.dataset": "nformer_plugin.fastreid_ext.datasets.synthetic",
     "nformer_plugin.fastreid_ext.cross_datasets": "nformer_plugin.fastreid_ext.datasets.cross_dataset",
+    # NFormer's wing gathered under core/nformer (the kernel, stage-2 training, head, losses)
+    "nformer_plugin.core.serving.gallery_state": "nformer_plugin.core.nformer.gallery_state",
+    "nformer_plugin.core.serving.query_refine": "nformer_plugin.core.nformer.query_refine",
+    "nformer_plugin.core.serving.isolated": "nformer_plugin.core.nformer.isolated",
+    "nformer_plugin.core.serving.threads": "nformer_plugin.core.nformer.threads",
+    "nformer_plugin.core.heads": "nformer_plugin.core.nformer.heads",
+    "nformer_plugin.core.losses": "nformer_plugin.core.nformer.losses",
+    "nformer_plugin.core.training.graph_sampler": "nformer_plugin.core.transmatcher.graph_sampler",
+    "nformer_plugin.core.training.reproducible": "nformer_plugin.core.reproducible",
+    "nformer_plugin.core.training": "nformer_plugin.core.nformer.training",
+    "nformer_plugin.studies.config": "nformer_plugin.core.nformer.study_config",
 }
 
 
@@ -67,7 +78,7 @@ def install_renamed_names() -> None:
 
 def new_name(old: str) -> Optional[str]:
     """The new path of ``old`` (a moved module or a submodule of one), else ``None``."""
-    for prefix, target in MOVED.items():
+    for prefix, target in sorted(MOVED.items(), key=lambda kv: -len(kv[0])):  # longest first
         if old == prefix or old.startswith(prefix + "."):
             return target + old[len(prefix):]
     return None

@@ -2,7 +2,7 @@
 
 Each method declares its own keys beside itself - ``core/nformer/config.py`` (NFormer, with the
 paper's symbols), ``core/transmatcher/config.py``, ``core/backbones/config.py``,
-``synthetic_dataset/config.py``, ``report/config.py``, ``studies/config.py`` - and
+``synthetic_dataset/config.py``, ``report/config.py``, ``core/nformer/study_config.py`` - and
 :func:`add_plugin_config` composes them with the shared keys (``SEED``,
 ``DATASETS.VAL_FRACTION``). FastReID rejects unknown YAML keys, so every key a config file may set
 is declared by one of them. ``fastreid_ext.config.load_config`` adds them to FastReID's defaults;
@@ -24,7 +24,7 @@ from .core.io import resolve_seed
 from .core.nformer.config import add_nformer_config as _add_nformer_keys
 from .core.transmatcher.config import add_transmatcher_config
 from .report.config import add_report_config
-from .studies.config import add_study_config
+from .core.nformer.study_config import add_study_config
 from .synthetic_dataset.config import add_synthetic_dataset_config
 
 logger = logging.getLogger(__name__)

@@ -83,11 +83,11 @@ def test_cuda_device_without_gpu_says_what_to_do(tiny_config, isolated_env, tmp_
 
 @pytest.mark.parametrize("config", ["market_r50.yml", "market_abd.yml", "demo.yml"])
 def test_both_entry_points_build_stage2_from_the_same_settings(config):
-    """fastreid-train and nformer train call core.training.build_stage2 with
+    """fastreid-train and nformer train call core.nformer.training.build_stage2 with
     Stage2Settings.from_config(MODEL.NFORMER.STAGE2): a shipped config changes the stage-2
     optimiser only where it says so, and with no config file both get the key defaults."""
     from nformer_plugin.app import load_feature_config
-    from nformer_plugin.core.training import Stage2Settings
+    from nformer_plugin.core.nformer.training import Stage2Settings
 
     path = os.path.join(REPO, "configs/NFormer", config)
     train_net = Stage2Settings.from_config(load_config(path).MODEL.NFORMER.STAGE2)

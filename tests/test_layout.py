@@ -60,7 +60,7 @@ from nformer_plugin.core import (FeatureSet, GalleryIndex, NFormer, NFormerStage
 from nformer_plugin.core.nformer import InferenceSettings
 from nformer_plugin.core.retrieval import cosine_distance, evaluate_ranking
 from nformer_plugin.core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
-from nformer_plugin.core.training import NeighborhoodSetSampler, Stage2Settings, build_stage2
+from nformer_plugin.core.nformer.training import NeighborhoodSetSampler, Stage2Settings, build_stage2
 from nformer_plugin.core.transmatcher import TransMatcher
 
 before = set(sys.modules)

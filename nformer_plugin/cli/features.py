@@ -12,7 +12,7 @@ Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``c
 Evaluation follows the Market-1501 protocol. Config keys are the ``MODEL.NFORMER.*`` ones of
 ``core/nformer/config.py`` (and ``DATASETS.VAL_FRACTION``, ``TEST.RERANK.*``, ``TEST.METRIC``,
 ``MODEL.DEVICE``, ``SEED``). The work is the application layer's (``nformer_plugin.app``): stage 2
-is built by the same ``core.training.build_stage2`` as in ``fastreid-train``; several ``--train``
+is built by the same ``core.nformer.training.build_stage2`` as in ``fastreid-train``; several ``--train``
 files (passes over the same images, same row order) form the feature bank, and
 ``MODEL.NFORMER.STAGE2.FEAT_NOISE`` perturbs a single pass.
 """

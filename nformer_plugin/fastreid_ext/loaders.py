@@ -24,8 +24,8 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
-from ..core.training.reproducible import PositionSeededBatches, PositionSeededDataset
-from ..core.training.validation import split_validation_ids
+from ..core.reproducible import PositionSeededBatches, PositionSeededDataset
+from ..core.nformer.training.validation import split_validation_ids
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from ..core.faults import fault_point
 from ..core.features import save_feature_file
 from ..core.fingerprint import state_fingerprint
 from ..core.io import save_text, save_torch
-from ..core.training.reproducible import rng_state
+from ..core.reproducible import rng_state
 from ..core.writable import check_writable, checkpoint_bytes, last_good, write_failure
 from . import loaders as data_build
 from .test_features import TestTimeFeatures, test_time_features

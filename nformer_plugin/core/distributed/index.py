@@ -3,7 +3,7 @@
 ``build`` refines the gallery with the sharded rounds of ``refine`` (each shard keeps its rows'
 state of every layer, ``index_shard``); ``refine(Q)`` runs each query chunk layer by layer
 against the shards (its exact top-k merged over them, the rows it needs fetched, the one query
-kernel ``serving.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
+kernel ``nformer.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
 path; ``search(Q, topk)`` asks every shard for its best rows and merges them exactly (score,
 then row). ``add`` / ``remove`` are ``GalleryIndex``'s (``serving.updates``: the same checks,
 pinned landmark ids, label merge and reach log): the new rows go to the last shard (the global
@@ -37,10 +37,10 @@ from ..nformer.graphs import chunks
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
                               check_labels, check_servable, normalize_rows, split_model)
-from ..serving.gallery_state import landmark_positions
+from ..nformer.gallery_state import landmark_positions
 from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest,
                                    version_name)
-from ..serving.query_refine import QUERY_CHUNK, QueryPass
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass
 from ..serving.updates import (check_new_items, check_removal, kept_label_names,
                                replace_landmarks, report_reach)
 from .index_shard import IndexShard, open_index_shard

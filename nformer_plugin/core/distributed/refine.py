@@ -10,7 +10,7 @@ row): ``tests/test_distributed.py``.
 
 Isolated queries (sec. 4.2; ``num_query > 0``) stay isolated: at each layer a chunk of query
 rows asks every shard for its local top-k (merged as above), fetches those gallery rows' state
-(keys, values, ``q~``, canonical rows, k-th scores) and runs ``serving.query_refine.query_layer``
+(keys, values, ``q~``, canonical rows, k-th scores) and runs ``nformer.query_refine.query_layer``
 - the kernel of the batch path and of ``GalleryIndex.refine`` - against that small gallery. Rows
 are kept in global order, so the exact top-k over it is the top-k over the whole gallery.
 
@@ -37,8 +37,8 @@ from ..nformer.graphs import SparseSettings, chunks
 from ..nformer.masks import neighbor_stats
 from ..nformer.sparse import landmark_projections
 from ..nformer.ties import canonical_rows, stable_rows
-from ..serving.gallery_state import GalleryLayer, GalleryState
-from ..serving.query_refine import QUERY_CHUNK, QueryPass, query_layer
+from ..nformer.gallery_state import GalleryLayer, GalleryState
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from .executor import LocalExecutor, shared_ray_executor
 from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges

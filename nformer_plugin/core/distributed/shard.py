@@ -38,7 +38,7 @@ from ..nformer.graphs import (InnerProductSearcher, SparseSettings, with_self_lo
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
 from ..process_memory import reset_peak_rss, status_bytes
-from ..serving.gallery_state import GalleryLayer, keep_value_source
+from ..nformer.gallery_state import GalleryLayer, keep_value_source
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
 Range = Tuple[int, int]

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from ..retrieval.neighbors import build_index
 from .checks import (METRICS, Features, as_features, as_ids, check_gallery_size, check_labels,
                      check_servable, normalize_rows, split_model)
-from .gallery_state import GalleryState, ServedGallery, serve_gallery
+from ..nformer.gallery_state import GalleryState, ServedGallery, serve_gallery
 from .persistence import load_gallery, save_gallery
-from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
+from ..nformer.query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
                            matmul_topk, refine_queries, torch_threads)
 from .updates import add_items, remove_items
 

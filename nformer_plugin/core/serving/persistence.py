@@ -37,7 +37,7 @@ from ..nformer.model import NFormer
 from ..nformer.settings import InferenceSettings
 from ..nformer.stage import NFormerStage
 from .checks import split_model
-from .gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
+from ..nformer.gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)

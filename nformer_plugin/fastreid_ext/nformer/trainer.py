@@ -3,7 +3,7 @@
 Stage 1 is FastReID's own loop (hooks, LR schedule, EvalHook) over backbone + head, with the
 shared ``Stage1Checkpointer`` (``fastreid_ext.trainer``). Stage 2 freezes them, builds the training
 feature bank and trains the NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2
-builder (``core.training.build_stage2``), validating on held-out identities. Both stages live in
+builder (``core.nformer.training.build_stage2``), validating on held-out identities. Both stages live in
 one model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
 written, in either stage (stage-2 checkpoints hold the state after the epoch's monitoring
 evaluation and its history entry). Nothing is chosen on the test set.
@@ -20,10 +20,10 @@ from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
 
-from ...core.training import Stage2Settings, build_stage2
-from ...core.training.events import Stage2Events
-from ...core.training.reproducible import rng_state, set_rng_state
-from ...core.training.validation import make_validator
+from ...core.nformer.training import Stage2Settings, build_stage2
+from ...core.nformer.training.events import Stage2Events
+from ...core.reproducible import rng_state, set_rng_state
+from ...core.nformer.training.validation import make_validator
 from .. import loaders as data_build
 from ..trainer import (AtomicCheckpointer, EvaluatingTrainer, export_training_features,
                        extract_features, setup_plugin_logger, wrap_ddp)

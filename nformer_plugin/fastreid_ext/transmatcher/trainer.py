@@ -2,7 +2,7 @@
 
 FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
 
-* the **graph sampler** (``core.training.graph_sampler``, ``MODEL.TRANSMATCHER.SAMPLER GS``): at
+* the **graph sampler** (``core.transmatcher.graph_sampler``, ``MODEL.TRANSMATCHER.SAMPLER GS``): at
   the start of every epoch one random image per class is scored against the others by the
   *current* model's own matcher (test transforms, eval mode, ``GS_CHUNK`` images at a time), and
   the epoch's batches are each a class with its nearest classes, ``DATALOADER.NUM_INSTANCE`` = K
@@ -36,8 +36,8 @@ from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 
-from ...core.training.graph_sampler import GraphSampler
-from ...core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
+from ...core.transmatcher.graph_sampler import GraphSampler
+from ...core.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
 from ...core.transmatcher.scoring import MapStore, match_scores
 from .. import loaders as data_build

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..faults import fault_point
+from ...faults import fault_point
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
@@ -176,7 +176,7 @@ class Stage2Trainer:
 
     def save_loss_curves(self, path: str) -> str:
         """Write the per-epoch losses (and validation mAP, when measured) as a PNG."""
-        from ..visualize import save_curves
+        from ...visualize import save_curves
 
         keys = [k for k in self.history[0] if k.startswith("loss") or k.startswith("val")] \
             if self.history else []

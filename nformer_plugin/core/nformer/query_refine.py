@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep, row_scores,
+from .graphs import (InnerProductSearcher, chunks, isolated_query_keep, row_scores,
                               scored)
-from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
+from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
                             exact_scores, score_cap, stable_rows)
 from .gallery_state import GalleryLayer, GalleryState, gallery_value_table
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
