@@ -23,7 +23,7 @@ from typing import Dict, Optional
 #: old module path -> new module path (submodules follow their package)
 MOVED: Dict[str, str] = {
     "nformer_plugin.embedded": "nformer_plugin.synthetic_dataset",
-    "nformer_plugin.evaluate": "nformer_plugin.app.evaluation",
+    "nformer_plugin.evaluate": "nformer_plugin.evaluation.pipeline",
     "nformer_plugin.cli_study": "nformer_plugin.cli.study",
     "nformer_plugin.cli_index": "nformer_plugin.cli.index",
     "nformer_plugin.fastreid_ext.meta_arch": "nformer_plugin.fastreid_ext.nformer.meta_arch",

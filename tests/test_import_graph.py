@@ -1,7 +1,10 @@
 """Import directions, read from the source with ``ast`` (every ``import`` statement, including
-the lazy ones inside functions): no import circle between the package's modules, no module
-importing a command module, and nothing under ``core/`` importing outside ``core/`` (besides the
-standard library and the numeric libraries it is built on)."""
+the ones inside functions): no import circle between the package's modules or packages (an
+import of ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so those count), imports that
+only run down the layers (:data:`LAYERS`), no module importing a command module, nothing under
+``core/`` importing outside ``core/`` (besides the standard library and the numeric libraries it
+is built on), and no import inside a function but for an optional dependency or a documented
+start-up cost (:data:`FUNCTION_LEVEL`)."""
 import ast
 import sys
 from pathlib import Path
@@ -63,12 +66,50 @@ def package_module(imported: str) -> str:
     return imported if imported in MODULES else ""
 
 
-def graph() -> Dict[str, Set[str]]:
+def ancestors(name: str) -> List[str]:
+    """The packages above ``name`` (without the root package, which every import runs)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
+
+
+def graph(packages: bool = True) -> Dict[str, Set[str]]:
+    """Module -> the package's modules it imports; with ``packages``, also the packages whose
+    ``__init__`` such an import runs first (those above the target that are not above the
+    importer)."""
     edges = {}
     for name, path in MODULES.items():
         targets = {package_module(i) for i in imported_names(name, path)}
+        if packages:
+            own = set(ancestors(name)) | ({name} if path.name == "__init__.py" else set())
+            targets |= {a for t in list(targets) if t for a in ancestors(t)
+                        if a not in own and a in MODULES}
         edges[name] = {t for t in targets if t and t != name}
     return edges
+
+
+#: the layers, lowest first: a module imports its own layer and those below, never above
+LAYERS = (
+    ("core", ("nformer_plugin.core", "nformer_plugin.synthetic_dataset", "nformer_plugin._moved")),
+    ("report", ("nformer_plugin.report",)),  # pages and PNGs over core
+    ("config", ("nformer_plugin.config",)),  # every wing's keys composed
+    ("evaluation", ("nformer_plugin.evaluation", "nformer_plugin.modeling")),  # the one path
+    ("fastreid_ext", ("nformer_plugin.fastreid_ext",)),
+    ("app", ("nformer_plugin.app",)),
+    ("studies", ("nformer_plugin.studies",)),
+    ("cli", ("nformer_plugin.cli",)),
+    ("console", ("nformer_plugin.console", "nformer_plugin")),  # the face and the entry points
+)
+
+
+def layer_of(name: str) -> int:
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if name == prefix or name.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (rank, len(prefix))
+    assert best is not None, f"{name} is in no layer (tests/test_import_graph.py LAYERS)"
+    return best[0]
 
 
 def is_command(name: str) -> bool:
@@ -126,8 +167,17 @@ def test_the_walk_sees_the_package_and_its_lazy_imports():
 
 
 def test_no_import_cycle():
-    cycles = find_cycles(graph())
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    for packages in (False, True):
+        cycles = find_cycles(graph(packages))
+        assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_run_down_the_layers():
+    order = " < ".join(n for n, _ in LAYERS)
+    bad = [f"{name} ({LAYERS[layer_of(name)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+           for name, targets in graph().items() for target in sorted(targets)
+           if layer_of(target) > layer_of(name)]
+    assert not bad, f"imports up the layers ({order}):\n" + "\n".join(bad)
 
 
 def test_no_module_imports_a_command_module():

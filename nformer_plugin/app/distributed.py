@@ -70,7 +70,7 @@ def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet
                      options: EngineOptions) -> np.ndarray:
     """The refined (Q+G, d) features of a query / gallery pair on ``options.engine``."""
     if options.engine == "single":
-        from .evaluation import refine_pair
+        from ..evaluation import refine_pair
 
         return refine_pair(stage, query, gallery)
     feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([query.feats, gallery.feats]),

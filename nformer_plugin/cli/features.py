@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..app.evaluation import evaluate_pipelines, write_metrics_json
+    from ..evaluation import evaluate_pipelines, write_metrics_json
     from ..app.features import load_query_gallery
     from ..app.stage import load_stage
     from ..core.retrieval.comparison import format_table
@@ -61,7 +61,7 @@ def cmd_eval(args) -> int:
 
 def cmd_refine(args) -> int:
     from ..app.distributed import EngineOptions, refine_pair_with
-    from ..app.evaluation import export_features
+    from ..evaluation import export_features
     from ..app.features import load_query_gallery
     from ..app.stage import load_stage
 

@@ -3,7 +3,7 @@
 Stage 1 trains backbone + head (identity loss with label smoothing, triplet, centre loss and any
 backbone regularisers); stage 2 trains the NFormer stage on frozen features (see
 ``fastreid_ext/nformer/trainer.py``). At evaluation the model returns per-image features; the
-evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.app.evaluation``).
+evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.evaluation``).
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from ...core.retrieval.comparison import distances, format_table, metrics_only
 from ...core.retrieval.metrics import evaluate_ranking, l2_normalize
 from ...core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
                                           scores_to_distances)
-from ...app.evaluation import rerank_params
+from ...evaluation import rerank_params
 
 logger = logging.getLogger(__name__)
 
