@@ -8,7 +8,7 @@ start-up cost (:data:`FUNCTION_LEVEL`)."""
 import ast
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "nformer_plugin"
@@ -38,12 +38,14 @@ def modules() -> Dict[str, Path]:
 MODULES = modules()
 
 
-def imported_names(name: str, path: Path) -> List[str]:
-    """Absolute names of everything ``name`` imports (module level or in functions); for
-    ``from X import y`` the submodule ``X.y`` when it exists, else ``X``."""
+def imported_names(name: str, path: Path, tree: Optional[ast.AST] = None) -> List[str]:
+    """Absolute names of everything ``name`` imports (module level or in functions; or in
+    ``tree``, a part of it); for ``from X import y`` the submodule ``X.y`` when it exists, else
+    ``X``."""
     is_package = path.name == "__init__.py"
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path)) if tree is None else tree
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -205,3 +207,64 @@ def test_the_checks_catch_what_they_check():
     assert find_cycles(edges) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
     assert is_command("nformer_plugin.cli.index") and not is_command("nformer_plugin.client")
+
+
+#: third-party libraries a function may import: optional dependencies (``nformer_plugin`` works
+#: without them until the feature that needs them is used)
+OPTIONAL_LIBRARIES = {"fastreid", "ray", "onnx", "onnxruntime", "matplotlib"}
+#: modules whose functions import more, each with the start-up cost that is avoided
+START_UP = {
+    "nformer_plugin.cli": "nformer --help answers before torch, faiss and FastReID load",
+    "nformer_plugin.console": "each entry point loads only its own command",
+    "nformer_plugin.fastreid_ext.compat": "FastReID's modules load after the fixes are applied",
+    "nformer_plugin.core.nformer.training.events": "TensorBoard's writer takes seconds to load",
+    "nformer_plugin.studies.tsne": "scikit-learn's t-SNE loads for the tsne study alone",
+}
+
+
+def function_level_imports():
+    """``(module, imported name)`` of every import statement inside a function."""
+    out = set()
+    for name, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = ast.Module(body=fn.body, type_ignores=[])
+                out |= {(name, i) for i in imported_names(name, path, body)}
+    return sorted(out)
+
+
+def lazy_import_allowed(module: str, imported: str) -> bool:
+    if imported.split(".")[0] in OPTIONAL_LIBRARIES:
+        return True
+    fastreid_side = PACKAGE + ".fastreid_ext"
+    if imported.startswith(fastreid_side) and not module.startswith(fastreid_side):
+        return True  # FastReID is optional outside its glue
+    return any(module == m or module.startswith(m + ".") for m in START_UP)
+
+
+def test_function_level_imports_are_for_optional_dependencies_or_start_up():
+    found = function_level_imports()
+    assert any(m.startswith(PACKAGE + ".cli") for m, _ in found)  # the walk sees them
+    bad = [f"{m}: {i}" for m, i in found if not lazy_import_allowed(m, i)]
+    assert not bad, ("imports inside functions that are neither an optional dependency nor a "
+                     "documented start-up cost (START_UP):\n" + "\n".join(bad))
+
+
+def test_no_private_name_crosses_a_module():
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    PACKAGE)):
+                bad += [f"{name}: {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                        and a.name != "_moved"]
+    assert not bad, "private names imported from another module:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert layer_of(PACKAGE + ".core.nformer.model") < layer_of(PACKAGE + ".fastreid_ext.trainer")
+    assert layer_of(PACKAGE + ".app.stage") < layer_of(PACKAGE + ".cli.index")
+    assert layer_of(PACKAGE + ".evaluation.pipeline") < layer_of(PACKAGE + ".fastreid_ext")
+    assert lazy_import_allowed(PACKAGE + ".app.extract", PACKAGE + ".fastreid_ext.extract")
+    assert not lazy_import_allowed(PACKAGE + ".core.io", PACKAGE + ".core.writable")

@@ -23,7 +23,9 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..core.image_inputs import list_images
 from ..core.io import atomic_write, save_text
+from .extract import load_model_config, require_fastreid
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,6 @@ def compare(module: torch.nn.Module, path: str, fmt: str, images: torch.Tensor
 
 def real_images(cfg, spec: str, count: int) -> torch.Tensor:
     """``count`` images of ``spec`` (folder / glob / list) through the test transforms."""
-    from ..core.image_inputs import list_images
     from ..fastreid_ext.extract import image_loader
 
     paths = list_images(spec)[:count]
@@ -120,7 +121,6 @@ def export(config_file: str, fmt: str, output: str, opts: Sequence[str] = (),
     or ``config_file`` + ``MODEL.WEIGHTS`` (see the module docstring) and check it on ``check_batch`` images of ``INPUT.SIZE_TEST``: the first
     of ``check_images`` (a folder / glob / list), else random ones."""
     from ..fastreid_ext.extract import TestTimeFeatures, build_feature_model, flip_test
-    from .extract import load_model_config, require_fastreid
 
     require_fastreid("nformer export")
     if fmt not in FORMATS:

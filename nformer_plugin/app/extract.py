@@ -21,6 +21,13 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
+
+from ..core.distributed.executor import require_ray
+from ..core.feature_shards import ShardedFeatures
+from ..core.image_inputs import labels_from_names, list_images
+from .extract_ray import extract_shards_with_ray
+from .stage import model_config, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +48,6 @@ def load_model_config(config_file: str, opts: Sequence[str], weights: str = ""):
     otherwise FastReID's defaults with the plugin's keys; then ``config_file`` and the
     overrides."""
     from ..fastreid_ext.config import load_config
-    from .stage import model_config
 
     if weights:
         return model_config(weights, config_file, opts)
@@ -91,14 +97,10 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     if engine not in ("single", "ray"):
         raise ValueError(f"unknown engine {engine!r}; expected 'single' or 'ray'")
     if engine == "ray":
-        from ..core.distributed.executor import require_ray
-
         try:
             require_ray()
         except ImportError as e:
             raise ValueError(str(e)) from None
-    from ..core.feature_shards import ShardedFeatures
-    from ..core.image_inputs import labels_from_names, list_images
     from ..fastreid_ext.extract import batch_features, build_feature_model, flip_test, image_loader
 
     if not output.endswith(".npz"):
@@ -166,8 +168,6 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
 def _extract_with_ray(cfg, paths, shards, pending, batch_size, workers, strict, address,
                       threads, output, pids, camids, layout, progress) -> ExtractResult:
     """:func:`extract` with the pending shards on Ray Data (``app.extract_ray``)."""
-    from .extract_ray import extract_shards_with_ray
-
     done = sum(len(shards.shard_rows(i)) for i in range(shards.num_shards) if i not in pending)
     bar = _progress_bar(len(paths), done, progress)
     started = time.perf_counter()
@@ -190,8 +190,6 @@ def extractor_record(cfg) -> dict:
     """What a feature file records of its extractor: the config, the weights file and the
     backbone's fingerprint (``app.stage.extractor_fingerprint``), which ``nformer index build``
     checks against the NFormer weights and ``--images`` extracts with."""
-    from .stage import weights_fingerprint
-
     return {"extractor_config": np.asarray(cfg.dump()),
             "extractor_weights": np.asarray(os.path.abspath(cfg.MODEL.WEIGHTS)),
             "extractor_fingerprint": np.asarray(weights_fingerprint(cfg.MODEL.WEIGHTS))}
@@ -199,7 +197,5 @@ def extractor_record(cfg) -> dict:
 
 def _progress_bar(total: int, initial: int, enabled: bool):
     """tqdm's bar (rate and ETA) on stderr."""
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="img", disable=not enabled, file=sys.stderr,
                 desc="extract", smoothing=0.1)

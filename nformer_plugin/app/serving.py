@@ -22,12 +22,16 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+from yacs.config import CfgNode
 
+from ..config import merge_config
 from ..core.features import FeatureSet, load_feature_file
 from ..core.retrieval.comparison import compare_pipelines, metrics_only
 from ..core.serving import GalleryIndex
 from ..core.serving.persistence import file_sha256
 from ..core.writable import check_writable
+from ..report.plain import write_ranked_page
+from .extract import extract, load_model_config, require_fastreid
 from .stage import LoadedStage, fingerprint_mismatch, load_stage
 
 EXTRACTOR_KEYS = ("extractor_config", "extractor_weights", "extractor_fingerprint")
@@ -178,8 +182,6 @@ def write_query_page(index: GalleryIndex, query: FeatureSet, dist: np.ndarray, i
                      output: str, title: str = "") -> str:
     """The ranked-list page (``report.plain``) of an index query: the query images and their
     top-k gallery images; framed green / red only when both sides carry identities."""
-    from ..report.plain import write_ranked_page
-
     if index.paths is None:
         raise ValueError("--report needs the gallery's image paths, and this index has none "
                          "(build it from a file with a 'paths' array, e.g. nformer extract's)")
@@ -235,8 +237,6 @@ def extractor_config(meta: Dict[str, str], config_file: str, opts: Sequence[str]
     """The extractor's config: the one the index recorded (its gallery's extractor, or the
     ``fastreid-train`` model it was built from) with its weights, + ``config_file`` + overrides;
     ``config_file`` alone when the index records none."""
-    from .extract import load_model_config, require_fastreid
-
     require_fastreid("--images")
     if "extractor_config" not in meta:
         if config_file:
@@ -244,9 +244,7 @@ def extractor_config(meta: Dict[str, str], config_file: str, opts: Sequence[str]
         raise ValueError("the index does not know its extractor (built from nformer train's "
                          "weights and a gallery file not written by nformer extract): pass "
                          "--config-file CFG MODEL.WEIGHTS W")
-    from yacs.config import CfgNode
 
-    from ..config import merge_config
     from ..fastreid_ext.config import default_config
 
     cfg = default_config()
@@ -260,8 +258,6 @@ def features_of_images(images: str, meta: Dict[str, str], config_file: str = "",
                        ) -> FeatureSet:
     """The features of the images ``images`` names, extracted by ``nformer extract`` (with
     ``paths``, and ``pids`` / ``camids`` when the file names carry them)."""
-    from .extract import extract
-
     cfg = extractor_config(meta, config_file, opts)
     with tempfile.TemporaryDirectory(prefix="nformer-query-") as tmp:
         result = extract("", images, os.path.join(tmp, "query.npz"), id_regex=id_regex,

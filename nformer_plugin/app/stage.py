@@ -19,6 +19,7 @@ import os
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch
+from yacs.config import CfgNode
 
 from ..config import merge_config
 from ..core.fingerprint import EXTRACTOR_PREFIXES, has_extractor, state_fingerprint
@@ -139,8 +140,6 @@ def load_stage(weights: str, opts: Sequence[str] = (), config_file: str = "") ->
     """The NFormer stage in ``weights`` - ``nformer train``'s file or a ``fastreid-train``
     checkpoint with a trained stage 2 - with its config (+ ``config_file`` + ``opts``:
     evaluation-time options such as the landmark seed or the chunk size) and feature width."""
-    from yacs.config import CfgNode
-
     ckpt = read_model_file(weights)
     kind = model_file_kind(weights, ckpt)
     cfg = load_feature_config()
@@ -167,8 +166,6 @@ def model_config(weights: str, config_file: str = "", opts: Sequence[str] = ()):
     """The image model of a ``fastreid-train`` checkpoint as a config for ``nformer extract`` /
     ``export`` / ``index query --images``: the run's config with ``MODEL.WEIGHTS`` = ``weights``
     (+ ``config_file`` + ``opts``)."""
-    from yacs.config import CfgNode
-
     from ..fastreid_ext.config import default_config
 
     ckpt = read_model_file(weights)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import torch
+
+from .faults import fault_point
+from .writable import space_error, state_bytes
+
 
 def _fsync(path: str, directory: bool = False) -> None:
     """Flush ``path`` (a file, or a directory's entries) to the disk."""
@@ -35,8 +40,6 @@ def atomic_write(path: str, write: Callable[[str], Any], fault: str = "atomic_wr
     name keeps ``path``'s extension (``numpy.savez`` appends ``.npz`` otherwise). ``fault`` names
     the moment between the write and the rename for :mod:`.faults` (testing hook).
     """
-    from .faults import fault_point
-
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     root, ext = os.path.splitext(path)
@@ -57,13 +60,9 @@ def atomic_write(path: str, write: Callable[[str], Any], fault: str = "atomic_wr
 def save_torch(obj: Any, path: str, fault: str = "atomic_write") -> str:
     """``torch.save`` through :func:`atomic_write`. A full disk, a quota or a file-size limit
     raises the ``OSError`` behind it (torch's writer reports them as an opaque RuntimeError)."""
-    import torch
-
     try:
         return atomic_write(path, lambda tmp: torch.save(obj, tmp), fault)
     except RuntimeError as e:
-        from .writable import space_error, state_bytes
-
         error = space_error(os.path.dirname(os.path.abspath(path)), state_bytes(obj) + 2 ** 20)
         if error is None:
             raise

@@ -5,6 +5,7 @@ import os
 from typing import Dict, Sequence
 
 import numpy as np
+from PIL import Image
 
 
 def pyplot_agg():
@@ -26,8 +27,6 @@ def save_ranked_lists(path: str, dist: np.ndarray, q_paths: Sequence[str], g_pat
     Same-identity same-camera gallery entries are skipped (Market-1501 protocol); true matches
     get a green frame, false ones red.
     """
-    from PIL import Image
-
     plt = pyplot_agg()
     num_queries = min(num_queries, dist.shape[0])
     fig, axes = plt.subplots(num_queries, topk + 1, figsize=(1.1 * (topk + 1), 2.2 * num_queries),

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from ..core.io import save_text
 from ..core.nformer import NFormerStage
 from ..core.retrieval.comparison import (RefineFn, RerankParams, compare_pipelines, format_table,
                                          metrics_only)
+from ..core.visualize import save_ranked_lists
 from ..report import write_report
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ def evaluate_and_write(cfg, query: FeatureSet, gallery: FeatureSet,
         export_features(cfg.TEST.EXPORT_FEATURES, query, gallery, refined)
     suffix = f"_{dataset_name}" if dataset_name else ""
     if draw:
-        from ..core.visualize import save_ranked_lists
-
         for name, row in rows.items():
             path = os.path.join(output_dir, f"ranked_list_{dataset_name}_{name}.png")
             save_ranked_lists(path, row["dist"], query.paths, gallery.paths, query.pids,

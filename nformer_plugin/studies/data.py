@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import numpy as np
+from scipy import stats
 
 from ..core.retrieval.metrics import l2_normalize
 from ..core.visualize import pyplot_agg
@@ -64,8 +65,6 @@ def images_per_id(ctx: StudyContext):
 
 def landmark_seeds(ctx: StudyContext):
     """Supplementary C: mean and 95 % interval of mAP / Rank-1 over landmark seeds."""
-    from scipy import stats
-
     seeds = [int(s) for s in ctx.cfg.STUDY.SEEDS]
     role = landmark_role(ctx.cfg)
     progress = Progress("landmark-seeds", len(seeds) + 1)

@@ -33,21 +33,21 @@ import torch
 from torch import Tensor, nn
 
 from ..io import save_text
+from ..nformer.gallery_state import landmark_positions
 from ..nformer.graphs import chunks
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
                               check_labels, check_servable, normalize_rows, split_model)
-from ..nformer.gallery_state import landmark_positions
-from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest,
-                                   version_name)
-from ..nformer.query_refine import QUERY_CHUNK, QueryPass
-from ..serving.updates import (check_new_items, check_removal, kept_label_names,
-                               replace_landmarks, report_reach)
+from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, load_gallery,
+                                   read_manifest, version_name)
+from ..serving.updates import (check_new_items, check_removal, kept_label_names, replace_landmarks,
+                               report_reach)
 from .index_shard import IndexShard, open_index_shard
 from .partition import Range, shard_ranges
-from .shard import worker_threads
 from .refine import (ShardedReport, finish_report, make_executor, query_round, run_layers,
                      sharded_settings)
+from .shard import worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,6 @@ class ShardedGalleryIndex:
         folders = [os.path.join(directory, s["folder"]) for s in manifest["shards"]]
         ranges = [tuple(s["rows"]) for s in manifest["shards"]]
         if model is None:
-            from ..serving.persistence import load_gallery
-
             model = load_gallery(folders[0], layout="shard").model
         nformer, _ = split_model(model)
         settings = sharded_settings(nformer.sparse_settings(manifest["num_items"]))

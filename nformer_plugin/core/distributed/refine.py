@@ -23,6 +23,7 @@ Pure torch / faiss (Ray through ``executor``); must not import FastReID.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -33,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nformer.gallery_state import GalleryLayer, GalleryState
 from ..nformer.graphs import SparseSettings, chunks
 from ..nformer.masks import neighbor_stats
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from ..nformer.sparse import landmark_projections
 from ..nformer.ties import canonical_rows, stable_rows
-from ..nformer.gallery_state import GalleryLayer, GalleryState
-from ..nformer.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from .executor import LocalExecutor, shared_ray_executor
 from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges
@@ -204,8 +205,6 @@ def run_layers(executor, workers, ranges: Sequence[Range], blocks: Sequence[nn.M
 def cpu_blocks(blocks: Sequence[nn.Module]) -> List[nn.Module]:
     """The blocks as the shards run them: on the CPU (copies of blocks held on a GPU; the
     shards' searches and aggregation are CPU code)."""
-    import copy
-
     return [b if all(p.device.type == "cpu" for p in b.parameters())
             else copy.deepcopy(b).cpu() for b in blocks]
 

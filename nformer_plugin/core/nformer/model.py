@@ -30,10 +30,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .config import nformer_kwargs
+from .forward import sparse_nformer_forward
 from .masks import (MASK_MODES, build_neighbor_mask, check_choice, check_topk, cosine_affinity,
                     mask_neighbor_counts, neighbor_stats, reciprocal_neighbor_softmax)
 from .settings import InferenceSettings
-from .forward import sparse_nformer_forward
 from .sparse import SparseSettings
 
 NEIGHBOR_SOURCES = ("affinity", "input", "layer")
@@ -214,8 +215,6 @@ class NFormer(nn.Module):
     def from_config(cls, cfg, dim: Optional[int] = None) -> "NFormer":
         """From ``cfg.MODEL.NFORMER`` (``core.nformer.config``); ``dim`` overrides ``DIM`` (the
         features define the width)."""
-        from .config import nformer_kwargs
-
         kwargs = nformer_kwargs(cfg)
         if dim is not None:
             kwargs["dim"] = dim

@@ -27,17 +27,18 @@ import signal
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
 
 from ..faults import fault_point
 from ..io import save_text
+from ..nformer.gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 from ..nformer.model import NFormer
 from ..nformer.settings import InferenceSettings
 from ..nformer.stage import NFormerStage
 from .checks import split_model
-from ..nformer.gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)
@@ -133,8 +134,6 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
     (JSON): what the index was built from (e.g. the extractor of its gallery file).
     ``layout``: ``"single"`` (a whole index, the default) or ``"shard"`` (one shard's rows of a
     ``core.distributed`` sharded index)."""
-    import faiss
-
     nformer, head = split_model(model)
     os.makedirs(directory, exist_ok=True)
     version = version_name()
@@ -229,8 +228,6 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None,
     """Load what :func:`save_gallery` wrote; ``model`` (optional) must be the model it was
     built with (config and weights hash), else the stored weights are used. ``layout``: what
     the caller opens (a shard folder is not a whole index; files without one are single)."""
-    import faiss
-
     folder, manifest = read_manifest(directory)
     found = manifest.get("layout", "single")
     if found != layout:
