@@ -131,7 +131,8 @@ def train_moment(moment: str, counts: dict):
     if moment == "final evaluation":  # a test batch of the last evaluation, or its metrics
         if rng.random() < 0.5:
             return "eval_metrics", counts["eval_metrics"]
-        return "eval_batch", draw(moment, counts["eval_batch"] - per_eval + 1, counts["eval_batch"])
+        batches = counts["eval_batch"]
+        return "eval_batch", draw(moment, batches - per_eval + 1, batches)
     raise KeyError(moment)
 
 

@@ -10,8 +10,9 @@ it (``io.replace_durably``: the parent folder flushed), then switches ``CURRENT`
 rename (``io.atomic_write``) and only then deletes the old version: a crash or a power cut at any
 point leaves the previous index loadable.
 
-The testing hook is the ``index_save`` point of ``core.faults``: ``NFORMER_FAULT_AT=index_save:<n>``
-kills the saving process at the ``n``-th moment of :data:`SAVE_MOMENTS`.
+The testing hook is the ``index_save`` point of ``core.faults``:
+``NFORMER_FAULT_AT=index_save:<n>`` kills the saving process at the ``n``-th moment of
+:data:`SAVE_MOMENTS`.
 
 Works on the public gallery-state API (``gallery_state.ServedGallery``): :func:`save_gallery` and
 :func:`load_gallery`; ``GalleryIndex.save`` / ``load`` call them.
