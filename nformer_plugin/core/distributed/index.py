@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import save_text
+from ..io import replace_durably, save_text
 from ..nformer.gallery_state import landmark_positions
 from ..nformer.graphs import chunks
 from ..nformer.query_refine import QUERY_CHUNK, QueryPass
@@ -249,7 +249,7 @@ class ShardedGalleryIndex:
         self.executor.get([self.executor.call(w, "save", os.path.join(tmp, n),
                                               self.landmark_ids, self.metric, meta)
                            for w, n in zip(self.workers, names)])
-        os.replace(tmp, os.path.join(directory, version))
+        replace_durably(tmp, os.path.join(directory, version))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "sharded",
                     "metric": self.metric, "num_items": len(self), "dim": self.dim,
                     "shards": [{"folder": f"{version}/{n}", "rows": [a, b]} for n, (a, b) in

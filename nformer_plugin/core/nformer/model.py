@@ -15,8 +15,11 @@ Decisions where the paper is silent or self-contradictory (all documented where 
   own affinity need not be among its top-k under the landmark approximation).
 * **Multi-head.** Every head has its own ``q, k``, landmarks projections and therefore its own
   ``A~``; with ``neighbors="affinity"`` each head builds its own mask from its own ``A~``. With
-  ``neighbors="input"`` (official code) one mask, from the cosine similarity of the NFormer input,
-  is shared by every head and every layer.
+  ``neighbors="input"`` one mask, from the cosine similarity of the NFormer input, is shared by
+  every head and every layer; ``"layer"`` is the same parameter-free cosine top-k, of each
+  layer's own input. Neither is the official code's rule (haochenheheda/NFormer,
+  ``modeling/nformer.py``): one top-k mask by the raw dot product of the unnormalised NFormer
+  input, shared by every layer and head, with no reciprocal test.
 * **Query isolation** (sec. 4.2: "the interactions between the different query images are
   eliminated"): see :func:`build_neighbor_mask`.
 
@@ -158,11 +161,12 @@ class NFormer(nn.Module):
       gallery and itself (:func:`build_neighbor_mask`); layer ``L`` of a query sees the gallery's layer
       ``L-1`` states. ``"joint"`` (official code): all rows form one set.
     * ``neighbors`` (where the mask's neighbors come from):
-      ``"layer"`` (default, chosen on validation data, see README): the cosine top-k of each
-      layer's own input, recomputed per layer and shared by its heads;
-      ``"input"`` (official code): one mask from the cosine similarity of the NFormer input,
-      shared by every layer and head; ``"affinity"`` (paper-literal): each layer and head masks
-      with the top-k of its own ``A~``.
+      ``"layer"`` (default, chosen on validation data, see README): a parameter-free cosine
+      top-k of each layer's own input, recomputed per layer and shared by its heads;
+      ``"input"``: one mask from the cosine top-k of the NFormer input, shared by every layer
+      and head (not the official code's rule, which ranks by the raw dot product of the
+      unnormalised input and applies no reciprocal test); ``"affinity"`` (paper-literal): each
+      layer and head masks with the top-k of its own ``A~``.
     * ``mask``: ``"reciprocal"`` (eq. 7), ``"topk"`` (RNS-M^k, Fig. 7), ``"none"`` (plain softmax,
       the "Transformer" row of Table 1).
 
