@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--object-store-mb", type=int, default=1024)
     parser.add_argument("--run", choices=("single", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     if args.run:
         print(json.dumps((run_single if args.run == "single" else run_ray)(args)))
@@ -165,4 +168,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--skip-cpu", action="store_true", help="no CPU reference refinement")
     parser.add_argument("--output", default="", help="also write the rows as JSON here")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     import faiss
 
@@ -105,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

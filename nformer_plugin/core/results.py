@@ -25,10 +25,10 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 __all__ = ["FORMAT", "DEFAULT_DIR", "machine", "git_commit", "command_line", "parse_tables",
-           "write_result", "recording", "load_result"]
+           "write_result", "recording", "load_result", "add_results_argument", "run_main"]
 
 FORMAT = 1  # bump when the file's keys change
 DEFAULT_DIR = "results"
@@ -151,10 +151,20 @@ def write_result(name: str, tables: Sequence[Dict[str, Any]], command: str,
     path = os.path.join(results_dir, f"{name}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+        f.write(_dumps(record) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _dumps(value: Any, indent: str = "") -> str:
+    """JSON with one line per list of scalars (a table row, a load average)."""
+    inner = indent + " "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value)
 
 
 class _Tee(io.TextIOBase):
@@ -192,6 +202,42 @@ def recording(results_dir: Optional[str], name: str, command: str, notes: str = 
                         wall_s=time.perf_counter() - start, load_start=load, notes=notes,
                         extra=state or None, commit=commit)
     print(f"Result written to {path}")
+
+
+def add_results_argument(parser) -> None:
+    """``--results [DIR]`` on a benchmark's argparse parser: write its tables to
+    ``DIR/<name>.json`` (``--results`` alone: ``results/``; absent: no file)."""
+    parser.add_argument("--results", nargs="?", const=DEFAULT_DIR, default="", metavar="DIR",
+                        help=f"also write the printed tables, command, commit, machine and "
+                             f"load to DIR/NAME.json (DIR default: {DEFAULT_DIR}/)")
+    parser.add_argument("--results-name", default="", metavar="NAME",
+                        help="name of that file (default: the script's name)")
+
+
+def _pop_option(argv: List[str], flag: str, default: str) -> Optional[str]:
+    """Remove ``flag [VALUE]`` from ``argv``; its value (``default`` without one), or None."""
+    for i, word in enumerate(argv):
+        if word == flag or word.startswith(flag + "="):
+            del argv[i]
+            if "=" in word:
+                return word.split("=", 1)[1]
+            if i < len(argv) and not argv[i].startswith("-"):
+                return argv.pop(i)
+            return default
+    return None
+
+
+def run_main(main: Callable[[], Any], script: str) -> Any:
+    """Run a benchmark's ``main()`` with ``--results [DIR]`` (and ``--results-name NAME``, default
+    the script's name) taken out of ``sys.argv``: when given, what ``main`` prints is recorded as
+    ``DIR/NAME.json`` with the command (without those two options)."""
+    argv = sys.argv[1:]
+    results_dir = _pop_option(argv, "--results", DEFAULT_DIR)
+    name = _pop_option(argv, "--results-name", "") or os.path.splitext(
+        os.path.basename(script))[0]
+    sys.argv[1:] = argv
+    with recording(results_dir, name, command_line(argv, script)):
+        return main()
 
 
 def load_result(path: str) -> Dict[str, Any]:
