@@ -6,12 +6,14 @@
 The command's output passes through unchanged. The result file holds the command, the commit,
 the machine and its load, the date, the wall time and either the metrics of a
 ``final_results.json`` (``--metrics``: the table of pipelines a ``fastreid-train`` run ended
-with) or the last markdown table the command printed (``--all-tables``: every one). Nothing is
+with), the rows of CSV files it wrote (``--csv``), or the last markdown table it printed
+(``--all-tables``: every one). Nothing is
 written when the command fails. See ``nformer_plugin/core/results.py``.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -49,11 +51,21 @@ def metrics_tables(path: str):
     return tables
 
 
+def csv_table(path: str):
+    """A CSV file as a table (first row: the columns)."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    return {"columns": rows[0], "rows": rows[1:], "title": os.path.basename(path)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="result file name (results/NAME.json)")
     parser.add_argument("--results", default=results.DEFAULT_DIR, help="folder of result files")
     parser.add_argument("--metrics", default="", help="a final_results.json the command writes")
+    parser.add_argument("--csv", action="append", default=[],
+                        help="a CSV file the command writes (e.g. nformer study's NAME.csv): "
+                             "its rows are the table (repeatable)")
     parser.add_argument("--all-tables", action="store_true",
                         help="keep every markdown table printed, not only the last")
     parser.add_argument("--notes", default="", help="a line on the conditions of the run")
@@ -63,6 +75,7 @@ def main(argv=None) -> int:
     if not command:
         parser.error("no command given (after --)")
     load, start, commit = list(os.getloadavg()), time.perf_counter(), results.git_commit()
+    started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     printed = []
@@ -75,8 +88,15 @@ def main(argv=None) -> int:
         print(f"record_result: the command failed (exit {code}); no result written",
               file=sys.stderr)
         return code
-    if args.metrics:
-        tables = metrics_tables(args.metrics)
+    stale = [p for p in [args.metrics, *args.csv] if p and (not os.path.exists(p) or
+                                                             os.path.getmtime(p) < started)]
+    if stale:
+        print(f"record_result: {stale} not written by this run; no result written",
+              file=sys.stderr)
+        return 1
+    if args.metrics or args.csv:
+        tables = metrics_tables(args.metrics) if args.metrics else []
+        tables += [csv_table(path) for path in args.csv]
     else:
         tables = results.parse_tables("".join(printed))["tables"]
         tables = tables if args.all_tables else tables[-1:]
