@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (after --)")
-    load, start, commit = list(os.getloadavg()), time.perf_counter(), results.git_commit()
+    load = [round(x, 2) for x in os.getloadavg()]
+    start, commit = time.perf_counter(), results.git_commit()
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
