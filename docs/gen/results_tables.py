@@ -87,8 +87,10 @@ def provenance(record: dict) -> str:
              f"commit `{record['commit'][:10]}`" + (" (with local changes)"
                                                    if record.get("dirty") else ""),
              record["date"][:10], where]
+    end = record.get("load_average_end") or []
     if load:
-        parts.append(f"load average {load[0]:.1f} at start")
+        parts.append(f"load average {load[0]:.1f} at start" +
+                     (f", {end[0]:.1f} at end" if end else ""))
     if record.get("wall_s") is not None:
         parts.append(f"{_duration(record['wall_s'])} wall")
     text = "Printed by " + " · ".join(parts) + f" · `results/{record['name']}.json`"
