@@ -13,7 +13,7 @@ layers, 2 heads, l = 5, k = 20, ``NEIGHBORS layer`` (the default), reciprocal ma
 weights, exact search; ``--queries`` isolated queries.
 
     python benchmarks/bench_distributed.py --rows 20000 --queries 1000 --shards 2 --threads 1
-    python benchmarks/bench_distributed.py --rows 100000 1000000 --shards 2   # the README rows
+    python benchmarks/bench_distributed.py --rows 100000 1000000 --shards 2   # the larger rows
 
 Run it from the repository root with the ``distributed`` extra installed. CPU timings depend on
 the machine's load (printed).

@@ -9,7 +9,7 @@ untrained NFormer at the key defaults (the refinement's cost does not depend on 
 one Markdown table: time, peak GPU memory (``torch.cuda.max_memory_allocated``) or peak RSS, and
 for the refinement the agreement of the GPU rows with the CPU rows (max abs difference and rows
 differing by more than 1e-4: with near-tie neighbour choices, a different summation order on
-the GPU can flip a choice - see the README's exactness section).
+the GPU can flip a choice - see docs/method.md, one tie rule).
 """
 from __future__ import annotations
 

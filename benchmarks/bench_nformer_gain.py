@@ -1,6 +1,6 @@
 """NFormer's gain on generated re-id features, per neighbor source and per (l, k).
 
-    python benchmarks/bench_nformer_gain.py                 # the README table (~20 min, 2 cores)
+    python benchmarks/bench_nformer_gain.py                 # the full grid (~20 min, 2 cores)
     python benchmarks/bench_nformer_gain.py --steps 100     # a quick look
     python benchmarks/bench_nformer_gain.py --features logs/duke_mobilenet_cpu/features \
         --sources layer input affinity --landmarks 5 --topk 20   # real features (no world)

@@ -9,7 +9,7 @@ defaults; ``--neighbors`` / ``--layer-pool`` override them). Prints a markdown t
 dense and a sparse run share N, the max absolute difference of their outputs; IVF rows are
 compared with the exact sparse run.
 
-    python benchmarks/bench_nformer_memory.py                  # the README rows: dense and
+    python benchmarks/bench_nformer_memory.py                  # the default rows: dense and
                                                                # sparse 2k-10k, Market, 100k
     python benchmarks/bench_nformer_memory.py --dense --sparse 100000 --ivf 100000
     python benchmarks/bench_nformer_memory.py --dense --sparse --ivf 1000000   # the 1M run
