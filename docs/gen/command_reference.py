@@ -24,13 +24,24 @@ def _subcommands(parser: argparse.ArgumentParser) -> List[Tuple[str, argparse.Ar
     return []
 
 
-def walk(parser: argparse.ArgumentParser, prefix: str = "") -> Iterator[
+def _summaries(parser: argparse.ArgumentParser) -> dict:
+    """Subcommand -> its one-line help, as the parent lists it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {a.dest: a.help or "" for a in action._choices_actions}
+    return {}
+
+
+def walk(parser: argparse.ArgumentParser, prefix: str = "", summary: str = "") -> Iterator[
         Tuple[str, argparse.ArgumentParser]]:
-    """(command words, parser) of every subcommand, depth first; the root first."""
+    """(command words, parser) of every subcommand, depth first; the root first. Each parser
+    gets ``summary_`` (its one-line help in the parent's list)."""
     name = prefix or parser.prog
+    parser.summary_ = summary
     yield name, parser
+    summaries = _summaries(parser)
     for sub, child in _subcommands(parser):
-        yield from walk(child, f"{name} {sub}")
+        yield from walk(child, f"{name} {sub}", summaries.get(sub, ""))
 
 
 @contextlib.contextmanager
@@ -53,7 +64,8 @@ def nformer_commands() -> List[Tuple[str, str, str]]:
     out = []
     with _columns():
         for name, parser in walk(build_parser()):
-            out.append((name, parser.description or "", parser.format_help()))
+            about = parser.summary_ or parser.description or ""
+            out.append((name, about[:1].upper() + about[1:], parser.format_help()))
     return out
 
 
@@ -91,7 +103,7 @@ def markdown() -> str:
         depth = "##" if " " not in name else "###"
         lines += [f"{depth} `{name}` {{ #{_anchor(name)} }}", ""]
         if description:
-            lines += [description.strip().split("\n\n")[0].replace("``", "`"), ""]
+            lines += [description.strip().split("\n\n")[0].replace("``", "`").replace("\n", " "), ""]
         lines += ["```text", text.rstrip(), "```", ""]
     lines += ["## `fastreid-train` { #fastreid-train }", "",
               "FastReID's training script with the plugin's keys and registrations loaded; "

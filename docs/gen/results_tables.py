@@ -117,6 +117,9 @@ def render(spec: str, results_dir: str = RESULTS) -> str:
             blocks.append(f"*{table['title']}*")
         blocks.append(table_markdown(table, options["columns"]))  # type: ignore[arg-type]
     lines = [line for line in record.get("lines", []) if not line.startswith("Result written")]
+    if not tables:  # a command that prints lines, not tables: its lines are the figures
+        blocks.append("\n".join(f"- {_cell(x)}" for x in lines))
+        lines = []
     text = "\n\n".join(blocks) + "\n\n<small>" + provenance(record)
     if lines:
         text += " · printed with it: " + "; ".join(_cell(x) for x in lines[:4])
