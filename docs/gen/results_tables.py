@@ -116,7 +116,8 @@ def render(spec: str, results_dir: str = RESULTS) -> str:
         if table.get("title"):
             blocks.append(f"*{table['title']}*")
         blocks.append(table_markdown(table, options["columns"]))  # type: ignore[arg-type]
-    lines = [line for line in record.get("lines", []) if not line.startswith("Result written")]
+    lines = [line for line in record.get("lines", []) if not line.startswith("Result written")
+             and not line.lstrip().startswith("|")]  # rows also printed one by one as they came
     if not tables:  # a command that prints lines, not tables: its lines are the figures
         blocks.append("\n".join(f"- {_cell(x)}" for x in lines))
         lines = []

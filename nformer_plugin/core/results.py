@@ -113,7 +113,7 @@ def parse_tables(text: str) -> Dict[str, Any]:
                 i += 1
             tables.append(table)
             continue
-        if line.strip():
+        if line.strip() and not _ROW.match(line):  # a row printed outside its table: a copy
             other.append(line.rstrip())
         i += 1
     return {"tables": tables, "lines": other}
