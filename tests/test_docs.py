@@ -139,6 +139,10 @@ def test_rendered_table_carries_its_provenance(tmp_path):
     assert "| a | b\\|c |" in text and "| 1 | 2 |" in text
     assert "`python benchmarks/bench_rerank.py --sizes 10x20`" in text and "commit" in text
     assert "Not yet recorded" in results_tables.render("missing optional", str(tmp_path))
+    write_result("y", [{"columns": ["m"], "rows": [["36.3142"], ["0.00241445"], ["7"]]}],
+                 "nformer study table1", str(tmp_path))
+    text = results_tables.render("y digits=2", str(tmp_path))
+    assert "| 36.31 |" in text and "| 0.0024 |" in text and "| 7 |" in text
     with pytest.raises(results_tables.MissingResult):
         results_tables.render("missing", str(tmp_path))
 

@@ -5,6 +5,8 @@ A page asks for one with a marker on a line of its own::
     <!-- result: NAME -->                          every table of results/NAME.json
     <!-- result: NAME table=1 -->                  its second table only
     <!-- result: NAME columns=0,2,5 -->            some columns (by index)
+    <!-- result: NAME digits=2 -->                 numbers with more decimals shown rounded
+                                                   (below 1: to 2 significant digits)
     <!-- result: NAME optional -->                 a note instead of an error while it is absent
 
 Under the table comes the run that printed it: command, commit, date, machine and load. The
@@ -30,12 +32,14 @@ class MissingResult(LookupError):
 def parse_spec(spec: str) -> Dict[str, object]:
     words = spec.split()
     out: Dict[str, object] = {"name": words[0], "table": None, "columns": None,
-                              "optional": False}
+                              "optional": False, "digits": None}
     for word in words[1:]:
         if word == "optional":
             out["optional"] = True
         elif word.startswith("table="):
             out["table"] = int(word.split("=", 1)[1])
+        elif word.startswith("digits="):
+            out["digits"] = int(word.split("=", 1)[1])
         elif word.startswith("columns="):
             out["columns"] = [int(c) for c in word.split("=", 1)[1].split(",")]
         else:
@@ -55,13 +59,26 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def table_markdown(table: dict, columns: Optional[List[int]] = None) -> str:
+def _rounded(text: str, digits: Optional[int]) -> str:
+    """``text`` rounded to ``digits`` decimals when it is a number printed with more."""
+    if digits is None or not re.fullmatch(r"-?\d+\.\d+", str(text)):
+        return str(text)
+    if len(str(text).split(".")[1]) <= digits:
+        return str(text)
+    value = float(text)
+    if 0 < abs(value) < 1:  # small numbers keep `digits` significant digits
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}f}"
+
+
+def table_markdown(table: dict, columns: Optional[List[int]] = None,
+                   digits: Optional[int] = None) -> str:
     keep = columns if columns is not None else list(range(len(table["columns"])))
     lines = ["| " + " | ".join(_cell(table["columns"][i]) for i in keep) + " |",
              "|" + "---|" * len(keep)]
     for row in table["rows"]:
-        lines.append("| " + " | ".join(_cell(row[i]) if i < len(row) else "" for i in keep)
-                     + " |")
+        lines.append("| " + " | ".join(_cell(_rounded(row[i], digits)) if i < len(row) else ""
+                                       for i in keep) + " |")
     return "\n".join(lines)
 
 
@@ -115,7 +132,7 @@ def render(spec: str, results_dir: str = RESULTS) -> str:
     for table in tables:
         if table.get("title"):
             blocks.append(f"*{table['title']}*")
-        blocks.append(table_markdown(table, options["columns"]))  # type: ignore[arg-type]
+        blocks.append(table_markdown(table, options["columns"], options["digits"]))  # type: ignore[arg-type]
     lines = [line for line in record.get("lines", []) if not line.startswith("Result written")
              and not line.lstrip().startswith("|")]  # rows also printed one by one as they came
     if not tables:  # a command that prints lines, not tables: its lines are the figures
