@@ -41,7 +41,7 @@ test: $(STAMP) chromium
 # the documentation site (mkdocs.yml): site/, warnings are errors; the references and result
 # tables are generated at build time (docs/gen/hooks.py)
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # rewrite the README's result tables from results/*.json (tests/test_docs.py checks them)
 readme: $(STAMP)
