@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create/reuse .venv, install everything, train + evaluate on the embedded dataset
+#   make demo   - create/reuse .venv, install everything, train + evaluate on the synthetic dataset
 #   make test   - create/reuse .venv, install everything, run the test suite
 # On a GPU machine: make test FAISS=gpu   (the [gpu] extra: faiss-gpu instead of faiss-cpu)
 
@@ -30,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/fastreid-train --config-file configs/NFormer/demo.yml
 
-# TransMatcher vs a global-feature baseline vs NFormer, each trained on embedded domain A and
+# TransMatcher vs a global-feature baseline vs NFormer, each trained on synthetic domain A and
 # tested on domain B (CPU, minutes); prints one table (tools/cross_domain_table.py)
 cross-domain: $(STAMP)
 	$(PY) tools/cross_domain_table.py

@@ -123,7 +123,7 @@ def decision_margins(index, queries):
     import torch
 
     from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
-    from nformer_plugin.core.serving.query_refine import QueryPass, query_layer
+    from nformer_plugin.core.nformer.query_refine import QueryPass, query_layer
 
     state = index.state
     k = state.settings.topk

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_world import WorldParams, make_world  # noqa: E402
 
 from nformer_plugin.app import build_stage, load_feature_config, train_on_features  # noqa: E402
-from nformer_plugin.app.evaluation import evaluate_pipelines  # noqa: E402
+from nformer_plugin.evaluation import evaluate_pipelines  # noqa: E402
 from nformer_plugin.core.features import FeatureSet, load_feature_file  # noqa: E402
 
 

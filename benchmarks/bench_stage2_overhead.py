@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proc_memory import status_mb  # noqa: E402
 
 from nformer_plugin.app import build_stage, load_feature_config  # noqa: E402
-from nformer_plugin.core.losses import stage2_losses  # noqa: E402
-from nformer_plugin.core.training import Stage2Settings, build_stage2  # noqa: E402
+from nformer_plugin.core.nformer.losses import stage2_losses  # noqa: E402
+from nformer_plugin.core.nformer.training import Stage2Settings, build_stage2  # noqa: E402
 
 
 def clustered_bank(rows: int, ids: int, dim: int, seed: int = 0):

@@ -34,3 +34,5 @@ if _importlib_util.find_spec("fastreid") is not None:
         __all__ += ["Trainer", "load_config"]
     except ModuleNotFoundError:  # a dependency of FastReID is missing; fastreid-train names it
         pass
+
+_moved.install_renamed_names()  # e.g. EmbeddedParams -> SyntheticParams, with a message

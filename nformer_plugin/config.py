@@ -2,7 +2,7 @@
 
 Each method declares its own keys beside itself - ``core/nformer/config.py`` (NFormer, with the
 paper's symbols), ``core/transmatcher/config.py``, ``core/backbones/config.py``,
-``synthetic_dataset/config.py``, ``report/config.py``, ``studies/config.py`` - and
+``synthetic_dataset/config.py``, ``report/config.py``, ``core/nformer/study_config.py`` - and
 :func:`add_plugin_config` composes them with the shared keys (``SEED``,
 ``DATASETS.VAL_FRACTION``). FastReID rejects unknown YAML keys, so every key a config file may set
 is declared by one of them. ``fastreid_ext.config.load_config`` adds them to FastReID's defaults;
@@ -22,31 +22,41 @@ from .core.backbones.config import add_backbone_config
 from .core.config_keys import node
 from .core.io import resolve_seed
 from .core.nformer.config import add_nformer_config as _add_nformer_keys
+from .core.nformer.config import nformer_kwargs
+from .core.nformer.study_config import add_study_config
 from .core.transmatcher.config import add_transmatcher_config
 from .report.config import add_report_config
-from .studies.config import add_study_config
 from .synthetic_dataset.config import add_synthetic_dataset_config
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
-#: Renamed keys: old -> new. The old key still loads (with a deprecation message).
-RENAMED_KEYS = {"TEST.RANKED_LIST_PNG": "TEST.RANKED_LIST_QUERIES"}
+#: Renamed keys: old -> new. The old key still loads (with a deprecation message). A renamed
+#: node (``DATASETS.EMBEDDED``) renames every key under it and is declared as a copy of the new one.
+RENAMED_KEYS = {"TEST.RANKED_LIST_PNG": "TEST.RANKED_LIST_QUERIES",
+                "DATASETS.EMBEDDED": "DATASETS.SYNTHETIC"}
 
 
 def add_plugin_config(cfg: CfgNode) -> CfgNode:
     """Add every key of the plugin (with its defaults) to ``cfg`` in place; returns ``cfg``.
     The one composition both entry points use (``fastreid-train`` through
     ``fastreid_ext.config``, the feature-file commands through ``app.config``)."""
-    for path in ("MODEL.BACKBONE", "MODEL.HEADS", "MODEL.LOSSES", "DATASETS", "TEST"):
+    for path in ("MODEL.BACKBONE", "MODEL.HEADS", "MODEL.LOSSES", "DATASETS", "TEST", "SOLVER"):
         node(cfg, path)
     cfg.SEED = 0  # global random seed; -1 draws one (logged), so runs are reproducible by default
     cfg.DATASETS.VAL_FRACTION = 0.1  # share of training identities held out of both stages to validate stage 2 (picks model_best)
-    add_synthetic_dataset_config(cfg)  # DATASETS.EMBEDDED.*
+    cfg.SOLVER.LOG_PERIOD = 20  # iterations between training progress lines (losses, ETA); FastReID's own is a fixed 200
+    cfg.TEST.REUSE_FEATURES = True  # reuse the last evaluation's test features while backbone and head are unchanged (stage 2)
+    add_synthetic_dataset_config(cfg)  # DATASETS.SYNTHETIC.*
     _add_nformer_keys(cfg)  # MODEL.NFORMER.*, MODEL.HEADS.NFORMER_FEAT_DIM, MODEL.LOSSES.CENTER.*
     add_transmatcher_config(cfg)  # MODEL.TRANSMATCHER.*
     add_backbone_config(cfg)  # MODEL.BACKBONE.{DILATE_LAST_STAGE, ABD.*, APNET.*}
     add_report_config(cfg)  # TEST.{EXPORT_FEATURES, NFORMER_TABLE, RANKED_LIST_*, REPORT.*}
     add_study_config(cfg)  # STUDY.*
+    for old, new in RENAMED_KEYS.items():  # a renamed node: the old one declared, same defaults
+        value = _get(cfg, new)
+        if isinstance(value, CfgNode):
+            parent, leaf = old.rsplit(".", 1)
+            _get(cfg, parent)[leaf] = value.clone()
     return cfg
 
 
@@ -94,7 +104,7 @@ def merge_config(cfg: CfgNode, config_file: str = "", opts: Sequence[str] = ()) 
 def apply_renamed_keys(cfg: CfgNode) -> CfgNode:
     """Copy a renamed key's value to its new name (with a deprecation message) when it was set."""
     fresh = add_plugin_config(CfgNode())
-    for old, new in RENAMED_KEYS.items():
+    for old, new in _renamed_leaves(fresh):
         value, default = _get(cfg, old), _get(fresh, old)
         if value != default:
             logger.warning("config key %s is deprecated; use %s (value %r taken over)", old, new,
@@ -102,6 +112,16 @@ def apply_renamed_keys(cfg: CfgNode) -> CfgNode:
             parent, leaf = new.rsplit(".", 1)
             _get(cfg, parent)[leaf] = value
     return cfg
+
+
+def _renamed_leaves(cfg: CfgNode):
+    """``(old, new)`` for every renamed key, the keys of a renamed node one by one."""
+    for old, new in RENAMED_KEYS.items():
+        value = _get(cfg, new)
+        if isinstance(value, CfgNode):
+            yield from ((f"{old}.{k}", f"{new}.{k}") for k in value)
+        else:
+            yield old, new
 
 
 def _get(cfg: CfgNode, path: str) -> Any:
@@ -125,7 +145,6 @@ def __getattr__(name: str):
         warnings.warn("nformer_plugin.config.nformer_kwargs is deprecated: use "
                       "nformer_plugin.core.nformer.config.nformer_kwargs (or NFormer.from_config)",
                       DeprecationWarning, stacklevel=2)
-        from .core.nformer.config import nformer_kwargs
 
         return nformer_kwargs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

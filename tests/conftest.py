@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny embedded dataset config and a runner for ``fastreid-train``."""
+"""Shared fixtures: a tiny synthetic dataset config and a runner for ``fastreid-train``."""
 import os
 import subprocess
 import sys
@@ -29,10 +29,10 @@ MODEL:
       CHECKPOINT_PERIOD: 1
       OPT: Adam
 DATASETS:
-  NAMES: ("EmbeddedReID",)
-  TESTS: ("EmbeddedReID",)
+  NAMES: ("SyntheticReID",)
+  TESTS: ("SyntheticReID",)
   VAL_FRACTION: 0.25
-  EMBEDDED:
+  SYNTHETIC:
     NUM_TRAIN_IDS: 8
     NUM_TEST_IDS: 6
     NUM_CAMERAS: 3

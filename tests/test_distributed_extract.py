@@ -1,5 +1,5 @@
 """``nformer extract --engine ray`` (issue 23): Ray Data workers write the single process's
-feature file on the embedded dataset's images, into the same resumable shards."""
+feature file on the synthetic dataset's images, into the same resumable shards."""
 import os
 
 import numpy as np
@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray", reason="the distributed extra (pip install .[di
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
-    """The embedded dataset's query images (small), the tiny config and random weights."""
+    """The synthetic dataset's query images (small), the tiny config and random weights."""
     from nformer_plugin.synthetic_dataset.writer import generate_market_layout
 
     tmp = tmp_path_factory.mktemp("ray_extract")

@@ -3,8 +3,9 @@ gallery index), on the in-process engine (``engine="local"``: the shard code wit
 Ray runs are in ``test_distributed.py``).
 
 An update equals ``GalleryIndex``'s same update (ids in the same order, the same landmark ids,
-labels, reach per layer, refined gallery and queries, search) and a fresh sharded refinement of
-the new gallery with those landmark rows and shard sizes. A save that fails between two shards'
+labels, reach per layer, the refined gallery bit for bit, refined queries and search distances
+within 1e-6) and a fresh sharded refinement of the new gallery with those landmark rows and shard
+sizes (bit for bit). A save that fails between two shards'
 folders (or before its switch) leaves the old index loadable and equal; the next save clears
 what it left. Small galleries (300 rows, d = 32)."""
 import os
@@ -54,7 +55,10 @@ def fresh_refinement(stage, gallery, queries, landmark_rows, ranges):
 def same_ranking(d1, i1, d2, i2, tol: float = 1e-6) -> bool:
     """Distances within ``tol``, and each id of the second ranking among the first's ids at its
     distance (within ``tol``: the near duplicates' order may differ in the last bit; the last,
-    possibly cut, group is left out)."""
+    possibly cut, group is left out). After an add or a remove the two indexes' search
+    distances differ in the last float32 bits (measured: at most 1.8e-7), also at one torch
+    thread, where the refined queries and gallery are bit-equal: one faiss index over the whole
+    gallery and one per shard score the same vectors in different ways."""
     if not np.allclose(d1, d2, atol=tol):
         return False
     for r in range(len(d1)):
@@ -69,8 +73,10 @@ def assert_same_index(single, sharded, queries):
     assert np.array_equal(single.ids, sharded.ids)
     assert all((a is None and b is None) or np.array_equal(a, b)
                for a, b in zip(single.landmark_ids, sharded.landmark_ids))
+    # the queries: bit for bit at one torch thread; at two, the single-process index's query
+    # rounds after an update differ in the last bits (measured: at most 7.2e-7)
     assert float((single.refine(queries) - sharded.refine(queries)).abs().max()) <= 1e-6
-    assert np.abs(single.refined - sharded.refined).max() <= 1e-6
+    assert np.array_equal(single.refined, sharded.refined)  # bit for bit
     assert same_ranking(*single.search(queries, 20), *sharded.search(queries, 20))
     labels = sharded.labels
     assert sorted(labels) == sorted(single.labels)
@@ -84,8 +90,8 @@ def assert_equals_single_and_fresh(stage, single, sharded, gallery, queries):
     assert_same_index(single, sharded, queries)
     fresh_q, fresh_g = fresh_refinement(stage, gallery, queries, single.landmark_rows(),
                                         sharded.ranges)
-    assert float((fresh_q - sharded.refine(queries)).abs().max()) <= 1e-6
-    assert np.abs(fresh_g - sharded.refined).max() <= 1e-6
+    assert torch.equal(fresh_q, sharded.refine(queries))  # bit for bit
+    assert np.array_equal(fresh_g, sharded.refined)
 
 
 @pytest.mark.parametrize("neighbors", ["layer", "affinity"])

@@ -1,4 +1,4 @@
-"""fastreid-train end to end on a tiny embedded dataset, on CPU: both stages, checkpoints,
+"""fastreid-train end to end on a tiny synthetic dataset, on CPU: both stages, checkpoints,
 resume in either stage, stage 2 alone from MODEL.WEIGHTS, eval-only, 2 processes (gloo)."""
 import os
 import re

@@ -132,7 +132,7 @@ def test_pool_certificate_counts_are_logged(caplog):
     import logging
 
     gallery, queries = tricky_world(seed=4)
-    with caplog.at_level(logging.INFO, logger="fastreid.nformer"):
+    with caplog.at_level(logging.INFO, logger="nformer_plugin"):
         batch(make_model(layer_pool=24), queries, gallery)
     lines = [r.getMessage() for r in caplog.records if "layer pool" in r.getMessage()]
     assert len(lines) == 3 and all("without the pool certificate" in m for m in lines)

@@ -17,7 +17,7 @@ fastreid = pytest.importorskip("fastreid")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The tiny config, random weights, and what ``fastreid-train --eval-only
-    TEST.EXPORT_FEATURES`` wrote on the embedded dataset (flip test on)."""
+    TEST.EXPORT_FEATURES`` wrote on the synthetic dataset (flip test on)."""
     tmp = tmp_path_factory.mktemp("extract")
     cfg = tmp / "tiny.yml"
     cfg.write_text(TINY_CONFIG.format(base=os.path.join(REPO, "configs/NFormer/Base-NFormer.yml")))
@@ -186,7 +186,7 @@ def _chromium_page_counts(page, tmp_path):
 
 
 def test_unlabelled_crops_to_ranked_page(exported, tmp_path, capsys):
-    """The whole path on the embedded dataset's images as plain crops without labels in their
+    """The whole path on the synthetic dataset's images as plain crops without labels in their
     names: extract gallery and queries, build an index, query it from the query folder (JSON +
     page in headless Chromium), refine / report / remove without labels."""
     import json
@@ -279,7 +279,7 @@ EXPORT_CASES = {  # every shipped backbone config and TransMatcher's feature enc
     "abd": ("configs/NFormer/market_abd.yml", ["INPUT.SIZE_TEST", "[96, 32]"]),
     "apnet": ("configs/NFormer/market_apnet.yml", ["INPUT.SIZE_TEST", "[96, 48]"]),
     "mobilenetv2": ("configs/NFormer/duke_mobilenet_cpu.yml", []),  # 128x64
-    "transmatcher": ("configs/TransMatcher/embedded_cross_domain.yml", []),
+    "transmatcher": ("configs/TransMatcher/synthetic_cross_domain.yml", []),
 }
 
 

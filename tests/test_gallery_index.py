@@ -85,7 +85,8 @@ def test_refine_is_exact_across_chunk_boundaries(neighbors):
 def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, monkeypatch):
     """Batches use one torch matmul + topk instead of faiss (small_batch=1 forces it for every
     call, 10**6 never), and large calls are cut in chunks of query rows: same rows either way."""
-    from nformer_plugin.core.serving import index as index_module, query_refine
+    from nformer_plugin.core.nformer import query_refine
+    from nformer_plugin.core.serving import index as index_module
 
     monkeypatch.setattr(query_refine, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(index_module, "SMALL_BATCH", small_batch)
@@ -106,7 +107,7 @@ def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, m
 def test_small_calls_use_one_torch_thread_and_restore_it():
     import threading
 
-    from nformer_plugin.core.serving.query_refine import torch_threads
+    from nformer_plugin.core.nformer.query_refine import torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -131,7 +132,7 @@ def test_small_calls_use_one_torch_thread_and_restore_it():
 def test_fp16_prefilter_is_exact_or_declines():
     """A handful of queries scan a float16 copy and rescore in float32: the exact top-k whenever
     the scan's margin certifies it, else None (the float32 scan runs)."""
-    from nformer_plugin.core.serving.query_refine import fp16_prefiltered_topk
+    from nformer_plugin.core.nformer.query_refine import fp16_prefiltered_topk
 
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(3000, DIM, generator=gen), dim=1)
@@ -285,6 +286,36 @@ def test_load_errors_are_named(saved, tmp_path):
         GalleryIndex.load(path)
 
 
+def test_save_flushes_every_file_and_folder_before_its_rename(saved, monkeypatch):
+    """Each file of a save is on the disk before its rename, each rename is flushed in its
+    folder, and a save passes the ``index_save`` fault point once per moment of SAVE_MOMENTS."""
+    from nformer_plugin.core import faults, io
+    from nformer_plugin.core.serving import persistence
+
+    _, index, path = saved
+    events = []
+    fsync, replace, fault_point = io._fsync, os.replace, faults.fault_point
+    monkeypatch.setattr(io, "_fsync", lambda p, directory=False: (
+        events.append(("fsync", os.path.abspath(p))), fsync(p, directory))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (
+        events.append(("replace", os.path.abspath(a), os.path.abspath(b))), replace(a, b))[1])
+    for module in (faults, persistence):
+        monkeypatch.setattr(module, "fault_point", lambda name: (
+            events.append(("fault", name)), fault_point(name))[1])
+    index.save(path)
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "replace"]
+    version = os.path.abspath(_version(path))
+    names = persistence.FILES + ("manifest.json",)
+    assert [os.path.basename(dst) for _, _, dst in renames] == list(names) + [
+        os.path.basename(version), "CURRENT"]
+    for i, src, dst in renames:
+        assert ("fsync", src) in events[:i], f"{dst} renamed before it was flushed"
+        assert events[i + 1] == ("fsync", os.path.dirname(dst)), f"{dst}: folder not flushed"
+    assert [e for e in events if e[0] == "fault"] == [("fault", persistence.SAVE_POINT)] * len(
+        persistence.SAVE_MOMENTS)
+    assert sorted(os.listdir(version)) == sorted(names)
+
+
 KILLED_SAVE = """
 import numpy as np, torch
 from nformer_plugin import GalleryIndex
@@ -294,14 +325,31 @@ index.save({path!r})
 """
 
 
-@pytest.mark.parametrize("crash_after", ["model.pth", "version"])
-def test_killed_save_leaves_the_previous_index_loadable(saved, crash_after):
+@pytest.mark.parametrize("moment", ["model.pth", "version", "CURRENT written"])
+def test_killed_save_leaves_the_previous_index_loadable(saved, moment):
+    from nformer_plugin.core.serving.persistence import SAVE_MOMENTS, SAVE_POINT
+
     _, index, path = saved
-    env = dict(os.environ, NFORMER_INDEX_CRASH_AFTER=crash_after, CUDA_VISIBLE_DEVICES="",
+    fault = f"{SAVE_POINT}:{SAVE_MOMENTS.index(moment) + 1}"
+    env = dict(os.environ, NFORMER_FAULT_AT=fault, CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", KILLED_SAVE.format(path=path, dim=DIM)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == -9, out.stderr[-2000:]  # killed mid-save
+    left = sorted(set(os.listdir(path)) - {"CURRENT", os.path.basename(_version(path))})
+    # the kill landed at the named moment: what the interrupted save left behind
+    if moment == "model.pth":  # arrays.npz in place, model.pth written under its temporary name
+        assert len(left) == 1 and left[0].startswith(".tmp-"), left
+        files = sorted(os.listdir(os.path.join(path, left[0])))
+        assert files[0] == "arrays.npz" and files[1].startswith("model.tmp"), files
+        assert len(files) == 2, files
+    else:  # a complete version folder, not live; "CURRENT written": CURRENT's temporary file
+        assert len(left) == (1 if moment == "version" else 2), left
+        assert left[-1].startswith("v"), left
+        assert sorted(os.listdir(os.path.join(path, left[-1]))) == sorted(
+            SAVE_MOMENTS[:4]), left
+        if moment == "CURRENT written":
+            assert left[0].startswith("CURRENT.tmp"), left
     loaded = GalleryIndex.load(path)
     assert len(loaded) == NG
     queries = data("clustered", 4, 13)

@@ -6,14 +6,20 @@ command counts how often it passes every point (``NFORMER_FAULT_COUNTS``); each 
 ``n`` from a ``random.Random`` seeded with ``NFORMER_FAULT_SEED`` (default 22) and the moment's
 name, so CI draws the same moments every time and another seed draws others:
 
-* ``fastreid-train`` (both stages, tiny embedded dataset, CPU, one thread; warm-up and an LR step
+* ``fastreid-train`` (both stages, tiny synthetic dataset, CPU, one thread; warm-up and an LR step
   inside stage 1, a monitoring evaluation inside stage 2): killed during a stage-1 epoch, while a
   checkpoint is being written (before its rename, or before ``last_checkpoint`` names it),
-  between two checkpoints, while stage 2 builds its feature bank, mid stage-2 epoch and during
-  the final evaluation; rerun with ``--resume``, it must print the same final table (every
-  column) and write a ``model_final.pth`` with the same tensors;
-* ``nformer train`` killed mid-epoch, and while its checkpoint or its final weights are written;
-  ``--resume`` must write the same ``model_final.pth``;
+  during the stage-1 evaluation, while stage 2 builds its feature bank, mid stage-2 epoch and
+  during the final evaluation; rerun with ``--resume``, it must print the same final table
+  (every column) and write a ``model_final.pth`` with the same tensors. Every moment is drawn
+  after the first checkpoint is recorded, and the rerun must say it resumed from the last
+  recorded one ("Resuming in stage S after epoch E"); the stage-1 moments resume inside stage 1,
+  where the training loader restarts mid-run (the moment the RNG restore order matters). One
+  more kill in a stage-1 epoch runs with two data-loader workers (``DATALOADER.NUM_WORKERS 2``)
+  and must end like the uninterrupted run without workers (augmentation is seeded per sample);
+* ``nformer train`` killed mid-epoch, and while its checkpoint or its final weights are written,
+  each after its first checkpoint; ``--resume`` must resume from it and write the same
+  ``model_final.pth``;
 * ``nformer index build`` / ``add`` killed at a file of the save: nothing loads as the new index
   (``add``: the previous one still loads), and the rerun gives the uninterrupted index.
 """
@@ -103,31 +109,36 @@ def reference(tmp_path_factory):
 
 
 def train_moment(moment: str, counts: dict):
-    """(point, n) of a named moment of the fastreid-train run."""
+    """(point, n) of a named moment of the fastreid-train run. Every moment comes after the
+    first checkpoint (``model_0000.pth``, end of stage-1 epoch 1) is recorded, so the rerun
+    resumes."""
     per_epoch = counts["stage1_step"] // STAGE1_EPOCHS
+    per_eval = counts["eval_batch"] // counts["eval_metrics"]
     rng = random.Random(f"{SEED}/{moment}/point")
-    if moment == "stage-1 epoch":
-        return "stage1_step", draw(moment, 1, counts["stage1_step"])
+    if moment.startswith("stage-1 epoch"):  # a step of a stage-1 epoch after the first one
+        return "stage1_step", draw(moment, per_epoch + 1, counts["stage1_step"])
     if moment == "checkpoint being written":  # before its rename, or before it is recorded
         point = rng.choice(["checkpoint_write", "checkpoint_unrecorded"])
-        return point, draw(moment, 1, counts[point])
-    if moment == "between two checkpoints":  # in a stage-1 epoch after the first checkpoint
-        return "stage1_step", draw(moment, per_epoch + 1, counts["stage1_step"])
+        return point, draw(moment, 2, counts[point])  # the first is model_0000 (none before)
+    if moment == "stage-1 evaluation":  # after the last stage-1 epoch, before model_stage1
+        if rng.random() < 0.5:
+            return "eval_metrics", 1
+        return "eval_batch", draw(moment, 1, per_eval)
     if moment == "stage-2 feature bank":
         return "feature_batch", draw(moment, 1, counts["feature_batch"])
     if moment == "mid stage-2 epoch":
         return "stage2_step", draw(moment, 1, counts["stage2_step"])
     if moment == "final evaluation":  # a test batch of the last evaluation, or its metrics
-        evaluations, batches = counts["eval_metrics"], counts["eval_batch"]
         if rng.random() < 0.5:
-            return "eval_metrics", evaluations
-        per_eval = batches // evaluations
+            return "eval_metrics", counts["eval_metrics"]
+        batches = counts["eval_batch"]
         return "eval_batch", draw(moment, batches - per_eval + 1, batches)
     raise KeyError(moment)
 
 
-TRAIN_MOMENTS = ["stage-1 epoch", "checkpoint being written", "between two checkpoints",
+TRAIN_MOMENTS = ["stage-1 epoch", "checkpoint being written", "stage-1 evaluation",
                  "stage-2 feature bank", "mid stage-2 epoch", "final evaluation"]
+INSIDE_STAGE1 = ("stage-1 epoch", "stage-1 evaluation")  # resume with stage 1 unfinished
 
 
 def test_reference_passes_every_point(reference):
@@ -136,23 +147,50 @@ def test_reference_passes_every_point(reference):
                   "stage2_step", "eval_batch", "eval_metrics"):
         assert counts.get(point, 0) >= 1, counts
     assert counts["eval_metrics"] == 3  # end of stage 1, after stage-2 epoch 1, final
+    # model_0000 (end of stage-1 epoch 1), model_stage1, then stage 2's
+    assert counts["checkpoint_write"] >= 2 and counts["stage1_step"] % STAGE1_EPOCHS == 0
+
+
+def recorded_checkpoint(out):
+    """(stage, epoch) of the checkpoint that ``last_checkpoint`` names in ``out``."""
+    pointer = out / "last_checkpoint"
+    assert pointer.is_file(), f"no checkpoint recorded in {out}: the rerun would not resume"
+    ckpt = torch.load(out / pointer.read_text().strip(), map_location="cpu", weights_only=True)
+    return int(ckpt["stage"]), int(ckpt["epoch"])
+
+
+def kill_and_resume(reference, moment: str, out, extra=()) -> None:
+    """Kill fastreid-train at ``moment``, rerun it with ``--resume``, require that it resumed
+    from the last recorded checkpoint and ended like the reference run."""
+    point, n = train_moment(moment, reference["counts"])
+    fault = f"{point}:{n}"
+    args = ["--config-file", reference["cfg"], "OUTPUT_DIR", str(out)] + TRAIN_OPTS + list(extra)
+    _killed(run_train(args, dict(reference["env"], NFORMER_FAULT_AT=fault)), fault)
+    assert not (out / "final_results.json").exists()
+    assert_checkpoints_load(out)
+    stage, epoch = recorded_checkpoint(out)
+    if moment.startswith(INSIDE_STAGE1):
+        assert (stage, epoch) == (1, STAGE1_EPOCHS - 2), (fault, stage, epoch)
+    log = _done(run_train(["--resume"] + args, reference["env"]), f"resume after {fault}")
+    assert f"Resuming in stage {stage} after epoch {epoch}" in log, (fault, log[-2500:])
+    assert final_table(log) == final_table(reference["log"]), (fault, log[-2500:])
+    assert_same_tensors(out / "model_final.pth", reference["out"] / "model_final.pth")
+    final = json.loads((out / "final_results.json").read_text())
+    assert final == json.loads((reference["out"] / "final_results.json").read_text())
 
 
 @pytest.mark.parametrize("moment", TRAIN_MOMENTS)
 def test_fastreid_train_killed_and_resumed_ends_like_the_uninterrupted_run(reference, moment,
                                                                            tmp_path):
-    point, n = train_moment(moment, reference["counts"])
-    fault = f"{point}:{n}"
-    out = tmp_path / "out"
-    args = ["--config-file", reference["cfg"], "OUTPUT_DIR", str(out)] + TRAIN_OPTS
-    _killed(run_train(args, dict(reference["env"], NFORMER_FAULT_AT=fault)), fault)
-    assert not (out / "final_results.json").exists()
-    assert_checkpoints_load(out)
-    log = _done(run_train(["--resume"] + args, reference["env"]), f"resume after {fault}")
-    assert final_table(log) == final_table(reference["log"]), (fault, log[-2500:])
-    assert_same_tensors(out / "model_final.pth", reference["out"] / "model_final.pth")
-    final = json.loads((out / "final_results.json").read_text())
-    assert final == json.loads((reference["out"] / "final_results.json").read_text())
+    kill_and_resume(reference, moment, tmp_path / "out")
+
+
+def test_fastreid_train_with_loader_workers_killed_and_resumed_ends_like_the_run_without(
+        reference, tmp_path):
+    """The setting users run: two data-loader worker processes. Killed in a stage-1 epoch
+    (workers alive), resumed: the same end as the uninterrupted run without workers."""
+    kill_and_resume(reference, "stage-1 epoch (workers)", tmp_path / "out",
+                    ["DATALOADER.NUM_WORKERS", "2"])
 
 
 # ----------------------------------------------------------------------------- nformer train
@@ -184,12 +222,19 @@ def nformer_reference(tmp_path_factory):
             "tmp": tmp}
 
 
+NFORMER_EPOCHS = int(NFORMER_OPTS[NFORMER_OPTS.index("MODEL.NFORMER.STAGE2.EPOCHS") + 1])
+
+
 def nformer_moment(moment: str, counts: dict):
-    """(point, n) of a named moment of the nformer train run."""
-    if moment == "mid epoch":
-        return "stage2_step", draw("nformer train " + moment, 1, counts["stage2_step"])
-    # a file being written: one of the checkpoints, or model_final.pth (the first other file)
-    writes = [("checkpoint_write", n) for n in range(1, counts["checkpoint_write"] + 1)]
+    """(point, n) of a named moment of the nformer train run, after its first checkpoint (end
+    of epoch 1, CHECKPOINT_PERIOD 1), so the rerun resumes."""
+    if moment == "mid epoch":  # a step of an epoch after the first
+        per_epoch = counts["stage2_step"] // NFORMER_EPOCHS
+        return "stage2_step", draw("nformer train " + moment, per_epoch + 1,
+                                   counts["stage2_step"])
+    # a file being written: a checkpoint after the first, or model_final.pth (the first other
+    # file, after the last checkpoint)
+    writes = [("checkpoint_write", n) for n in range(2, counts["checkpoint_write"] + 1)]
     return random.Random(f"{SEED}/nformer train/{moment}").choice(writes + [("atomic_write", 1)])
 
 
@@ -204,10 +249,12 @@ def test_nformer_train_killed_and_resumed_writes_the_same_weights(nformer_refere
     _killed(run_nformer(args + NFORMER_OPTS, dict(ref["env"], NFORMER_FAULT_AT=fault)), fault)
     assert not (out / "model_final.pth").exists()
     assert_checkpoints_load(out)
-    had_checkpoint = (out / "last_checkpoint.pth").exists()
+    assert (out / "last_checkpoint.pth").is_file(), f"{fault}: no checkpoint to resume from"
+    epoch = int(torch.load(out / "last_checkpoint.pth", map_location="cpu",
+                           weights_only=True)["epoch"])
     log = _done(run_nformer(args + ["--resume"] + NFORMER_OPTS, ref["env"]),
                 f"nformer train --resume after {fault}")
-    assert ("Resuming after epoch" in log) == had_checkpoint, log[-2000:]
+    assert f"Resuming after epoch {epoch + 1}/{NFORMER_EPOCHS} " in log, (fault, log[-2000:])
     assert_same_tensors(out / "model_final.pth", ref["out"] / "model_final.pth")
 
 
@@ -265,7 +312,11 @@ def index_reference(nformer_reference):
                            str(built), str(added)], env=dict(ref["env"], NFORMER_FAULT_COUNTS=str(
                                counts)), cwd=REPO, capture_output=True, text=True, timeout=600)
     _done(proc, "index build + add")
-    saves = json.loads(counts.read_text())["index_save"] // 2  # passes of one save
+    from nformer_plugin.core.serving.persistence import SAVE_MOMENTS, SAVE_POINT
+
+    passes = json.loads(counts.read_text())[SAVE_POINT]
+    assert passes == 2 * len(SAVE_MOMENTS), passes  # two saves, every moment of each
+    saves = len(SAVE_MOMENTS)  # passes of one save
     query = np.load(gallery["q"])["feats"][:8]
     return {"weights": weights, "gallery": gallery["g"], "more": more["g"], "built": built,
             "added": added, "saves": saves, "query": query, "env": ref["env"]}

@@ -61,7 +61,7 @@ from nformer_plugin.core import (FeatureSet, GalleryIndex, NFormer, NFormerStage
 from nformer_plugin.core.nformer import InferenceSettings
 from nformer_plugin.core.retrieval import cosine_distance, evaluate_ranking
 from nformer_plugin.core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
-from nformer_plugin.core.training import NeighborhoodSetSampler, Stage2Settings, build_stage2
+from nformer_plugin.core.nformer.training import NeighborhoodSetSampler, Stage2Settings, build_stage2
 from nformer_plugin.core.transmatcher import TransMatcher
 
 before = set(sys.modules)
@@ -212,15 +212,16 @@ with warnings.catch_warnings(record=True) as caught:
     for old, new in MOVED.items():
         assert importlib.import_module(old) is importlib.import_module(new), old
     from nformer_plugin.embedded import writer, EmbeddedParams
-    from nformer_plugin.synthetic_dataset import writer as new_writer
-    assert writer is new_writer
+    from nformer_plugin.synthetic_dataset import SyntheticParams, writer as new_writer
+    assert writer is new_writer and EmbeddedParams is SyntheticParams
     from nformer_plugin.cli import load_stage, train_on_features, load_cli_config
     from nformer_plugin.app import load_stage as new_load_stage
     assert load_stage is new_load_stage
     from nformer_plugin.config import add_nformer_config, nformer_kwargs, standalone_config
     assert "SEED" in add_nformer_config(standalone_config().clone())
 messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
-for old in list(MOVED) + ["nformer_plugin.cli.load_stage", "add_nformer_config", "nformer_kwargs"]:
+for old in list(MOVED) + ["nformer_plugin.cli.load_stage", "add_nformer_config", "nformer_kwargs",
+                          "EmbeddedParams"]:
     assert any(old in m and "deprecated" in m for m in messages), (old, messages)
 print("old paths ok")
 """

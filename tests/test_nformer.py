@@ -171,7 +171,8 @@ def test_sparse_matches_dense(mask, neighbors, exact, query_mode):
     x = clustered(90, seed=1)
     dense = model.forward_dense(x, num_query=12)
     sparse = model.forward_sparse(x, num_query=12)
-    assert torch.allclose(dense, sparse, atol=1e-4), (dense - sparse).abs().max()
+    # measured: max abs diff 9.5e-7 over the 36 combinations (1, 2 and 4 threads, CPU)
+    assert torch.allclose(dense, sparse, atol=2e-6, rtol=0), (dense - sparse).abs().max()
 
 
 def test_masks_change_the_output():

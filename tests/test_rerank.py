@@ -144,8 +144,8 @@ def test_jaccard_is_symmetric_and_bounded_when_query_set_is_gallery_set(data):
     feats = np.concatenate(data[:2])
     n = len(feats)
     nearest = rerank_distances.nearest_and_farthest(feats, 21, False, 0, np.empty((0, n), np.float32))
-    rows, cols = rerank._expanded_reciprocal_pairs(nearest.indices, 20)
-    v = rerank._local_query_expansion(
+    rows, cols = rerank.expanded_reciprocal_pairs(nearest.indices, 20)
+    v = rerank.local_query_expansion(
         rerank._encoding_vectors(feats, nearest, rows, cols), nearest.indices[:, :6])
     cells, sums = rerank._min_sums(v, v.tocsc(), n)
     overlap = np.zeros(n * n)

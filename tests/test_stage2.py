@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from conftest import clustered_features
 from nformer_plugin.config import standalone_config
-from nformer_plugin.core.losses import batch_hard_triplet, stage2_losses
+from nformer_plugin.core.nformer.losses import batch_hard_triplet, stage2_losses
 from nformer_plugin.core.nformer import InferenceSettings, NFormer, NFormerStage
-from nformer_plugin.core.training import (NeighborhoodSetSampler, Stage2Settings, build_stage2,
+from nformer_plugin.core.nformer.training import (NeighborhoodSetSampler, Stage2Settings, build_stage2,
                                           iterations_per_epoch)
-from nformer_plugin.core.training.validation import (make_validator, split_validation_ids,
+from nformer_plugin.core.nformer.training.validation import (make_validator, split_validation_ids,
                                                      validation_query_gallery)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from nformer_plugin.core.retrieval.rerank import k_reciprocal_rerank
 from nformer_plugin.core.retrieval.rerank_precomputed import k_reciprocal_rerank_distances
-from nformer_plugin.core.training.graph_sampler import GraphSampler
+from nformer_plugin.core.transmatcher.graph_sampler import GraphSampler
 from nformer_plugin.core.transmatcher import (MapStore, TransMatcher, encode_in_chunks,
                                               match_scores,
                                               pairwise_matching_loss, reranked_distances,

@@ -1,5 +1,5 @@
 """TransMatcher in FastReID: IBN-b backbone, TransMatcherReID meta-architecture, trainer (graph
-sampler, pairwise loss, clipping, LR groups), evaluator, embedded domains, cross-dataset configs."""
+sampler, pairwise loss, clipping, LR groups), evaluator, synthetic domains, cross-dataset configs."""
 from __future__ import annotations
 
 import glob
@@ -24,10 +24,10 @@ TINY_TM = [
     "MODEL.TRANSMATCHER.D_MODEL", "16", "MODEL.TRANSMATCHER.DIM_FEEDFORWARD", "32",
     "MODEL.TRANSMATCHER.NUM_LAYERS", "2", "MODEL.TRANSMATCHER.FREEZE_BN", "False",
     "MODEL.TRANSMATCHER.NEW_LR", "0.002",
-    "DATASETS.NAMES", '("EmbeddedReIDDomainA",)', "DATASETS.TESTS", '("EmbeddedReIDDomainB",)',
-    "DATASETS.EMBEDDED.NUM_TRAIN_IDS", "16", "DATASETS.EMBEDDED.NUM_TEST_IDS", "16",
-    "DATASETS.EMBEDDED.NUM_CAMERAS", "3", "DATASETS.EMBEDDED.IMAGES_PER_ID", "8",
-    "DATASETS.EMBEDDED.QUERIES_PER_ID", "1", "DATASETS.EMBEDDED.HEIGHT", "32",
+    "DATASETS.NAMES", '("SyntheticReIDDomainA",)', "DATASETS.TESTS", '("SyntheticReIDDomainB",)',
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "16", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "16",
+    "DATASETS.SYNTHETIC.NUM_CAMERAS", "3", "DATASETS.SYNTHETIC.IMAGES_PER_ID", "8",
+    "DATASETS.SYNTHETIC.QUERIES_PER_ID", "1", "DATASETS.SYNTHETIC.HEIGHT", "32",
     "INPUT.SIZE_TRAIN", "[32, 16]", "INPUT.SIZE_TEST", "[32, 16]", "INPUT.PADDING.SIZE", "2",
     "INPUT.CJ.ENABLED", "False", "INPUT.REA.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.OPT", "Adam", "SOLVER.BASE_LR", "0.002", "SOLVER.IMS_PER_BATCH", "16",
@@ -36,7 +36,7 @@ TINY_TM = [
 ]
 
 
-def tm_config(opts=(), base="embedded_cross_domain.yml"):
+def tm_config(opts=(), base="synthetic_cross_domain.yml"):
     from nformer_plugin.fastreid_ext import load_config
 
     return load_config(os.path.join(TM_CONFIGS, base), list(TINY_TM) + list(opts))
@@ -189,7 +189,7 @@ def test_short_training_lowers_loss_and_beats_untrained_matcher_across_domains(
     assert np.mean(losses[-16:]) < 0.92 * np.mean(losses[:16])
     assert results["transmatcher"]["mAP"] > untrained["transmatcher"]["mAP"] + 5
     assert set(results) >= {"global", "transmatcher"}
-    saved = json.loads(open(tmp_path / "out" / "metrics_EmbeddedReIDDomainB.json").read())
+    saved = json.loads(open(tmp_path / "out" / "metrics_SyntheticReIDDomainB.json").read())
     assert saved["transmatcher"]["mAP"] == pytest.approx(results["transmatcher"]["mAP"])
     sampler_graph = trainer._trainer.data_loader.batch_sampler.batches.sampler
     assert sampler_graph.epoch == 7 and sampler_graph.nearest_classes.shape == (16, 3)
@@ -204,7 +204,7 @@ def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
     cfg = tm_config(["OUTPUT_DIR", str(tmp_path), "TEST.RERANK.ENABLED", "True",
                      "TEST.RERANK.K1", "5", "TEST.RERANK.K2", "2",
                      "MODEL.TRANSMATCHER.TEST_GALLERY_CHUNK", "7"])
-    with caplog.at_level("INFO", logger="fastreid.nformer"):
+    with caplog.at_level("INFO", logger="nformer_plugin"):
         results = TransMatcherTrainer.test(cfg, TransMatcherTrainer.build_model(cfg))
     assert list(k for k in results if isinstance(results[k], dict)) == [
         "global", "global_kr", "transmatcher", "transmatcher_kr"]
@@ -219,18 +219,18 @@ def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
 
 def test_domain_datasets_are_registered_and_differ(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReIDDomainA, EmbeddedReIDDomainB
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReIDDomainA, SyntheticReIDDomainB
 
     cfg = tm_config()
-    a = EmbeddedReIDDomainA(**EmbeddedReIDDomainA.kwargs_from_config(cfg))
-    b = EmbeddedReIDDomainB(**EmbeddedReIDDomainB.kwargs_from_config(cfg))
+    a = SyntheticReIDDomainA(**SyntheticReIDDomainA.kwargs_from_config(cfg))
+    b = SyntheticReIDDomainB(**SyntheticReIDDomainB.kwargs_from_config(cfg))
     assert a.generator_params.domain == "A" and b.generator_params.domain == "B"
     assert a.data_dir != b.data_dir
     names = lambda ds: sorted(os.path.basename(p) for p, _, _ in ds.query)  # noqa: E731
     assert names(a) == names(b)  # same plan; different pictures
     assert open(a.query[0][0], "rb").read() != open(
         os.path.join(os.path.dirname(b.query[0][0]), os.path.basename(a.query[0][0])), "rb").read()
-    assert all(str(pid).startswith("embeddedB_") for _, pid, _ in b.train)
+    assert all(str(pid).startswith("syntheticB_") for _, pid, _ in b.train)
 
 
 REAL_CONFIGS = ["market_to_cuhk03np_msmt17.yml", "msmt17_to_market_cuhk03np.yml",
@@ -308,9 +308,9 @@ def test_every_transmatcher_config_builds_its_model(name):
         "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.HEADS.NUM_CLASSES", "8"])
     model = build_model(cfg)
     assert any(p.requires_grad for p in model.parameters())
-    if name.startswith("embedded"):  # the cross-domain runs train on A and test on B
-        assert tuple(cfg.DATASETS.NAMES) == ("EmbeddedReIDDomainA",)
-        assert cfg.DATASETS.TESTS[0] == "EmbeddedReIDDomainB"
+    if name.startswith("synthetic"):  # the cross-domain runs train on A and test on B
+        assert tuple(cfg.DATASETS.NAMES) == ("SyntheticReIDDomainA",)
+        assert cfg.DATASETS.TESTS[0] == "SyntheticReIDDomainB"
 
 
 def test_resume_continues_at_the_next_epoch_and_ends_identically(monkeypatch, tmp_path):

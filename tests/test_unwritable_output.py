@@ -114,8 +114,8 @@ def test_a_checkpoint_that_cannot_be_written_replaces_nothing(tmp_path):
 
 def test_nformer_train_checkpoint_that_cannot_be_written_replaces_nothing(tmp_path):
     from nformer_plugin.core.nformer import NFormer, NFormerStage
-    from nformer_plugin.core.training import Stage2Settings, build_stage2
-    from nformer_plugin.core.training.checkpoints import CHECKPOINT_FILE, Stage2Checkpoints
+    from nformer_plugin.core.nformer.training import Stage2Settings, build_stage2
+    from nformer_plugin.core.nformer.training.checkpoints import CHECKPOINT_FILE, Stage2Checkpoints
 
     stage = NFormerStage(NFormer(dim=64, num_layers=1, ffn_dim=128, topk=5), 4)
     trainer = build_stage2(stage, torch.randn(32, 64), torch.arange(32) % 4,

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Cross-domain comparison on the embedded dataset: train on domain A, test on domain B.
+"""Cross-domain comparison on the synthetic dataset: train on domain A, test on domain B.
 
 Trains three configs of ``configs/TransMatcher/`` with ``fastreid-train`` (one process each, as a
 user would) and prints one table from their ``final_results.json``:
 
-* ``embedded_global_baseline.yml`` - global features, same backbone and budget as TransMatcher;
-* ``embedded_nformer.yml`` - NFormer (the demo's recipe) trained on A;
-* ``embedded_cross_domain.yml`` - TransMatcher (and, as a reference, the global-average-pooled
+* ``synthetic_global_baseline.yml`` - global features, same backbone and budget as TransMatcher;
+* ``synthetic_nformer.yml`` - NFormer (the demo's recipe) trained on A;
+* ``synthetic_cross_domain.yml`` - TransMatcher (and, as a reference, the global-average-pooled
   maps of the same trained network).
 
 Each is tested on domain B (cross-domain) and on domain A (in-domain, for the gap). Usage::
@@ -28,15 +28,15 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "TransMatcher")
-CROSS, IN_DOMAIN = "EmbeddedReIDDomainB", "EmbeddedReIDDomainA"
+CROSS, IN_DOMAIN = "SyntheticReIDDomainB", "SyntheticReIDDomainA"
 
 # (run folder, config, [(table label, result row), ...])
 RUNS = [
-    ("global_baseline", "embedded_global_baseline.yml",
+    ("global_baseline", "synthetic_global_baseline.yml",
      [("Global features (R18 IBN-b, GAP-FC-BNNeck, CE+triplet)", "baseline")]),
-    ("nformer", "embedded_nformer.yml",
+    ("nformer", "synthetic_nformer.yml",
      [("NFormer stage 1 (global features)", "baseline"), ("NFormer", "nformer")]),
-    ("transmatcher", "embedded_cross_domain.yml",
+    ("transmatcher", "synthetic_cross_domain.yml",
      [("TransMatcher network, GAP of its maps (reference)", "global"),
       ("TransMatcher", "transmatcher")]),
 ]
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
                          "A Rank-1": own["Rank-1"] if own else None,
                          "A mAP": own["mAP"] if own else None,
                          "minutes": seconds / 60 if seconds and key == entries[-1][1] else None})
-    print("\nCross-domain: trained on embedded domain A, tested on domain B (A: in-domain)")
+    print("\nCross-domain: trained on synthetic domain A, tested on domain B (A: in-domain)")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

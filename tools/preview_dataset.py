@@ -1,10 +1,10 @@
-"""Contact sheet of the embedded dataset: one row per identity, its images labeled by camera.
+"""Contact sheet of the synthetic dataset: one row per identity, its images labeled by camera.
 
     python tools/preview_dataset.py --out output/preview_dataset.png --ids 12
 
 Each tile is labeled ``c<cam>`` plus ``q`` for a query image and the kind of hard outlier
 (``occlusion``, ``crop``, ``blur``, ``misaligned``) where it is one. The last row shows gallery
-distractors (pid 0). The dataset is generated in (or reused from) the embedded dataset cache.
+distractors (pid 0). The dataset is generated in (or reused from) the synthetic dataset cache.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the packa
 from nformer_plugin.synthetic_dataset import (  # noqa: E402
     QUERY_DIR,
     TRAIN_DIR,
-    EmbeddedParams,
+    SyntheticParams,
     ImageSpec,
     dataset_cache_dir,
     generate_market_layout,
@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("output", "preview_dataset.png"))
     p.add_argument("--ids", type=int, default=12, help="identities shown (half train, half test)")
     p.add_argument("--zoom", type=int, default=3, help="pixel upscaling of each tile")
-    for f in dataclasses.fields(EmbeddedParams):
+    for f in dataclasses.fields(SyntheticParams):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f.metadata.get("help"))
     return p.parse_args(argv)
@@ -93,7 +93,7 @@ def contact_sheet(folder: str, rows: Dict[str, List[ImageSpec]], zoom: int) -> I
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    params = EmbeddedParams(**{k: getattr(args, k) for k in EmbeddedParams.field_names()})
+    params = SyntheticParams(**{k: getattr(args, k) for k in SyntheticParams.field_names()})
     folder = generate_market_layout(dataset_cache_dir(params), params)
     sheet = contact_sheet(folder, _rows(plan_dataset(params), args.ids), args.zoom)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

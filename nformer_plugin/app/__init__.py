@@ -7,8 +7,10 @@ demand, not here), to build the image model; it never imports a command module.
 * ``stage``: :func:`build_stage`, :func:`save_stage`, :func:`load_stage` (``model_final.pth``);
 * ``features``: :func:`load_training_bank` (several passes), :func:`load_query_gallery`;
 * ``training``: :func:`train_on_features` (stage 2 on a feature bank), :func:`train_from_files`;
-* ``evaluation``: the one refine / re-rank / export path (the FastReID evaluator's
-  :func:`evaluate_and_write`, ``nformer eval`` / ``refine`` / ``report``);
+* ``evaluation``: :func:`report_from_weights` (``nformer report``) over the one refine /
+  re-rank / export path, ``nformer_plugin.evaluation`` (re-exported here:
+  :func:`evaluate_pipelines`, :func:`evaluate_and_write`, :func:`export_features`,
+  :func:`refine_pair`);
 * ``serving``: :func:`index_from_weights` and the files of ``nformer index`` (labels optional;
   queries / additions straight from images, the ranked-list page, removal by id or path);
 * ``extract``: :func:`extract.extract` (person crops -> a feature file; needs FastReID);
@@ -18,7 +20,8 @@ demand, not here), to build the image model; it never imports a command module.
   extract --engine ray`` on Ray Data (imported on demand).
 """
 from .config import load_feature_config
-from .evaluation import evaluate_and_write, evaluate_pipelines, export_features, refine_pair
+from ..evaluation import evaluate_and_write, evaluate_pipelines, export_features, refine_pair
+from .evaluation import report_from_weights
 from .features import load_query_gallery, load_training_bank
 from .serving import index_from_weights
 from .stage import LoadedStage, build_stage, load_stage, save_stage
@@ -27,4 +30,4 @@ from .training import train_from_files, train_on_features
 __all__ = ["load_feature_config", "build_stage", "save_stage", "load_stage", "LoadedStage",
            "load_training_bank", "load_query_gallery", "train_on_features", "train_from_files",
            "evaluate_pipelines", "evaluate_and_write", "export_features", "refine_pair",
-           "index_from_weights"]
+           "index_from_weights", "report_from_weights"]

@@ -15,12 +15,18 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..core.distributed import ShardedReport, refine_sharded
+from ..core.distributed import ShardedGalleryIndex, ShardedReport
+from ..core.distributed import refine_nformer_sharded as sharded_refinement
 from ..core.distributed.executor import require_ray
 from ..core.features import FeatureSet
 from ..core.nformer import NFormer, NFormerStage
+from ..core.serving.persistence import SHARDED_MANIFEST, file_sha256
+from ..core.writable import check_writable
+from ..evaluation import refine_pair
+from .serving import add_index_file, labels_of, read_index_features, remove_index_items
+from .stage import load_stage
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 ENGINES = ("single", "ray")
 
@@ -56,23 +62,12 @@ class EngineOptions:
 
 def refine_nformer_sharded(nformer: NFormer, feats: torch.Tensor, num_query: int,
                            options: EngineOptions) -> Tuple[torch.Tensor, ShardedReport]:
-    """``nformer(feats, num_query)`` (eval, sparse) with the gallery sharded over Ray workers:
-    the same landmarks and settings as the single process; ``nformer.neighbor_stats`` set."""
+    """``core.distributed.refine_nformer_sharded`` on ``options``' engine, address, shards and
+    threads (``nformer.neighbor_stats`` set, as by the single process)."""
     options.check()
-    feats = feats.detach().float().cpu().contiguous()
-    nformer.eval()
-    nformer._check_input(feats, num_query)
-    isolated = num_query if nformer.settings.query_mode == "isolated" else 0
-    if nformer.settings.inference == "dense":
-        logger.info("ray engine: the sparse path (INFERENCE dense is single-process only)")
-    landmarks = nformer.sample_landmarks(feats.shape[0], num_query)
-    nformer.last_landmarks = list(landmarks)
-    settings = nformer.sparse_settings(feats.shape[0] - isolated)
-    out, report = refine_sharded(nformer.blocks, feats, isolated, landmarks, settings,
-                                 shards=options.shards, engine="ray", address=options.address,
-                                 shard_sizes=options.shard_sizes, threads=options.threads)
-    nformer.neighbor_stats = report.neighbor_stats
-    return out, report
+    return sharded_refinement(nformer, feats, num_query, shards=options.shards, engine="ray",
+                              address=options.address, shard_sizes=options.shard_sizes,
+                              threads=options.threads)
 
 
 @torch.no_grad()
@@ -80,8 +75,6 @@ def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet
                      options: EngineOptions) -> np.ndarray:
     """The refined (Q+G, d) features of a query / gallery pair on ``options.engine``."""
     if options.engine == "single":
-        from .evaluation import refine_pair
-
         return refine_pair(stage, query, gallery)
     feats = torch.from_numpy(np.ascontiguousarray(np.concatenate([query.feats, gallery.feats]),
                                                   dtype=np.float32))
@@ -93,8 +86,6 @@ def refine_pair_with(stage: NFormerStage, query: FeatureSet, gallery: FeatureSet
 
 def is_sharded_index(directory: str) -> bool:
     """Whether ``directory`` holds a sharded gallery index (its ``sharded.json``)."""
-    from ..core.serving.persistence import SHARDED_MANIFEST
-
     return os.path.isfile(os.path.join(directory, SHARDED_MANIFEST))
 
 
@@ -103,12 +94,6 @@ def build_sharded_index_file(weights: str, gallery_path: str, output: str,
     """``nformer index build --engine ray``: the gallery file's index over ``options.shards``
     Ray workers, saved to ``output`` (one folder per shard and ``sharded.json``) with the
     file's sha256."""
-    from ..core.distributed import ShardedGalleryIndex
-    from ..core.serving.persistence import file_sha256
-    from ..core.writable import check_writable
-    from .serving import labels_of, read_index_features
-    from .stage import load_stage
-
     options.check()
     check_writable(output, what="--output")
     loaded = load_stage(weights, opts)
@@ -128,9 +113,6 @@ def build_sharded_index_file(weights: str, gallery_path: str, output: str,
 def open_sharded_index(directory: str, options: EngineOptions, weights: str = ""):
     """The sharded index saved in ``directory`` on Ray workers (``close()`` it); with
     ``weights``, checked to be built with that stage."""
-    from ..core.distributed import ShardedGalleryIndex
-    from .stage import load_stage
-
     options.check()
     model = load_stage(weights).stage.cpu() if weights else None
     return ShardedGalleryIndex.load(directory, model, engine="ray", address=options.address,
@@ -141,8 +123,6 @@ def add_sharded_index_file(directory: str, gallery_path: str, options: EngineOpt
                            weights: str = "") -> Tuple[object, Optional[int]]:
     """``nformer index add`` of a sharded index: ``app.serving.add_index_file`` on it (the new
     items to its last shard, nothing added for a gallery file it already holds)."""
-    from .serving import add_index_file
-
     index = open_sharded_index(directory, options, weights)
     try:
         return add_index_file(directory, gallery_path, index=index)
@@ -155,8 +135,6 @@ def remove_sharded_index_items(directory: str, options: EngineOptions, ids: Sequ
                                ) -> Tuple[np.ndarray, int]:
     """``nformer index remove`` of a sharded index: ``app.serving.remove_index_items`` on it;
     returns the removed ids and the items left."""
-    from .serving import remove_index_items
-
     index = open_sharded_index(directory, options, weights)
     try:
         return remove_index_items(directory, index, ids, paths), len(index)
@@ -168,8 +146,6 @@ def query_sharded_index_file(directory: str, query: FeatureSet, topk: int,
                              options: EngineOptions) -> Dict:
     """``nformer index query`` of a sharded index: ``{"topk", "metric", "queries": [{"ids",
     "distances"}]}`` (ranked ids only: no paths, metrics or page from a sharded index yet)."""
-    from ..core.distributed import ShardedGalleryIndex
-
     options.check()
     if topk < 1:
         raise ValueError(f"--topk must be a positive integer, got {topk}")

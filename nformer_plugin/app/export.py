@@ -23,9 +23,11 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..core.image_inputs import list_images
 from ..core.io import atomic_write, save_text
+from .extract import load_model_config, require_fastreid
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -103,7 +105,6 @@ def compare(module: torch.nn.Module, path: str, fmt: str, images: torch.Tensor
 
 def real_images(cfg, spec: str, count: int) -> torch.Tensor:
     """``count`` images of ``spec`` (folder / glob / list) through the test transforms."""
-    from ..core.image_inputs import list_images
     from ..fastreid_ext.extract import image_loader
 
     paths = list_images(spec)[:count]
@@ -114,17 +115,17 @@ def real_images(cfg, spec: str, count: int) -> torch.Tensor:
 
 
 def export(config_file: str, fmt: str, output: str, opts: Sequence[str] = (),
-           check_batch: int = 3, check_images: str = "", cfg=None) -> ExportResult:
-    """Export the test-time feature extractor of ``config_file`` + ``MODEL.WEIGHTS`` (see the
-    module docstring) and check it on ``check_batch`` images of ``INPUT.SIZE_TEST``: the first
+           check_batch: int = 3, check_images: str = "", cfg=None,
+           weights: str = "") -> ExportResult:
+    """Export the test-time feature extractor of ``weights`` (a ``fastreid-train`` checkpoint)
+    or ``config_file`` + ``MODEL.WEIGHTS`` (see the module docstring) and check it on ``check_batch`` images of ``INPUT.SIZE_TEST``: the first
     of ``check_images`` (a folder / glob / list), else random ones."""
     from ..fastreid_ext.extract import TestTimeFeatures, build_feature_model, flip_test
-    from .extract import load_model_config, require_fastreid
 
     require_fastreid("nformer export")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    cfg = cfg if cfg is not None else load_model_config(config_file, opts)
+    cfg = cfg if cfg is not None else load_model_config(config_file, opts, weights)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"  # exported on the CPU; the file runs anywhere

@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
-logger = logging.getLogger("fastreid.nformer")
+from ..core.distributed.executor import require_ray
+from ..core.feature_shards import ShardedFeatures
+from ..core.image_inputs import labels_from_names, list_images
+from .extract_ray import extract_shards_with_ray
+from .stage import model_config, weights_fingerprint
+
+logger = logging.getLogger(__name__)
 
 FASTREID_MISSING = ("needs FastReID, which is not installed; install it with: "
                     "pip install --no-deps fastreid==1.4.0")
@@ -35,12 +42,18 @@ def require_fastreid(command: str) -> None:
         raise ValueError(f"{command} {FASTREID_MISSING}")
 
 
-def load_model_config(config_file: str, opts: Sequence[str]):
-    """FastReID's config with the plugin's keys, ``config_file`` and the overrides."""
+def load_model_config(config_file: str, opts: Sequence[str], weights: str = ""):
+    """The image model's config: with ``weights`` (a ``fastreid-train`` checkpoint) the run's
+    config inside it with ``MODEL.WEIGHTS`` = ``weights`` (``app.stage.model_config``),
+    otherwise FastReID's defaults with the plugin's keys; then ``config_file`` and the
+    overrides."""
     from ..fastreid_ext.config import load_config
 
+    if weights:
+        return model_config(weights, config_file, opts)
     if not config_file:
-        raise ValueError("--config-file is required (the fastreid-train config of the model)")
+        raise ValueError("pass --weights RUN/model_final.pth (a fastreid-train checkpoint), or "
+                         "--config-file CFG MODEL.WEIGHTS W")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
     return load_config(config_file, opts)
@@ -75,7 +88,7 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
             id_regex: str = "", strict: bool = False, batch_size: int = 0,
             num_workers: int = -1, shard_size: int = 10000, progress: bool = True,
             cfg=None, engine: str = "single", workers: int = 2, address: str = "",
-            threads: int = 1) -> ExtractResult:
+            threads: int = 1, weights: str = "") -> ExtractResult:
     """Extract the features of ``images`` into ``output`` (see the module docstring).
     ``batch_size`` 0 / ``num_workers`` -1: ``TEST.IMS_PER_BATCH`` / ``DATALOADER.NUM_WORKERS``.
     ``engine="ray"``: the batches on ``workers`` Ray Data actors (``app.extract_ray``; at
@@ -84,19 +97,15 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     if engine not in ("single", "ray"):
         raise ValueError(f"unknown engine {engine!r}; expected 'single' or 'ray'")
     if engine == "ray":
-        from ..core.distributed.executor import require_ray
-
         try:
             require_ray()
         except ImportError as e:
             raise ValueError(str(e)) from None
-    from ..core.feature_shards import ShardedFeatures
-    from ..core.image_inputs import labels_from_names, list_images
     from ..fastreid_ext.extract import batch_features, build_feature_model, flip_test, image_loader
 
     if not output.endswith(".npz"):
         raise ValueError(f"--output {output}: a feature file ends in .npz")
-    cfg = cfg if cfg is not None else load_model_config(config_file, opts)
+    cfg = cfg if cfg is not None else load_model_config(config_file, opts, weights)
     paths = list_images(images)
     pids, camids, layout = labels_from_names(paths, id_regex)
     batch_size = batch_size or cfg.TEST.IMS_PER_BATCH
@@ -146,9 +155,7 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
     finally:
         bar.close()
     per_item = {"pids": pids, "camids": camids} if pids is not None else {}
-    extra = {"extractor_config": np.asarray(cfg.dump()),
-             "extractor_weights": np.asarray(os.path.abspath(cfg.MODEL.WEIGHTS))}
-    merged = shards.merge(extra, per_item)
+    merged = shards.merge(extractor_record(cfg), per_item)
     if listed > MAX_LISTED:
         logger.warning("... %d more unreadable images skipped (listed in the file's 'skipped' "
                        "array)", listed - MAX_LISTED)
@@ -161,8 +168,6 @@ def extract(config_file: str, images: str, output: str, opts: Sequence[str] = ()
 def _extract_with_ray(cfg, paths, shards, pending, batch_size, workers, strict, address,
                       threads, output, pids, camids, layout, progress) -> ExtractResult:
     """:func:`extract` with the pending shards on Ray Data (``app.extract_ray``)."""
-    from .extract_ray import extract_shards_with_ray
-
     done = sum(len(shards.shard_rows(i)) for i in range(shards.num_shards) if i not in pending)
     bar = _progress_bar(len(paths), done, progress)
     started = time.perf_counter()
@@ -174,18 +179,23 @@ def _extract_with_ray(cfg, paths, shards, pending, batch_size, workers, strict, 
     for path, reason in skipped[:MAX_LISTED]:
         logger.warning("skipped unreadable image %s (%s)", path, reason)
     per_item = {"pids": pids, "camids": camids} if pids is not None else {}
-    extra = {"extractor_config": np.asarray(cfg.dump()),
-             "extractor_weights": np.asarray(os.path.abspath(cfg.MODEL.WEIGHTS))}
-    merged = shards.merge(extra, per_item)
+    merged = shards.merge(extractor_record(cfg), per_item)
     return ExtractResult(output, len(paths), merged["rows"], merged["dim"], layout,
                          time.perf_counter() - started,
                          list(zip(merged["skipped"], merged["reasons"])),
                          shards.num_shards - len(pending), len(paths) - done)
 
 
+def extractor_record(cfg) -> dict:
+    """What a feature file records of its extractor: the config, the weights file and the
+    backbone's fingerprint (``app.stage.extractor_fingerprint``), which ``nformer index build``
+    checks against the NFormer weights and ``--images`` extracts with."""
+    return {"extractor_config": np.asarray(cfg.dump()),
+            "extractor_weights": np.asarray(os.path.abspath(cfg.MODEL.WEIGHTS)),
+            "extractor_fingerprint": np.asarray(weights_fingerprint(cfg.MODEL.WEIGHTS))}
+
+
 def _progress_bar(total: int, initial: int, enabled: bool):
     """tqdm's bar (rate and ETA) on stderr."""
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="img", disable=not enabled, file=sys.stderr,
                 desc="extract", smoothing=0.1)

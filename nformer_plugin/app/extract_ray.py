@@ -17,8 +17,11 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
 
-logger = logging.getLogger("fastreid.nformer")
+from ..core.distributed.executor import require_ray
+
+logger = logging.getLogger(__name__)
 
 
 class BatchExtractor:
@@ -27,8 +30,6 @@ class BatchExtractor:
     skipped)``."""
 
     def __init__(self, cfg, paths: Sequence[str], threads: int = 1):
-        import torch
-
         from ..fastreid_ext.extract import build_feature_model, flip_test, test_transforms
 
         torch.set_num_threads(max(1, int(threads)))
@@ -67,8 +68,6 @@ def extract_shards_with_ray(cfg, paths: Sequence[str], shards, pending: Sequence
                             threads: int = 1, on_batch=None) -> List[Tuple[str, str]]:
     """Extract the ``pending`` shards of ``shards`` (``core.feature_shards.ShardedFeatures``)
     on Ray Data; each shard written when complete. Returns the skipped ``(path, reason)``."""
-    from ..core.distributed.executor import require_ray
-
     ray = require_ray()
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, log_to_driver=False)

@@ -22,22 +22,30 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+from yacs.config import CfgNode
 
+from ..config import merge_config
 from ..core.features import FeatureSet, load_feature_file
 from ..core.retrieval.comparison import compare_pipelines, metrics_only
 from ..core.serving import GalleryIndex
 from ..core.serving.persistence import file_sha256
 from ..core.writable import check_writable
-from .stage import load_stage
+from ..report.plain import write_ranked_page
+from .extract import extract, load_model_config, require_fastreid
+from .stage import LoadedStage, fingerprint_mismatch, load_stage
 
-EXTRACTOR_KEYS = ("extractor_config", "extractor_weights")
+EXTRACTOR_KEYS = ("extractor_config", "extractor_weights", "extractor_fingerprint")
 
 
 def index_from_weights(weights: str, gallery_feats, ids=None, opts: Sequence[str] = (),
                        labels: Optional[dict] = None) -> GalleryIndex:
-    """The index of ``gallery_feats`` under the stage in ``weights`` (``opts``: evaluation-time
-    config overrides, as for ``nformer eval``)."""
-    return GalleryIndex.from_weights(load_stage(weights, opts), gallery_feats, ids, labels=labels)
+    """The index of ``gallery_feats`` under the stage in ``weights`` (``nformer train``'s file or
+    a ``fastreid-train`` checkpoint; ``opts``: evaluation-time config overrides, as for
+    ``nformer eval``); it records the model file (:func:`model_meta`)."""
+    loaded = load_stage(weights, opts)
+    index = GalleryIndex.from_weights(loaded, gallery_feats, ids, labels=labels)
+    index.meta.update(model_meta(loaded))
+    return index
 
 
 def read_index_features(path: str) -> FeatureSet:
@@ -65,18 +73,37 @@ def index_has_labels(index: GalleryIndex) -> bool:
 
 
 def build_index_file(weights: str, gallery_path: str, output: str,
-                     opts: Sequence[str] = ()) -> GalleryIndex:
+                     opts: Sequence[str] = (), config_file: str = "") -> GalleryIndex:
     """``nformer index build``: ``output`` checked for writability, the index of the gallery file
-    under the stage in ``weights`` (with the extractor the file records, for ``--images``), saved
-    to ``output`` with the file's sha256; returns it."""
+    under the stage in ``weights`` (``nformer train``'s file or a ``fastreid-train``
+    checkpoint), saved to ``output`` with the file's sha256. The index records its extractor for
+    ``--images``: the one the gallery file names (``nformer extract``'s), else the
+    ``fastreid-train`` model itself; a gallery extracted by another backbone than the one the
+    stage was trained on is an error."""
     check_writable(output, what="--output")
     gallery = read_index_features(gallery_path)
-    index = index_from_weights(weights, gallery.feats, gallery.ids, opts=opts,
-                               labels=labels_of(gallery))
-    index.meta.update(extractor_meta(gallery_path))  # for index query / add --images
+    loaded = load_stage(weights, opts, config_file)
+    recorded = extractor_meta(gallery_path)
+    mismatch = fingerprint_mismatch(recorded.get("extractor_fingerprint"), loaded, gallery_path)
+    if mismatch:
+        raise ValueError(mismatch)
+    index = GalleryIndex.from_weights(loaded, gallery.feats, gallery.ids,
+                                      labels=labels_of(gallery))
+    index.meta.update(model_meta(loaded))
+    index.meta.update(recorded)  # the extractor the gallery was really extracted with
     index.sources = [file_sha256(gallery_path)]
     index.save(output)
     return index
+
+
+def model_meta(loaded: LoadedStage) -> Dict[str, str]:
+    """What an index records of the model file it was built from: the file and its kind, and,
+    for a ``fastreid-train`` checkpoint, the model as the extractor of ``--images``."""
+    meta = {"model_weights": loaded.weights, "model_kind": loaded.kind}
+    if loaded.holds_extractor:
+        meta.update({"extractor_config": loaded.cfg.dump(), "extractor_weights": loaded.weights,
+                     "extractor_fingerprint": loaded.fingerprint})
+    return meta
 
 
 def add_index_file(directory: str, gallery_path: str = "", weights: str = "",
@@ -155,8 +182,6 @@ def write_query_page(index: GalleryIndex, query: FeatureSet, dist: np.ndarray, i
                      output: str, title: str = "") -> str:
     """The ranked-list page (``report.plain``) of an index query: the query images and their
     top-k gallery images; framed green / red only when both sides carry identities."""
-    from ..report.plain import write_ranked_page
-
     if index.paths is None:
         raise ValueError("--report needs the gallery's image paths, and this index has none "
                          "(build it from a file with a 'paths' array, e.g. nformer extract's)")
@@ -209,25 +234,23 @@ def extractor_meta(path: str) -> Dict[str, str]:
 
 
 def extractor_config(meta: Dict[str, str], config_file: str, opts: Sequence[str]):
-    """The extractor's config: ``config_file`` (+ overrides) when given, else the one the index
-    recorded, with its weights (+ overrides)."""
-    from .extract import load_model_config, require_fastreid
-
+    """The extractor's config: the one the index recorded (its gallery's extractor, or the
+    ``fastreid-train`` model it was built from) with its weights, + ``config_file`` + overrides;
+    ``config_file`` alone when the index records none."""
     require_fastreid("--images")
-    if config_file:
-        return load_model_config(config_file, opts)
     if "extractor_config" not in meta:
-        raise ValueError("the index does not know its extractor (its gallery file was not "
-                         "written by nformer extract): pass --config-file CFG MODEL.WEIGHTS W")
-    from yacs.config import CfgNode
+        if config_file:
+            return load_model_config(config_file, opts)
+        raise ValueError("the index does not know its extractor (built from nformer train's "
+                         "weights and a gallery file not written by nformer extract): pass "
+                         "--config-file CFG MODEL.WEIGHTS W")
 
-    from ..config import merge_config
     from ..fastreid_ext.config import default_config
 
     cfg = default_config()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(meta["extractor_config"]))
     cfg.MODEL.WEIGHTS = meta.get("extractor_weights", cfg.MODEL.WEIGHTS)
-    return merge_config(cfg, "", opts)
+    return merge_config(cfg, config_file, opts)
 
 
 def features_of_images(images: str, meta: Dict[str, str], config_file: str = "",
@@ -235,8 +258,6 @@ def features_of_images(images: str, meta: Dict[str, str], config_file: str = "",
                        ) -> FeatureSet:
     """The features of the images ``images`` names, extracted by ``nformer extract`` (with
     ``paths``, and ``pids`` / ``camids`` when the file names carry them)."""
-    from .extract import extract
-
     cfg = extractor_config(meta, config_file, opts)
     with tempfile.TemporaryDirectory(prefix="nformer-query-") as tmp:
         result = extract("", images, os.path.join(tmp, "query.npz"), id_regex=id_regex,

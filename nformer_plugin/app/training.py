@@ -9,16 +9,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.training import Stage2Settings, build_stage2
-from ..core.training.checkpoints import Stage2Checkpoints, make_checkpoints
-from ..core.training.events import Stage2Events
-from ..core.training.validation import make_validator, split_validation_ids
+from ..core.nformer.training import Stage2Settings, build_stage2
+from ..core.nformer.training.checkpoints import Stage2Checkpoints, make_checkpoints
+from ..core.nformer.training.events import Stage2Events
+from ..core.nformer.training.validation import make_validator, split_validation_ids
 from ..core.writable import check_writable
 from .config import config_device, load_feature_config
 from .features import load_training_bank
 from .stage import build_stage, save_stage
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarray,
@@ -26,9 +26,9 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
                       output_dir: str = ""):
     """Stage 2 on a feature bank (P, N, d) with the config's settings: holds out the
     ``DATASETS.VAL_FRACTION`` validation identities, trains, keeps the best-validated epoch.
-    ``checkpoints`` (``core.training.checkpoints.Stage2Checkpoints``) writes checkpoints and,
+    ``checkpoints`` (``core.nformer.training.checkpoints.Stage2Checkpoints``) writes checkpoints and,
     with ``resume``, continues from the last one; with ``output_dir``, TensorBoard events and
-    ``metrics.json`` go there (``core.training.events``). Returns ``(stage, trainer)``; the stage
+    ``metrics.json`` go there (``core.nformer.training.events``). Returns ``(stage, trainer)``; the stage
     is in eval mode."""
     device = config_device(cfg)
     torch.manual_seed(cfg.SEED)

@@ -1,6 +1,7 @@
 """``nformer extract``: person crops -> a feature file (``app.extract``; needs FastReID).
 
-    nformer extract --config-file CFG --images DIR|GLOB|LIST.txt --output FILE.npz
+    nformer extract --weights RUN/model_final.pth | --config-file CFG MODEL.WEIGHTS W
+                    --images DIR|GLOB|LIST.txt --output FILE.npz
                     [--id-regex RE] [--strict] [--batch-size N] [--num-workers N]
                     [--shard-size N] [--no-progress] [--engine ray [--workers N]
                     [--address ADDR]] [KEY VALUE ...]
@@ -14,6 +15,8 @@ and, when every file name follows a known layout (Market-1501 / DukeMTMC / MSMT1
 from __future__ import annotations
 
 import argparse
+
+from .common import add_common_arguments
 
 EXTRACT_EPILOG = """\
 output .npz: feats float32 (N, d), paths (N), skipped (unreadable images), pids / camids when the
@@ -29,7 +32,7 @@ def cmd_extract(args) -> int:
     result = extract(args.config_file, args.images, args.output, args.opts, args.id_regex,
                      args.strict, args.batch_size, args.num_workers, args.shard_size,
                      progress=not args.no_progress, engine=args.engine, workers=args.workers,
-                     address=args.address, threads=max(1, args.threads))
+                     address=args.address, threads=max(1, args.threads), weights=args.weights)
     rate = result.processed / max(result.seconds, 1e-9)
     labels = (f"pids / camids from {result.layout} file names" if result.layout
               else "no labels (file names follow no known layout)")
@@ -49,7 +52,11 @@ def add_extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="features of a folder of person crops (needs FastReID)",
                        description=__doc__.split("\n")[0], epilog=EXTRACT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the model's fastreid-train config")
+    p.add_argument("--weights", default="",
+                   help="a fastreid-train run's model_final.pth (its config is inside)")
+    p.add_argument("--config-file", default="",
+                   help="the model's fastreid-train config (default: the one in --weights; "
+                        "without --weights, pass MODEL.WEIGHTS W)")
     p.add_argument("--images", required=True,
                    help="a folder (recursive), a glob pattern or a text file of image paths")
     p.add_argument("--output", required=True, help="FILE.npz")
@@ -67,4 +74,5 @@ def add_extract_parser(sub) -> None:
                         "'nformer-fastreid[distributed]')")
     p.add_argument("--workers", type=int, default=2, help="Ray Data extractor actors")
     p.add_argument("--address", default="", help="Ray cluster address (default: local)")
+    add_common_arguments(p)
     p.set_defaults(func=cmd_extract)

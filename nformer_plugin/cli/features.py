@@ -12,13 +12,15 @@ Feature files are ``.npz`` with ``feats`` (float32, N x d), ``pids`` (N) and ``c
 Evaluation follows the Market-1501 protocol. Config keys are the ``MODEL.NFORMER.*`` ones of
 ``core/nformer/config.py`` (and ``DATASETS.VAL_FRACTION``, ``TEST.RERANK.*``, ``TEST.METRIC``,
 ``MODEL.DEVICE``, ``SEED``). The work is the application layer's (``nformer_plugin.app``): stage 2
-is built by the same ``core.training.build_stage2`` as in ``fastreid-train``; several ``--train``
+is built by the same ``core.nformer.training.build_stage2`` as in ``fastreid-train``; several ``--train``
 files (passes over the same images, same row order) form the feature bank, and
 ``MODEL.NFORMER.STAGE2.FEAT_NOISE`` perturbs a single pass.
 """
 from __future__ import annotations
 
 import argparse
+
+from .common import add_common_arguments
 
 FORMATS = """\
 feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (optional for refine,
@@ -28,6 +30,7 @@ feature files (.npz): feats float32 (N, d), pids int (N), camids int (N) (option
   "mINP"} (percent), "nformer_neighbors": [per layer {"mean", "p5", "self_only"}]}
 a user error exits with code 2 and one message; --debug or NFORMER_DEBUG=1 shows the traceback
 """
+WEIGHTS_HELP = ("the NFormer model: a fastreid-train run's model_final.pth, or nformer train's")
 
 
 def cmd_train(args) -> int:
@@ -39,12 +42,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..app.evaluation import evaluate_pipelines, write_metrics_json
+    from ..evaluation import evaluate_pipelines, write_metrics_json
     from ..app.features import load_query_gallery
     from ..app.stage import load_stage
     from ..core.retrieval.comparison import format_table
 
-    stage, cfg, dim = load_stage(args.weights, args.opts)
+    stage, cfg, dim = load_stage(args.weights, args.opts, args.config_file)
     cfg.TEST.RERANK.ENABLED = bool(args.rerank)
     query, gallery = load_query_gallery(args.query, args.gallery, dim)
     rows = evaluate_pipelines(cfg, query, gallery, stage, next(stage.parameters()).device)
@@ -58,14 +61,14 @@ def cmd_eval(args) -> int:
 
 def cmd_refine(args) -> int:
     from ..app.distributed import EngineOptions, refine_pair_with
-    from ..app.evaluation import export_features
+    from ..evaluation import export_features
     from ..app.features import load_query_gallery
     from ..app.stage import load_stage
 
     options = EngineOptions(args.engine, args.address or None, args.shards,
                             threads=args.threads)
     options.check()
-    stage, _, dim = load_stage(args.weights, args.opts)
+    stage, _, dim = load_stage(args.weights, args.opts, args.config_file)
     query, gallery = load_query_gallery(args.query, args.gallery, dim,
                                         require_labels=False)  # nothing is scored
     export_features(args.output_dir, query, gallery,
@@ -93,6 +96,7 @@ def add_feature_parsers(sub) -> None:
                    help="TRAIN.npz (several: passes over the same images, e.g. augmented)")
     p.add_argument("--output", required=True, help="output folder (model_final.pth)")
     p.add_argument("--config-file", default="", help="YAML with MODEL.NFORMER.* keys")
+    add_common_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/last_checkpoint.pth (written every "
                         "MODEL.NFORMER.STAGE2.CHECKPOINT_PERIOD epochs and after the last)")
@@ -101,7 +105,7 @@ def add_feature_parsers(sub) -> None:
     for name, func, text in (("eval", cmd_eval, "metrics of input vs refined features"),
                              ("refine", cmd_refine, "write refined query/gallery features")):
         p = sub.add_parser(name, help=text, epilog=FORMATS, formatter_class=fmt)
-        p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
+        p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
         p.add_argument("--query", required=True, help="Q.npz")
         p.add_argument("--gallery", required=True, help="G.npz")
         if name == "eval":
@@ -110,4 +114,5 @@ def add_feature_parsers(sub) -> None:
         else:
             p.add_argument("--output-dir", required=True, help="folder for *_refined.npz")
             add_engine_arguments(p)
+        add_common_arguments(p)
         p.set_defaults(func=func)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_common_arguments
+
 FORMATS = """\
 .npz files: feats float32 (N, d); optional ids int (N), pids int (N), camids int (N), paths (N)
 --output-json: {"topk": k, "metric": ..., "queries": [{"ids": [...], "distances": [...],
@@ -53,7 +55,8 @@ def cmd_build(args) -> int:
         print(f"Sharded gallery index of {len(index)} items ({len(index.ranges)} shards) "
               f"written to {args.output}")
         return 0
-    index = build_index_file(args.weights, args.gallery, args.output, args.opts)
+    index = build_index_file(args.weights, args.gallery, args.output, args.opts,
+                             args.config_file)
     print(f"Gallery index of {len(index)} items written to {args.output}")
     return 0
 
@@ -177,7 +180,9 @@ def add_index_parser(subparsers) -> None:
     sub = index.add_subparsers(dest="index_command", required=True)
     p = sub.add_parser("build", help="refine a gallery once and save the index", epilog=FORMATS,
                        formatter_class=fmt)
-    p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
+    p.add_argument("--weights", required=True,
+                   help="the NFormer model: a fastreid-train run's model_final.pth (then also "
+                        "the extractor of --images), or nformer train's")
     p.add_argument("--gallery", required=True, help="G.npz")
     p.add_argument("--output", required=True, help="index directory")
     p.add_argument("--engine", choices=("single", "ray"), default="single",
@@ -214,10 +219,9 @@ def add_index_parser(subparsers) -> None:
         if name in ("add", "query"):
             p.add_argument("--images", default="",
                            help="a folder / glob / list of crops, extracted as the gallery was")
-            p.add_argument("--config-file", default="",
-                           help="the extractor for --images (default: the gallery's)")
-            p.add_argument("opts", nargs=argparse.REMAINDER,
-                           help="KEY VALUE overrides of the --images extractor (MODEL.WEIGHTS)")
-        p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    sub.choices["build"].add_argument("opts", nargs=argparse.REMAINDER,
-                                      help="KEY VALUE config overrides (as for nformer eval)")
+            add_common_arguments(p, config_help="merged into the --images extractor's config "
+                                                "(the one the index records)",
+                                 device_help="MODEL.DEVICE of the --images extraction (the "
+                                             "index refines on the CPU)")
+        else:  # build: the model's config; remove: the index's own model, no config read
+            add_common_arguments(p, config_file=name == "build")

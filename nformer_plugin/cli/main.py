@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from ..core.runtime import configure_threads
+from .common import apply_common_arguments
 from .export import add_export_parser
 from .extract import add_extract_parser
 from .features import FORMATS, add_feature_parsers
@@ -26,23 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parsers(sub)  # study, report (the paper's ablations; the page)
     add_extract_parser(sub)  # extract: images -> features (FastReID)
     add_export_parser(sub)  # export: the extractor as ONNX / TorchScript (FastReID)
-    for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-        p.add_argument("--threads", type=int, default=0,
-                       help="torch threads (0: $NFORMER_NUM_THREADS, else the available cores)")
-        p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     add_index_parser(sub)  # index {build,add,query,remove}
-    return parser
+    return parser  # every leaf takes the common flags (cli.common)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a subcommand; a user error ends in one message and exit code 2 (``--debug`` or
     ``NFORMER_DEBUG=1`` shows the traceback)."""
-    args = build_parser().parse_args(argv)
+    args, extras = build_parser().parse_known_args(argv)
+    apply_common_arguments(args, extras)  # an unknown flag: the subcommand's usage, exit 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s",
                         datefmt="%m/%d %H:%M:%S")
     try:
-        configure_threads(getattr(args, "threads", 0))
+        configure_threads(args.threads)
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         if args.debug or os.environ.get("NFORMER_DEBUG"):

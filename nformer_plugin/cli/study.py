@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from .common import add_common_arguments
+
 STUDY_USAGE = ("nformer study NAME --train TRAIN.npz [MORE.npz ...] --query Q.npz --gallery G.npz "
                "--output DIR [--config-file FILE] [--debug] [KEY VALUE ...]")
 STUDY_OPTIONS = """options after NAME:
@@ -34,13 +36,15 @@ sweeps: STUDY.LANDMARKS, STUDY.TOPKS, STUDY.IMAGES_PER_ID, STUDY.SEEDS, STUDY.TS
 """
 
 
-def _study_options() -> argparse.ArgumentParser:
+def study_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nformer study NAME", add_help=False)
     p.add_argument("--train", nargs="+", default=None)
     for name in ("--query", "--gallery", "--output"):
         p.add_argument(name, default=None)
     p.add_argument("--config-file", default="")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="")
     return p
 
 
@@ -48,7 +52,7 @@ def parse_study_args(tokens):
     """The study's options from the tokens after NAME (argparse gives a positional NAME and
     the rest as one list): ``(options, KEY VALUE overrides)``. ``--train`` takes files up to
     the first config key (an upper-case dotted name such as ``SEED`` or ``STUDY.TOPKS``)."""
-    known, rest = _study_options().parse_known_args(list(tokens))
+    known, rest = study_options().parse_known_args(list(tokens))
     train = []
     for i, token in enumerate(known.train or []):
         if re.fullmatch(r"[A-Z][A-Z0-9_.]*", token):
@@ -62,14 +66,20 @@ def parse_study_args(tokens):
     unknown = [t for t in rest if t.startswith("--")]
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} (see nformer study --help)")
+    if known.device:
+        rest = rest + ["MODEL.DEVICE", known.device]
     return known, rest
 
 
 def cmd_study(args) -> int:
     from ..studies import run_study
 
+    from ..core.runtime import configure_threads
+
     opts, overrides = parse_study_args(args.opts)
-    args.debug = args.debug or opts.debug  # --debug may follow NAME
+    args.debug = args.debug or opts.debug  # the common flags may follow NAME
+    if opts.threads:
+        configure_threads(opts.threads)
     result = run_study(args.name, opts.train, opts.query, opts.gallery, opts.output,
                        opts.config_file, overrides)
     print(f"study {args.name}: {len(result['rows'])} rows in {result['seconds']:.0f} s; "
@@ -81,7 +91,8 @@ def cmd_report(args) -> int:
     from ..app.evaluation import report_from_weights
 
     path = report_from_weights(args.weights, args.query, args.gallery, args.output,
-                               args.images_root, args.queries, args.rerank, args.opts)
+                               args.images_root, args.queries, args.rerank, args.opts,
+                               args.config_file)
     print(f"Report page written to {path}")
     return 0
 
@@ -94,11 +105,15 @@ def add_study_parsers(sub) -> None:
     p = sub.add_parser("study", help="run one of the NFormer paper's ablations on features",
                        usage=STUDY_USAGE, epilog=STUDY_OPTIONS + STUDY_HELP, formatter_class=fmt)
     p.add_argument("name", help="table1 | landmarks | topk | images-per-id | landmark-seeds | tsne")
-    p.set_defaults(func=cmd_study)
+    add_common_arguments(p, config_file=False)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="the options above, then KEY VALUE")
+    p.set_defaults(func=cmd_study, tokens_parsed_later=True)
 
     p = sub.add_parser("report", help="ranked-list report page (self-contained index.html)",
                        formatter_class=fmt)
-    p.add_argument("--weights", required=True, help="model_final.pth from 'nformer train'")
+    p.add_argument("--weights", required=True,
+                   help="the NFormer model: a fastreid-train run's model_final.pth, or nformer "
+                        "train's")
     p.add_argument("--query", required=True, help="Q.npz with a 'paths' array")
     p.add_argument("--gallery", required=True, help="G.npz with a 'paths' array")
     p.add_argument("--images-root", default="", help="folder relative image paths start from")
@@ -107,4 +122,5 @@ def add_study_parsers(sub) -> None:
                    help="queries shown (largest |change in AP|; 0: all; default "
                         "TEST.REPORT.QUERIES)")
     p.add_argument("--rerank", action="store_true", help="also show the re-ranked rows")
+    add_common_arguments(p)
     p.set_defaults(func=cmd_report)

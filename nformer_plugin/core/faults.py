@@ -1,7 +1,7 @@
 """Fault injection: kill the process at a named point of a long command (a testing hook).
 
-Off by default; the kill-and-resume tests (``tests/test_kill_resume.py``) set it through the
-environment of the process they start:
+Off by default; the kill tests (``tests/test_kill_resume.py``, ``tests/test_gallery_index.py``) set
+it through the environment of the process they start:
 
 * ``NFORMER_FAULT_AT=<point>:<n>`` sends the process ``SIGKILL`` (what ``kill -9`` does: no
   cleanup, no ``finally``, no flush) the ``n``-th time (1-based) it passes ``point``;
@@ -13,14 +13,24 @@ The points (``fault_point(name)`` calls):
 ``stage1_step``            before each training iteration of FastReID's loop (stage 1)
 ``checkpoint_write``       a checkpoint's temporary file is written, not yet renamed into place
 ``checkpoint_unrecorded``  a checkpoint is in place, ``last_checkpoint`` does not name it yet
-``atomic_write``           the same moment for every other file written atomically
+``atomic_write``           the same moment for every other file written atomically (but those of
+                           an index save)
 ``feature_batch``          each batch of a feature extraction (stage 2's bank, validation,
                            exported training features)
 ``stage2_step``            before each NFormer training step (``fastreid-train`` and
                            ``nformer train``)
 ``eval_batch``             each test batch of an evaluation
 ``eval_metrics``           an evaluation's features are complete, its table not yet computed
-``index_save``             each file of a gallery-index save (``nformer index build / add``)
+``index_save``             each moment of a gallery-index save (``GalleryIndex.save``, ``nformer
+                           index build / add``), seven per save, in this order
+                           (``core.serving.persistence.SAVE_MOMENTS``): ``arrays.npz``,
+                           ``model.pth``, ``search.faiss`` and ``manifest.json`` each written and
+                           flushed, not yet renamed into the unfinished version folder (passes
+                           1-4); the version folder in place, ``CURRENT`` not switched (5);
+                           ``CURRENT``'s new text written, not renamed (6); ``CURRENT`` switched,
+                           the old versions not yet deleted (7)
+
+This is the only kill hook of the project.
 
 When neither variable is set, a point costs one global lookup. Pure python.
 """

@@ -23,7 +23,7 @@ import numpy as np
 
 from .io import atomic_write, save_text
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 THREADS_ENV = "NFORMER_NUM_THREADS"
 

@@ -5,9 +5,12 @@ import os
 from typing import Dict, Sequence
 
 import numpy as np
+from PIL import Image
 
 
-def _pyplot():
+def pyplot_agg():
+    """matplotlib's pyplot on the Agg backend (files only, no display); imported on first use
+    (matplotlib is optional for everything but the PNGs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,9 +27,7 @@ def save_ranked_lists(path: str, dist: np.ndarray, q_paths: Sequence[str], g_pat
     Same-identity same-camera gallery entries are skipped (Market-1501 protocol); true matches
     get a green frame, false ones red.
     """
-    from PIL import Image
-
-    plt = _pyplot()
+    plt = pyplot_agg()
     num_queries = min(num_queries, dist.shape[0])
     fig, axes = plt.subplots(num_queries, topk + 1, figsize=(1.1 * (topk + 1), 2.2 * num_queries),
                              squeeze=False)
@@ -59,7 +60,7 @@ def save_ranked_lists(path: str, dist: np.ndarray, q_paths: Sequence[str], g_pat
 def save_curves(path: str, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
                 title: str = "") -> str:
     """Plot named series (e.g. losses per epoch) into one PNG."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, label=name)

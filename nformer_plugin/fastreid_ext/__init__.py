@@ -8,7 +8,7 @@ and imports the modules that register into FastReID's registries:
 * ``TransMatcherReID`` (META_ARCH_REGISTRY): ``transmatcher.meta_arch``
 * ``build_nformer_resnet_backbone``, ``build_abd_backbone``, ``build_apnet_backbone``,
   ``build_resnet_ibn_b_backbone`` (BACKBONE_REGISTRY): ``backbone_registry``
-* ``EmbeddedReID``, ``EmbeddedReIDDomainA``, ``EmbeddedReIDDomainB`` (DATASET_REGISTRY), the
+* ``SyntheticReID``, ``SyntheticReIDDomainA``, ``SyntheticReIDDomainB`` (DATASET_REGISTRY), the
   generated datasets: ``datasets.synthetic``
 * ``CUHK03NP``, ``CUHK03NPLabeled``, ``MSMT17All`` (DATASET_REGISTRY), the TransMatcher paper's
   cross-dataset sets FastReID lacks: ``datasets.cross_dataset``

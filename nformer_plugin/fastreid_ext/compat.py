@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import importlib
+import importlib.util
 import logging
 import sys
 import types
 import warnings
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,6 @@ def _fix_collections_aliases() -> None:
 def _fix_torch_six() -> None:
     if "torch._six" in sys.modules:
         return
-    import importlib.util
 
     if importlib.util.find_spec("torch._six") is not None:  # torch < 2.0 still has it
         return
@@ -80,7 +82,6 @@ def _no_compile_helper() -> None:
 def _distributed_worker(local_rank, main_func, world_size, num_procs_per_machine, machine_rank,
                         dist_url, args):
     """FastReID's worker, with the backend chosen by the hardware (NCCL on GPUs, gloo on CPU)."""
-    import torch.distributed as dist
     from fastreid.utils import comm
 
     apply()  # spawned processes start fresh; make sure the fixes are in place there too
@@ -133,7 +134,6 @@ def apply() -> None:
     _fix_torch_six()
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
 
-    import importlib
 
     data_common = importlib.import_module("fastreid.data.common")
     # not `import fastreid.engine.launch as ...`: fastreid.engine re-exports the function

@@ -19,9 +19,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .test_features import TestTimeFeatures, test_time_features
+from fastreid.data.data_utils import read_image
+from fastreid.data.transforms import build_transforms
+from fastreid.modeling import build_model
 
-logger = logging.getLogger("fastreid.nformer")
+from .loaders import uses_cuda
+from .model_setup import check_device, trainer_class, with_num_classes_from_weights
+from .nformer.trainer import Trainer
+from .test_features import TestTimeFeatures, test_time_features
+from .trainer import AtomicCheckpointer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["test_time_features", "TestTimeFeatures", "build_feature_model", "image_loader",
            "batch_features", "flip_test"]
@@ -30,11 +38,6 @@ __all__ = ["test_time_features", "TestTimeFeatures", "build_feature_model", "ima
 def build_feature_model(cfg) -> nn.Module:
     """The ``MODEL.META_ARCHITECTURE`` of ``cfg`` with ``MODEL.WEIGHTS`` loaded, in eval mode
     on ``MODEL.DEVICE``, as ``fastreid-train --eval-only`` builds it."""
-    from fastreid.modeling import build_model
-
-    from .model_setup import check_device, trainer_class, with_num_classes_from_weights
-    from .nformer.trainer import Trainer
-    from .trainer import AtomicCheckpointer
 
     check_device(cfg)
     if not cfg.MODEL.WEIGHTS:
@@ -60,8 +63,6 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Dict:
-        from fastreid.data.data_utils import read_image
-
         path = self.paths[i]
         try:
             image = self.transform(read_image(path, "RGB"))
@@ -83,9 +84,6 @@ def collate_images(samples: List[Dict]) -> Dict:
 def image_loader(cfg, paths: Sequence[str], rows: Sequence[int], batch_size: int,
                  num_workers: int) -> DataLoader:
     """An ordered loader over ``paths`` with FastReID's test transforms."""
-    from fastreid.data.transforms import build_transforms
-
-    from .loaders import uses_cuda
 
     dataset = ImageFiles(paths, rows, build_transforms(cfg, is_train=False))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -95,8 +93,6 @@ def image_loader(cfg, paths: Sequence[str], rows: Sequence[int], batch_size: int
 def test_transforms(cfg):
     """FastReID's test transforms of ``cfg`` (what :func:`image_loader` applies; the Ray
     extraction's workers read their batches with them, ``app.extract_ray``)."""
-    from fastreid.data.transforms import build_transforms
-
     return build_transforms(cfg, is_train=False)
 
 
@@ -109,6 +105,4 @@ def batch_features(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.
 def flip_test(cfg) -> bool:
     """Whether the evaluator of ``cfg``'s meta-architecture averages flipped images
     (``TEST.FLIP.ENABLED``; never for TransMatcher)."""
-    from .model_setup import trainer_class
-
     return trainer_class(cfg).flip_test(cfg)

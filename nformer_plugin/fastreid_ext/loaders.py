@@ -2,7 +2,7 @@
 
 FastReID's builders wrap every loader in ``DataLoaderX``, which creates a CUDA stream, and read
 the dataset root once at import time. These builders read ``FASTREID_DATASETS`` at call time,
-seed the samplers from ``cfg.SEED``, pass ``cfg.DATASETS.EMBEDDED`` to datasets that take it,
+seed the samplers from ``cfg.SEED``, pass ``cfg.DATASETS.SYNTHETIC`` to datasets that take it,
 and return plain ``torch.utils.data.DataLoader`` s when CUDA is not in use.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
-from ..core.training.reproducible import PositionSeededBatches, PositionSeededDataset
-from ..core.training.validation import split_validation_ids
+from ..core.reproducible import PositionSeededBatches, PositionSeededDataset
+from ..core.nformer.training.validation import split_validation_ids
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 DATASETS_ENV = "FASTREID_DATASETS"
 
@@ -147,11 +147,16 @@ def build_inference_loader(cfg, dataset: CommDataset) -> DataLoader:
 
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[DataLoader, int]:
-    """Query + gallery loader (queries first) and the number of queries."""
+    """Query + gallery loader (queries first) and the number of queries. Each side is in the
+    order of its images' absolute paths, the order ``nformer extract`` lists a folder in: the
+    evaluation does not depend on the order the file system lists a dataset in, and a gallery
+    extracted from its folder is the same set, row for row, that the evaluator refined."""
     data = build_dataset(cfg, dataset_name)
     if comm.is_main_process():
         data.show_test()
-    test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),
+    query, gallery = (sorted(items, key=lambda item: os.path.abspath(item[0]))
+                      for items in (data.query, data.gallery))
+    test_set = CommDataset(query + gallery, build_transforms(cfg, is_train=False),
                            relabel=False)
     return build_inference_loader(cfg, test_set), len(data.query)
 

@@ -7,6 +7,9 @@ import os
 
 import torch
 
+from .nformer.trainer import Trainer
+from .transmatcher.trainer import TransMatcherTrainer
+
 
 def check_device(cfg) -> None:
     """A CUDA device in the config on a machine without one is an error that says what to do."""
@@ -44,9 +47,6 @@ def trainer_class(cfg):
     """The trainer of ``MODEL.META_ARCHITECTURE``: TransMatcher's recipe for
     ``TransMatcherReID``, the two-stage NFormer trainer otherwise."""
     if cfg.MODEL.META_ARCHITECTURE == "TransMatcherReID":
-        from .transmatcher.trainer import TransMatcherTrainer
-
         return TransMatcherTrainer
-    from .nformer.trainer import Trainer
 
     return Trainer

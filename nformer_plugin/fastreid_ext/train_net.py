@@ -7,22 +7,28 @@ NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from typing import Optional
 
-
+from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.engine import default_argument_parser, default_setup, launch
+from fastreid.modeling.backbones import BACKBONE_REGISTRY
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
+from ..core.io import save_text
 from ..core.writable import OutputNotWritable, check_writable
+from .backbone_registry import check_pretrain_available
 from .config import load_config
+from .loaders import build_dataset
 from .model_setup import check_device, trainer_class, with_num_classes_from_weights  # noqa: F401
 from .nformer.trainer import Trainer
-from .trainer import AtomicCheckpointer, export_training_features
-
+from .trainer import AtomicCheckpointer, export_training_features, setup_plugin_logger
 
 DEBUG_ENV = "NFORMER_DEBUG"  # set (or pass --debug) to see the traceback behind a user error
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
@@ -40,13 +46,6 @@ def preflight(cfg, eval_only: bool = False) -> None:
     """Every cheap check before anything expensive, all problems in one message: device,
     registry names, pretrained weights, dataset folders (generated datasets are not checked),
     writable output folders (the room for a checkpoint is checked once the model is built)."""
-    from fastreid.data.datasets import DATASET_REGISTRY
-    from fastreid.modeling.backbones import BACKBONE_REGISTRY
-    from fastreid.modeling.heads import REID_HEADS_REGISTRY
-    from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
-
-    from .backbone_registry import check_pretrain_available
-    from .loaders import build_dataset
 
     problems = [p for p in (
         _registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE"),
@@ -83,8 +82,9 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_plugin_logger(cfg.OUTPUT_DIR, comm.get_rank())
     seed_all_rng(cfg.SEED + comm.get_rank())
-    logging.getLogger("fastreid.nformer").info("Seed: %d", cfg.SEED + comm.get_rank())
+    logging.getLogger(__name__).info("Seed: %d", cfg.SEED + comm.get_rank())
     return cfg
 
 
@@ -94,9 +94,7 @@ def write_results(cfg, results) -> None:
     ``tools/cross_domain_table.py``."""
     if not results or not cfg.OUTPUT_DIR or not comm.is_main_process():
         return
-    import json
 
-    from ..core.io import save_text
 
     def plain(value):
         if isinstance(value, dict):

@@ -30,5 +30,6 @@ document.querySelectorAll('img').forEach(function(i){if(i.complete&&i.naturalWid
 else bad++;});document.body.dataset.imagesLoaded=ok;document.body.dataset.imagesFailed=bad;});"""
 
 
-def _resolve(path: str, root: str) -> str:
+def resolve_image_path(path: str, root: str) -> str:
+    """``path`` as given when absolute (or no ``root``), else under ``root``."""
     return path if os.path.isabs(path) or not root else os.path.join(root, path)

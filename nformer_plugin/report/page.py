@@ -6,13 +6,14 @@ import html
 import os
 import shutil
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
 from ..core.features import FeatureSet
 from ..core.io import save_text
-from .assets import ROW_LABELS, SCRIPT, STYLE, _resolve
+from .assets import ROW_LABELS, SCRIPT, STYLE, resolve_image_path
+from .plain import top_rankings, write_ranked_page
 from .ranking import categorize, query_rankings
 
 
@@ -36,7 +37,6 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
     if missing:
         raise ValueError(f"report needs the rows {missing}")
     if not (query.has_labels and gallery.has_labels):  # unlabelled: ranked lists, no marks
-        from .plain import top_rankings, write_ranked_page
 
         rankings, distances, shown = top_rankings(dists, topk, max_queries)
         return write_ranked_page(output, query.paths[shown], gallery.paths, rankings, distances,
@@ -56,7 +56,7 @@ def write_report(output: str, query: FeatureSet, gallery: FeatureSet,
     def image(kind: str, idx: int, paths) -> str:
         key = f"{kind}{idx}"
         if key not in copied:
-            src = _resolve(str(paths[idx]), images_root)
+            src = resolve_image_path(str(paths[idx]), images_root)
             if not os.path.isfile(src):
                 raise FileNotFoundError(f"image not found: {src} (resolve relative paths with "
                                         f"--images-root / TEST.REPORT.IMAGES_ROOT)")

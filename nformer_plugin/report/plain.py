@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.io import save_text
-from .assets import ROW_LABELS, SCRIPT, STYLE, _resolve
+from .assets import ROW_LABELS, SCRIPT, STYLE, resolve_image_path
 
 PLAIN_STYLE = "img.plain{border-color:#999}.dist{font-size:11px;color:#555}"
 
@@ -28,7 +28,7 @@ class _Images:
     def __call__(self, kind: str, idx: int, path: str) -> str:
         key = f"{kind}{idx}"
         if key not in self.copied:
-            src = _resolve(str(path), self.root)
+            src = resolve_image_path(str(path), self.root)
             if not os.path.isfile(src):
                 raise FileNotFoundError(f"image not found: {src} (resolve relative paths with "
                                         f"--images-root)")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Sequence, Union
 
 from ..core.features import FeatureSet, load_feature_file
 from . import data, paper
 from .common import StudyContext, write_outputs
+from ..app.config import load_feature_config
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 #: study name -> function(ctx) returning (rows, summary, plot)
 STUDIES = {
@@ -45,8 +46,6 @@ def run_study(name: str, train: Union[Features, Sequence[Features]], query: Feat
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; expected one of {', '.join(STUDIES)}")
     if cfg is None:
-        from ..app.config import load_feature_config
-
         cfg = load_feature_config(config_file, opts)
     trains = [train] if isinstance(train, (str, FeatureSet)) else list(train or [])
     start = time.time()

@@ -17,12 +17,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..app.training import train_on_features
 from ..core.features import FeatureSet
 from ..core.io import save_text
 from ..core.retrieval.comparison import distances
 from ..core.retrieval.metrics import evaluate_ranking
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "mINP")
 #: evaluation-time settings of a trained NFormer: attribute of NFormer (dotted: of an attribute)
@@ -76,8 +77,6 @@ class StudyContext:
         overrides = {k: v for k, v in overrides.items() if self.cfg.MODEL.NFORMER[k] != v}
         key = tuple(sorted(overrides.items()))
         if key not in self._models:
-            from ..app.training import train_on_features
-
             if not self.train:
                 raise ValueError(f"study {self.name!r} trains NFormer: pass --train TRAIN.npz")
             cfg = self.variant_cfg(**overrides)

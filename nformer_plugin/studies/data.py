@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Dict, List
 
 import numpy as np
+from scipy import stats
 
 from ..core.retrieval.metrics import l2_normalize
-from ..core.visualize import _pyplot
+from ..core.visualize import pyplot_agg
 from .common import Progress, StudyContext, landmark_role
 from .subsets import images_per_id_subset
 from .tsne import identity_separation, tsne_2d
@@ -51,7 +52,7 @@ def images_per_id(ctx: StudyContext):
     done = [r for r in rows if "delta_mAP" in r and r["subset"] != "full"]
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         x = [r["images_per_id"] for r in done]
         ax.plot(x, [r["baseline_mAP"] for r in done], "o-", label="baseline")
@@ -64,8 +65,6 @@ def images_per_id(ctx: StudyContext):
 
 def landmark_seeds(ctx: StudyContext):
     """Supplementary C: mean and 95 % interval of mAP / Rank-1 over landmark seeds."""
-    from scipy import stats
-
     seeds = [int(s) for s in ctx.cfg.STUDY.SEEDS]
     role = landmark_role(ctx.cfg)
     progress = Progress("landmark-seeds", len(seeds) + 1)
@@ -88,7 +87,7 @@ def landmark_seeds(ctx: StudyContext):
                         "min": float(values.min()), "max": float(values.max())}
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
         for ax, key in zip(axes, ("mAP", "Rank-1")):
             s = summary[key]
@@ -135,7 +134,7 @@ def tsne(ctx: StudyContext):
     progress.step("done")
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
         colours = plt.get_cmap("tab20" if len(chosen) > 10 else "tab10")
         for ax, emb, title, sep in ((axes[0], emb_b, "before NFormer", sep_b),

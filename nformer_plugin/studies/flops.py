@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 PATHS = ("dense", "sparse")
 
 
@@ -78,9 +81,6 @@ def config_flops_kwargs(cfg, dim: int) -> Dict:
 
 def measured_dense_flops(model, feats) -> int:
     """FLOPs torch's ``FlopCounterMode`` counts for ``model.forward_dense(feats)`` (eval)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.forward_dense(feats)

@@ -6,7 +6,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..core.visualize import _pyplot
+from ..core.visualize import pyplot_agg
 from .affinity import cosine_vs_landmarks
 from .common import Progress, StudyContext, landmark_role
 from .flops import config_flops_kwargs, gflops_per_image, nformer_macs
@@ -66,7 +66,7 @@ def table1(ctx: StudyContext):
                          "(studies/flops.py); 'attention' excludes projections and feed-forward"]}
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         x = np.arange(len(rows))
         for i, key in enumerate(("mAP", "Rank-1")):
@@ -130,7 +130,7 @@ def landmarks(ctx: StudyContext):
             role["note"]]}
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
         axes[0].plot(counts, cos_values, "o-"), axes[0].set_xscale("log")
         axes[0].set_xlabel("landmarks l"), axes[0].set_title("cos(vec(A), vec(A~))")
@@ -183,7 +183,7 @@ def topk(ctx: StudyContext):
                    "setting (STUDY.RETRAIN True trains each point)"])}
 
     def plot(path):
-        plt = _pyplot()
+        plt = pyplot_agg()
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for label in ("RNS", "RNS-M^k"):
             pts = [r for r in rows if r["mask"] == label]

@@ -2,7 +2,7 @@
 
 No real re-id dataset can ship with the package, so this package draws one. Pure numpy + PIL:
 it never imports FastReID (``nformer_plugin.fastreid_ext.datasets.synthetic`` registers it there as
-``EmbeddedReID``; its config keys are ``DATASETS.EMBEDDED.*``). Formerly ``nformer_plugin.embedded``.
+``SyntheticReID``; its config keys are ``DATASETS.SYNTHETIC.*``). Formerly ``nformer_plugin.synthetic``.
 
 An identity is a fixed set of attributes drawn from shared palettes, a third of them near-twins of
 another identity (:mod:`.identities`). Each image adds the nuisances re-id has to see through:
@@ -16,9 +16,9 @@ another identity (:mod:`.identities`). Each image adds the nuisances re-id has t
 :mod:`.plan` lists the files (train pids ``1..num_train_ids``, test pids after them, gallery
 distractors with pid 0), :mod:`.render` draws them and :mod:`.writer` writes them, once, into
 ``<out_dir>/Market-1501-v15.09.15/{bounding_box_train,bounding_box_test,query}/``.
-Deterministic: the same :class:`EmbeddedParams` give byte-identical JPEG files.
+Deterministic: the same :class:`SyntheticParams` give byte-identical JPEG files.
 
-Domains (:mod:`.domains`, ``EmbeddedParams.domain``): ``"A"`` (the default, unchanged) and ``"B"``
+Domains (:mod:`.domains`, ``SyntheticParams.domain``): ``"A"`` (the default, unchanged) and ``"B"``
 draw the camera nuisances (colour cast, exposure, backgrounds, person scale, noise, illumination)
 from different distributions, for cross-domain tests.
 
@@ -28,7 +28,7 @@ cameras, shots, drawing, scene, render, plan, writer.
 from .cameras import CameraStyle, camera_style
 from .identities import Identity, make_identities, random_identity
 from .domains import DOMAINS, DomainRanges, domain_ranges
-from .params import GENERATOR_VERSION, EmbeddedParams, ParamsLike, dataset_cache_dir
+from .params import GENERATOR_VERSION, ParamsLike, SyntheticParams, dataset_cache_dir
 from .plan import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, ImageSpec, num_distractors, plan_dataset
 from .render import Renderer, render_image
 from .shots import OUTLIER_KINDS, Shot, draw_shot
@@ -36,7 +36,7 @@ from .writer import MARKER, MARKET_FOLDER, generate_market_layout, is_complete, 
 
 __all__ = [
     # parameters and the dataset
-    "EmbeddedParams",
+    "SyntheticParams",
     "ParamsLike",
     "DOMAINS",
     "DomainRanges",

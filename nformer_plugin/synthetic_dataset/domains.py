@@ -67,5 +67,5 @@ def domain_ranges(domain: str) -> DomainRanges:
     try:
         return DOMAINS[domain]
     except KeyError:
-        raise ValueError(f"embedded dataset: unknown domain {domain!r}; "
+        raise ValueError(f"synthetic dataset: unknown domain {domain!r}; "
                          f"known: {', '.join(sorted(DOMAINS))}") from None

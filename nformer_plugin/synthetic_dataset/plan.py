@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .params import EmbeddedParams, ParamsLike
+from .params import SyntheticParams, ParamsLike
 from .shots import OUTLIER_KINDS
 
 __all__ = ["GALLERY_DIR", "QUERY_DIR", "TRAIN_DIR", "ImageSpec", "num_distractors",
@@ -45,7 +45,7 @@ class ImageSpec:
         return os.path.join(self.subset, self.file_name)
 
 
-def _camera_assignment(rng: np.random.Generator, p: EmbeddedParams) -> np.ndarray:
+def _camera_assignment(rng: np.random.Generator, p: SyntheticParams) -> np.ndarray:
     """Camera (1-based) of each image: >= 2 cameras, >= 2 images in each camera used."""
     n, num_cams = p.images_per_id, p.num_cameras
     lo, hi = p.min_cameras, min(num_cams, n // 2)
@@ -74,7 +74,7 @@ def _query_indices(rng: np.random.Generator, cams: np.ndarray, num_queries: int)
     return [int(rng.choice(np.flatnonzero(cams == cam))) for cam in chosen]
 
 
-def _identity_specs(pid: int, p: EmbeddedParams, test: bool) -> List[ImageSpec]:
+def _identity_specs(pid: int, p: SyntheticParams, test: bool) -> List[ImageSpec]:
     rng = np.random.default_rng([p.seed, 5, pid])
     cams = _camera_assignment(rng, p)
     queries = _query_indices(rng, cams, p.queries_per_id) if test else []
@@ -92,7 +92,7 @@ def num_distractors(num_test_ids: int) -> int:
     return num_test_ids // 2
 
 
-def _distractor_specs(p: EmbeddedParams) -> List[ImageSpec]:
+def _distractor_specs(p: SyntheticParams) -> List[ImageSpec]:
     rng = np.random.default_rng([p.seed, 6])
     specs = []
     for j in range(num_distractors(p.num_test_ids)):
@@ -102,7 +102,7 @@ def _distractor_specs(p: EmbeddedParams) -> List[ImageSpec]:
     return specs
 
 
-def split_pids(p: EmbeddedParams) -> Tuple[List[int], List[int]]:
+def split_pids(p: SyntheticParams) -> Tuple[List[int], List[int]]:
     """Train pids ``1..num_train_ids`` and test pids after them."""
     n_tr, n_te = p.num_train_ids, p.num_test_ids
     return list(range(1, n_tr + 1)), list(range(n_tr + 1, n_tr + n_te + 1))
@@ -110,7 +110,7 @@ def split_pids(p: EmbeddedParams) -> Tuple[List[int], List[int]]:
 
 def plan_dataset(params: ParamsLike = None) -> List[ImageSpec]:
     """Every file the generator writes for ``params``, in writing order."""
-    p = EmbeddedParams.coerce(params)
+    p = SyntheticParams.coerce(params)
     train, test = split_pids(p)
     specs = [s for pid in train for s in _identity_specs(pid, p, test=False)]
     specs += [s for pid in test for s in _identity_specs(pid, p, test=True)]

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .cameras import CameraStyle, camera_style
 from .drawing import Frame, draw_person
 from .identities import Identity, make_identities, random_identity
-from .params import EmbeddedParams
+from .params import SyntheticParams
 from .plan import ImageSpec, split_pids
 from .scene import draw_occluder, render_background
 from .shots import OUTLIER_KINDS, Shot, draw_shot
@@ -58,7 +58,7 @@ def render_image(ident: Optional[Identity], shot: Shot, style: CameraStyle,
 class Renderer:
     """Renders the images of a plan: identities and camera styles built once."""
 
-    def __init__(self, p: EmbeddedParams):
+    def __init__(self, p: SyntheticParams):
         self.p = p
         self.identities = make_identities(p.seed, split_pids(p))
         self.styles = {c: camera_style(p.seed, c, p.domain) for c in range(1, p.num_cameras + 1)}

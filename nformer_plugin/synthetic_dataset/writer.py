@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from .params import EmbeddedParams, ParamsLike, params_key
+from .params import SyntheticParams, ParamsLike, params_key
 from .plan import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, plan_dataset
 from .render import Renderer
 
@@ -35,12 +35,12 @@ def save_jpeg(img: Image.Image, path: str) -> None:
     img.save(path, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False)
 
 
-def _write_dataset(folder: str, p: EmbeddedParams) -> None:
+def _write_dataset(folder: str, p: SyntheticParams) -> None:
     for sub in (TRAIN_DIR, GALLERY_DIR, QUERY_DIR):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     specs = plan_dataset(p)
     render = Renderer(p)
-    for spec in tqdm(specs, desc="embedded re-id dataset", unit="img", mininterval=0.5):
+    for spec in tqdm(specs, desc="synthetic re-id dataset", unit="img", mininterval=0.5):
         save_jpeg(render(spec), os.path.join(folder, spec.rel_path))
     with open(os.path.join(folder, MARKER), "w") as f:
         json.dump(params_key(p), f, sort_keys=True, indent=1)
@@ -113,10 +113,10 @@ def generate_market_layout(out_dir: str, params: ParamsLike = None, **overrides:
     Generation goes to a temporary folder next to the target, which is renamed into place once
     complete (with a ``.complete`` marker holding the parameters), so an interrupted run never
     leaves a folder that looks finished. A complete folder with the same parameters is reused.
-    ``params`` (an :class:`EmbeddedParams`, a mapping, or None for the defaults) and keyword
+    ``params`` (an :class:`SyntheticParams`, a mapping, or None for the defaults) and keyword
     ``overrides`` (field names) say what to generate.
     """
-    params = EmbeddedParams.coerce(params, **overrides)
+    params = SyntheticParams.coerce(params, **overrides)
     out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     target = os.path.join(out_dir, MARKET_FOLDER)
     if is_complete(target, params):

@@ -5,7 +5,7 @@ reciprocal test of eq. 7 across shards, under the ``nformer.ties`` rule), ``shar
 its rows, their per-layer state, the local searches and the RNS aggregation of eq. 8),
 ``executor`` (Ray actors, or plain objects in this process: the same calls), ``refine``
 (:func:`refine_sharded`, the driver: per layer, the rounds between the shards; isolated queries
-through ``core.serving.query_refine``), ``index_shard`` / ``index``
+through ``core.nformer.query_refine``), ``index_shard`` / ``index``
 (:class:`ShardedGalleryIndex`: build, refine, search, add, remove, save, load over shards).
 
 Ray (``pip install nformer-fastreid[distributed]``) is imported lazily, only by
@@ -14,6 +14,6 @@ Ray (``pip install nformer-fastreid[distributed]``) is imported lazily, only by
 """
 from .index import ShardedGalleryIndex
 from .partition import shard_ranges
-from .refine import ShardedReport, refine_sharded
+from .refine import ShardedReport, refine_nformer_sharded, refine_sharded
 
-__all__ = ["refine_sharded", "shard_ranges", "ShardedReport", "ShardedGalleryIndex"]
+__all__ = ["refine_sharded", "refine_nformer_sharded", "shard_ranges", "ShardedReport", "ShardedGalleryIndex"]

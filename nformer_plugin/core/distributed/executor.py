@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, List, Optional
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("the ray engine needs Ray: pip install 'nformer-fastreid[distributed]' "
                 "(or pip install ray)")

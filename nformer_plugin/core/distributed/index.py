@@ -3,7 +3,7 @@
 ``build`` refines the gallery with the sharded rounds of ``refine`` (each shard keeps its rows'
 state of every layer, ``index_shard``); ``refine(Q)`` runs each query chunk layer by layer
 against the shards (its exact top-k merged over them, the rows it needs fetched, the one query
-kernel ``serving.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
+kernel ``nformer.query_refine.query_layer``), so it equals ``GalleryIndex.refine`` and the batch
 path; ``search(Q, topk)`` asks every shard for its best rows and merges them exactly (score,
 then row). ``add`` / ``remove`` are ``GalleryIndex``'s (``serving.updates``: the same checks,
 pinned landmark ids, label merge and reach log): the new rows go to the last shard (the global
@@ -32,24 +32,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import save_text
+from ..io import replace_durably, save_text
+from ..nformer.gallery_state import landmark_positions
 from ..nformer.graphs import chunks
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
                               check_labels, check_servable, normalize_rows, split_model)
-from ..serving.gallery_state import landmark_positions
-from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, read_manifest,
-                                   version_name)
-from ..serving.query_refine import QUERY_CHUNK, QueryPass
-from ..serving.updates import (check_new_items, check_removal, kept_label_names,
-                               replace_landmarks, report_reach)
+from ..serving.persistence import (FORMAT, FORMAT_VERSION, SHARDED_MANIFEST, load_gallery,
+                                   read_manifest, version_name)
+from ..serving.updates import (check_new_items, check_removal, kept_label_names, replace_landmarks,
+                               report_reach)
 from .index_shard import IndexShard, open_index_shard
 from .partition import Range, shard_ranges
-from .shard import worker_threads
 from .refine import (ShardedReport, finish_report, make_executor, query_round, run_layers,
                      sharded_settings)
+from .shard import worker_threads
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 class ShardedGalleryIndex:
@@ -249,7 +249,7 @@ class ShardedGalleryIndex:
         self.executor.get([self.executor.call(w, "save", os.path.join(tmp, n),
                                               self.landmark_ids, self.metric, meta)
                            for w, n in zip(self.workers, names)])
-        os.replace(tmp, os.path.join(directory, version))
+        replace_durably(tmp, os.path.join(directory, version))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "sharded",
                     "metric": self.metric, "num_items": len(self), "dim": self.dim,
                     "shards": [{"folder": f"{version}/{n}", "rows": [a, b]} for n, (a, b) in
@@ -275,8 +275,6 @@ class ShardedGalleryIndex:
         folders = [os.path.join(directory, s["folder"]) for s in manifest["shards"]]
         ranges = [tuple(s["rows"]) for s in manifest["shards"]]
         if model is None:
-            from ..serving.persistence import load_gallery
-
             model = load_gallery(folders[0], layout="shard").model
         nformer, _ = split_model(model)
         settings = sharded_settings(nformer.sparse_settings(manifest["num_items"]))

@@ -1,5 +1,5 @@
 """One shard of a sharded gallery index: a :class:`shard.GalleryShard` that keeps every layer's
-state (what an isolated query needs, ``serving.gallery_state``), its items' ids and labels, the
+state (what an isolated query needs, ``nformer.gallery_state``), its items' ids and labels, the
 served features of its rows (the NFormer output through the BNNeck head) and their search, and
 saves / loads its part with ``serving.persistence`` (one ordinary index folder per shard, with
 its manifest and checksums).
@@ -17,9 +17,9 @@ from torch import nn
 from ..nformer.graphs import SparseSettings
 from ..retrieval.neighbors import build_index
 from ..serving.checks import normalize_rows, split_model
-from ..serving.gallery_state import GalleryState, ServedGallery, apply_head
+from ..nformer.gallery_state import GalleryState, ServedGallery, apply_head
 from ..serving.persistence import load_gallery, save_gallery
-from ..serving.query_refine import matmul_topk
+from ..nformer.query_refine import matmul_topk
 from ..serving.updates import fingerprints
 from .shard import GalleryShard, Range, without_grad
 

@@ -5,6 +5,7 @@ Pure Python.
 """
 from __future__ import annotations
 
+import bisect
 from typing import List, Optional, Sequence, Tuple
 
 Range = Tuple[int, int]
@@ -38,7 +39,5 @@ def shard_ranges(num_rows: int, shards: int, sizes: Optional[Sequence[int]] = No
 
 def owner_of(ranges: Sequence[Range], ids) -> "list":
     """The shard holding each global row id (ids sorted or not), as a list of shard numbers."""
-    import bisect
-
     starts = [r[0] for r in ranges]
     return [bisect.bisect_right(starts, int(i)) - 1 for i in ids]

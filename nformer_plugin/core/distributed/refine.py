@@ -10,7 +10,7 @@ row): ``tests/test_distributed.py``.
 
 Isolated queries (sec. 4.2; ``num_query > 0``) stay isolated: at each layer a chunk of query
 rows asks every shard for its local top-k (merged as above), fetches those gallery rows' state
-(keys, values, ``q~``, canonical rows, k-th scores) and runs ``serving.query_refine.query_layer``
+(keys, values, ``q~``, canonical rows, k-th scores) and runs ``nformer.query_refine.query_layer``
 - the kernel of the batch path and of ``GalleryIndex.refine`` - against that small gallery. Rows
 are kept in global order, so the exact top-k over it is the top-k over the whole gallery.
 
@@ -23,6 +23,7 @@ Pure torch / faiss (Ray through ``executor``); must not import FastReID.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -33,18 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nformer.gallery_state import GalleryLayer, GalleryState
 from ..nformer.graphs import SparseSettings, chunks
 from ..nformer.masks import neighbor_stats
+from ..nformer.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from ..nformer.sparse import landmark_projections
 from ..nformer.ties import canonical_rows, stable_rows
-from ..serving.gallery_state import GalleryLayer, GalleryState
-from ..serving.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from .executor import LocalExecutor, shared_ray_executor
 from .merge import merge_topk
 from .partition import Range, owner_of, shard_ranges
 from .shard import GalleryShard, nbytes, worker_threads
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,6 +127,33 @@ def refine_sharded(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
     return torch.cat([qp.x for qp in passes] + list(outputs)), report
 
 
+def refine_nformer_sharded(nformer: nn.Module, feats: Tensor, num_query: int = 0,
+                           shards: int = 2, engine: Union[str, Any] = "ray",
+                           address: Optional[str] = None,
+                           shard_sizes: Optional[Sequence[int]] = None,
+                           threads: int = 0) -> Tuple[Tensor, ShardedReport]:
+    """``nformer(feats, num_query)`` in eval mode on the sparse path, with the gallery sharded
+    over ``shards`` workers (:func:`refine_sharded`): the model's own landmarks, settings and
+    neighbor statistics, the same result as the single process. Returns the refined (N, d) and
+    the run's report."""
+    feats = feats.detach().float().cpu().contiguous()
+    nformer.eval()
+    if nformer.settings.inference == "dense":
+        logger.info("sharded refinement runs the sparse path (INFERENCE dense is single-process "
+                    "only)")
+    reports: List[ShardedReport] = []
+
+    def kernel(blocks, x, isolated, landmarks, settings):
+        out, report = refine_sharded(blocks, x, isolated, landmarks, settings, shards=shards,
+                                     engine=engine, address=address, shard_sizes=shard_sizes,
+                                     threads=threads)
+        reports.append(report)
+        return out, report.neighbor_stats
+
+    out = nformer.forward_sparse(feats, num_query, kernel=kernel)
+    return out, reports[0]
+
+
 def start_shards(executor, ranges: Sequence[Range], blocks: Sequence[nn.Module],
                  settings: SparseSettings, threads: int, gallery: Tensor,
                  keep: bool = False) -> list:
@@ -177,8 +205,6 @@ def run_layers(executor, workers, ranges: Sequence[Range], blocks: Sequence[nn.M
 def cpu_blocks(blocks: Sequence[nn.Module]) -> List[nn.Module]:
     """The blocks as the shards run them: on the CPU (copies of blocks held on a GPU; the
     shards' searches and aggregation are CPU code)."""
-    import copy
-
     return [b if all(p.device.type == "cpu" for p in b.parameters())
             else copy.deepcopy(b).cpu() for b in blocks]
 

@@ -33,12 +33,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, SparseSettings, _with_self_loop,
+from ..nformer.graphs import (InnerProductSearcher, SparseSettings, with_self_loop,
                               certified_search, gather_rows)
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
 from ..process_memory import reset_peak_rss, status_bytes
-from ..serving.gallery_state import GalleryLayer, keep_value_source
+from ..nformer.gallery_state import GalleryLayer, keep_value_source
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
 Range = Tuple[int, int]
@@ -249,7 +249,7 @@ class GalleryShard:
 
     # ------------------------------------------------------------------ 4. rows across shards
     def _self_loop_graphs(self):
-        return [_with_self_loop(self.start, gr["nbrs"], gr["keep"]) for gr in self.graphs]
+        return [with_self_loop(self.start, gr["nbrs"], gr["keep"]) for gr in self.graphs]
 
     def requests(self) -> List[Tensor]:
         """Per shard, the sorted ids of its rows that this shard's kept neighbours need."""

@@ -39,8 +39,10 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.NUM_LANDMARKS = 5  # l, landmark agents in eq. (4)
     _C.MODEL.NFORMER.TOPK = 10  # k, neighbors kept by M^k in eq. (6) (paper: 20; 10 chosen on Duke validation)
     _C.MODEL.NFORMER.MASK = "reciprocal"  # reciprocal (eq. 7) | topk (RNS-M^k) | none (softmax)
-    # where M's neighbors come from: layer (each layer's input features; chosen on validation)
-    # | input (the NFormer input, official code) | affinity (each layer's A~, paper-literal)
+    # where M's neighbors come from: layer (parameter-free cosine top-k of each layer's input;
+    # chosen on validation) | input (cosine top-k of the NFormer input, one mask for every layer;
+    # the official code ranks the raw dot product instead, top-k only) | affinity (each layer's
+    # A~, paper-literal)
     _C.MODEL.NFORMER.NEIGHBORS = "layer"
     _C.MODEL.NFORMER.EXACT_AFFINITY = False  # True: A of eq. (3) instead of A~ (Fig. 6b)
     _C.MODEL.NFORMER.LANDMARK_SEED = 0  # seed of the landmark sampler at evaluation
@@ -62,7 +64,7 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.STAGE2 = CN()
     _C.MODEL.NFORMER.STAGE2.EPOCHS = 160  # epochs of NFormer training (sec. 4.2: 160)
     _C.MODEL.NFORMER.STAGE2.ITERS_PER_EPOCH = 0  # batches of sets per epoch; 0 = ceil(N_train / SET_SIZE)
-    _C.MODEL.NFORMER.STAGE2.SET_SIZE = 1024  # S, features per training set (paper: 2048; 1024 chosen on validation)
+    _C.MODEL.NFORMER.STAGE2.SET_SIZE = 1024  # S, features per training set (paper: 2048; validation preferred 2048, 1024 kept for cost)
     _C.MODEL.NFORMER.STAGE2.SETS_PER_BATCH = 1  # sets stacked into one (B, S, d) batch
     _C.MODEL.NFORMER.STAGE2.OPT = "Adam"  # Adam | SGD (momentum 0.9)
     _C.MODEL.NFORMER.STAGE2.BASE_LR = 3e-4  # learning rate (sec. 4.2), cosine-annealed to 0

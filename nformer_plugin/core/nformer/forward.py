@@ -1,7 +1,7 @@
 """The sparse NFormer forward (``NFormer`` in eval mode, ``inference="sparse"``).
 
 One set (``num_query=0``) runs ``sparse.sparse_set_forward``. Isolated queries (``num_query > 0``)
-are refined by the one kernel that ``GalleryIndex`` uses (``core.serving.isolated``): the gallery
+are refined by the one kernel that ``GalleryIndex`` uses (``isolated``): the gallery
 as a set of its own, then the query rows layer by layer against that layer's gallery state, so
 that batch rows and ``index.refine`` are the same computation (``ties``, README "Exactness").
 
@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .graphs import SparseSettings
+from .isolated import refine_isolated
 from .sparse import sparse_set_forward
 
 
@@ -26,7 +27,5 @@ def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query
     Returns the refined (N, d) and, per layer, the neighbor statistics; ``on_layer(i, record)``
     as in ``sparse.sparse_set_forward`` (for the gallery rows when there are queries)."""
     if num_query:
-        from ..serving.isolated import refine_isolated  # lazy: serving builds on core.nformer
-
         return refine_isolated(blocks, feats, num_query, landmarks, settings, on_layer)
     return sparse_set_forward(blocks, feats, 0, landmarks, settings, on_layer)

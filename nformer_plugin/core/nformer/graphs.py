@@ -29,7 +29,7 @@ from ..retrieval.neighbors import build_index, knn_search
 from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
                    float32_dot_bound, lex_sort, score_cap)
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 @dataclass
 class SparseSettings:
@@ -193,7 +193,7 @@ def reciprocal_pairs(neighbors: Tensor) -> Tensor:
     return (forward[pos] == backward).view_as(neighbors)
 
 
-def _with_self_loop(first_row: int, neighbors: Tensor, keep: Tensor) -> NeighborGraph:
+def with_self_loop(first_row: int, neighbors: Tensor, keep: Tensor) -> NeighborGraph:
     """Append each row itself as an always-kept last column (dropping it from the list)."""
     rows = torch.arange(first_row, first_row + neighbors.shape[0], device=neighbors.device)
     keep = keep & (neighbors != rows[:, None])
@@ -240,7 +240,7 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     keep = torch.ones_like(set_nbrs, dtype=torch.bool)
     if settings.mask == "reciprocal":
         keep = reciprocal_pairs(set_nbrs - nq)
-    set_graph = _with_self_loop(nq, set_nbrs, keep)
+    set_graph = with_self_loop(nq, set_nbrs, keep)
     if q_nbrs is None:
         return set_graph, None
 
@@ -257,7 +257,7 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     if settings.mask == "reciprocal":  # A_ji = <queries[j], keys[i]>
         back = q_scores if symmetric else exact_scores(keys[:nq], queries, q_nbrs, chunk)
     keep = isolated_query_keep(q_scores, self_scores, back, kth_score[q_nbrs - nq])
-    return set_graph, _with_self_loop(0, q_nbrs, keep)
+    return set_graph, with_self_loop(0, q_nbrs, keep)
 
 
 def isolated_query_keep(q_scores: Tensor, self_scores: Tensor, back_scores: Optional[Tensor],

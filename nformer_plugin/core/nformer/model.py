@@ -15,8 +15,11 @@ Decisions where the paper is silent or self-contradictory (all documented where 
   own affinity need not be among its top-k under the landmark approximation).
 * **Multi-head.** Every head has its own ``q, k``, landmarks projections and therefore its own
   ``A~``; with ``neighbors="affinity"`` each head builds its own mask from its own ``A~``. With
-  ``neighbors="input"`` (official code) one mask, from the cosine similarity of the NFormer input,
-  is shared by every head and every layer.
+  ``neighbors="input"`` one mask, from the cosine similarity of the NFormer input, is shared by
+  every head and every layer; ``"layer"`` is the same parameter-free cosine top-k, of each
+  layer's own input. Neither is the official code's rule (haochenheheda/NFormer,
+  ``modeling/nformer.py``): one top-k mask by the raw dot product of the unnormalised NFormer
+  input, shared by every layer and head, with no reciprocal test.
 * **Query isolation** (sec. 4.2: "the interactions between the different query images are
   eliminated"): see :func:`build_neighbor_mask`.
 
@@ -25,15 +28,16 @@ This module must not import FastReID.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .config import nformer_kwargs
+from .forward import sparse_nformer_forward
 from .masks import (MASK_MODES, build_neighbor_mask, check_choice, check_topk, cosine_affinity,
                     mask_neighbor_counts, neighbor_stats, reciprocal_neighbor_softmax)
 from .settings import InferenceSettings
-from .forward import sparse_nformer_forward
 from .sparse import SparseSettings
 
 NEIGHBOR_SOURCES = ("affinity", "input", "layer")
@@ -157,11 +161,12 @@ class NFormer(nn.Module):
       gallery and itself (:func:`build_neighbor_mask`); layer ``L`` of a query sees the gallery's layer
       ``L-1`` states. ``"joint"`` (official code): all rows form one set.
     * ``neighbors`` (where the mask's neighbors come from):
-      ``"layer"`` (default, chosen on validation data, see README): the cosine top-k of each
-      layer's own input, recomputed per layer and shared by its heads;
-      ``"input"`` (official code): one mask from the cosine similarity of the NFormer input,
-      shared by every layer and head; ``"affinity"`` (paper-literal): each layer and head masks
-      with the top-k of its own ``A~``.
+      ``"layer"`` (default, chosen on validation data, see README): a parameter-free cosine
+      top-k of each layer's own input, recomputed per layer and shared by its heads;
+      ``"input"``: one mask from the cosine top-k of the NFormer input, shared by every layer
+      and head (not the official code's rule, which ranks by the raw dot product of the
+      unnormalised input and applies no reciprocal test); ``"affinity"`` (paper-literal): each
+      layer and head masks with the top-k of its own ``A~``.
     * ``mask``: ``"reciprocal"`` (eq. 7), ``"topk"`` (RNS-M^k, Fig. 7), ``"none"`` (plain softmax,
       the "Transformer" row of Table 1).
 
@@ -214,8 +219,6 @@ class NFormer(nn.Module):
     def from_config(cls, cfg, dim: Optional[int] = None) -> "NFormer":
         """From ``cfg.MODEL.NFORMER`` (``core.nformer.config``); ``dim`` overrides ``DIM`` (the
         features define the width)."""
-        from .config import nformer_kwargs
-
         kwargs = nformer_kwargs(cfg)
         if dim is not None:
             kwargs["dim"] = dim
@@ -245,7 +248,9 @@ class NFormer(nn.Module):
         return num_query if self.settings.query_mode == "isolated" else 0
 
     # ------------------------------------------------------------------ validation
-    def _check_input(self, feats: Tensor, num_query: int) -> None:
+    def check_input(self, feats: Tensor, num_query: int) -> None:
+        """A clear error for an input the model cannot refine (type, shape, dtype, empty,
+        non-finite, ``num_query`` out of range)."""
         if not isinstance(feats, Tensor):
             raise TypeError(f"NFormer expects a torch.Tensor, got {type(feats).__name__}")
         expected = "(B, N, d)" if self.training else "(N, d) or (B, N, d)"
@@ -292,7 +297,7 @@ class NFormer(nn.Module):
     def forward_dense(self, feats: Tensor, num_query: int = 0,
                       landmarks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
         """Dense path: ``N x N`` affinities per head (training, small sets, reference)."""
-        self._check_input(feats, num_query)
+        self.check_input(feats, num_query)
         squeeze = feats.dim() == 2
         x = feats.unsqueeze(0) if squeeze else feats
         layer_landmarks = self._landmarks(x.shape[1], num_query, landmarks)
@@ -312,15 +317,19 @@ class NFormer(nn.Module):
 
     @torch.no_grad()
     def forward_sparse(self, feats: Tensor, num_query: int = 0,
-                       landmarks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
-        """Memory-bounded path for one set (N, d): O(N (k + l + d)) memory, no gradients."""
+                       landmarks: Optional[Sequence[Optional[Tensor]]] = None,
+                       kernel: Callable = sparse_nformer_forward) -> Tensor:
+        """Memory-bounded path for one set (N, d): O(N (k + l + d)) memory, no gradients.
+        ``kernel(blocks, feats, isolated, landmarks, settings) -> (out, neighbor_stats)`` runs the
+        layers: this process's (``sparse_nformer_forward``) or the gallery sharded over workers
+        (``core.distributed.refine_nformer_sharded``)."""
         if feats.dim() != 2:
             raise ValueError(f"sparse inference takes one set (N, d), got shape "
                              f"{tuple(feats.shape)}")
-        self._check_input(feats, num_query)
+        self.check_input(feats, num_query)
         layer_landmarks = self._landmarks(feats.shape[0], num_query, landmarks)
         settings = self.sparse_settings(feats.shape[0] - self._isolated_queries(num_query))
-        out, self.neighbor_stats = sparse_nformer_forward(
+        out, self.neighbor_stats = kernel(
             self.blocks, feats, self._isolated_queries(num_query), layer_landmarks, settings)
         return out
 

@@ -184,7 +184,7 @@ def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: in
 
     ``num_query > 0`` here runs the older route (queries in the set's graphs); NFormer's
     isolated queries go through ``forward.sparse_nformer_forward``, which refines them with the
-    index's kernel (``core.serving.isolated``). ``core.serving`` calls this for its galleries.
+    index's kernel (``core.nformer.isolated``). ``core.serving`` calls this for its galleries.
     """
     x = feats.contiguous()
     masked = settings.mask != "none"

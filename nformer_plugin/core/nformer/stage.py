@@ -1,6 +1,6 @@
 """The second training stage: NFormer with its own BNNeck and identity classifier (pure torch).
 
-Training takes (B, S, d) sets of frozen stage-1 features (``core.training``) and returns the refined
+Training takes (B, S, d) sets of frozen stage-1 features (``core.nformer.training``) and returns the refined
 features and identity logits; ``refine`` applies it to one evaluation set (queries first).
 """
 from __future__ import annotations

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
+from tabulate import tabulate
 
 from ..features import FeatureSet, check_same_dim
 from .metrics import cosine_distance, euclidean_distance, evaluate_ranking, l2_normalize
+from .rerank import k_reciprocal_rerank
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 ROW_NAMES = {"baseline": "baseline", "kr": "+KR", "nformer": "+NFormer", "nformer_kr": "+NFormer+KR"}
@@ -42,8 +44,6 @@ def distances(query: np.ndarray, gallery: np.ndarray, metric: str = "cosine") ->
 def rerank_distances(query: np.ndarray, gallery: np.ndarray, metric: str,
                      params: RerankParams) -> np.ndarray:
     """k-reciprocal re-ranking; with the cosine metric features are L2-normalized first."""
-    from .rerank import k_reciprocal_rerank
-
     if metric == "cosine":
         query, gallery = l2_normalize(query), l2_normalize(gallery)
     return k_reciprocal_rerank(query, gallery, k1=params.k1, k2=params.k2,
@@ -107,8 +107,6 @@ def metrics_only(row: Dict) -> Dict[str, float]:
 
 def format_table(rows: "OrderedDict[str, Dict]", title: str = "") -> str:
     """A FastReID-style table (tabulate, pipe format) with one line per pipeline."""
-    from tabulate import tabulate
-
     body = [[ROW_NAMES[name]] + [f"{row[k]:.2f}" for k in METRIC_KEYS] for name, row in rows.items()]
     table = tabulate(body, headers=["Pipeline"] + list(METRIC_KEYS), tablefmt="pipe",
                      numalign="left", stralign="left")

@@ -70,17 +70,17 @@ def k_reciprocal_rerank(
     gallery = as_numpy_features(gallery_feats, "gallery_feats")
     check_same_dim(query, gallery, "query_feats", "gallery_feats")
     num_query = query.shape[0]
-    _check_parameters(k1, k2, lambda_value, chunk_size, num_query + gallery.shape[0])
+    check_rerank_parameters(k1, k2, lambda_value, chunk_size, num_query + gallery.shape[0])
 
     feats = np.concatenate([query, gallery])
     # steps 1-2: row maxima, initial_rank to depth k1 + 1, and the raw query-gallery distances
     result = np.empty((num_query, gallery.shape[0]), dtype=np.float32)
     nearest = nearest_and_farthest(feats, k1 + 1, use_gpu, num_query, result)
-    rows, cols = _expanded_reciprocal_pairs(nearest.indices, k1)  # step 3, the sets R*(i, k1)
+    rows, cols = expanded_reciprocal_pairs(nearest.indices, k1)  # step 3, the sets R*(i, k1)
     encoding = _encoding_vectors(feats, nearest, rows, cols)  # step 3, V
     if k2 > 1:  # step 4 (the ports skip it for k2 == 1)
-        encoding = _local_query_expansion(encoding, nearest.indices[:, :k2])
-    _blend_with_jaccard(  # steps 5 and 6, in place
+        encoding = local_query_expansion(encoding, nearest.indices[:, :k2])
+    blend_with_jaccard(  # steps 5 and 6, in place
         result, encoding, nearest.row_max[:num_query], lambda_value, chunk_size
     )
     return result
@@ -91,7 +91,7 @@ def k_reciprocal_rerank(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_parameters(
+def check_rerank_parameters(
     k1: int, k2: int, lambda_value: float, chunk_size: int, num_samples: int
 ) -> None:
     """Raise ``ValueError`` naming the parameter that makes re-ranking undefined."""
@@ -149,7 +149,7 @@ def _contains(sorted_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return sorted_codes[pos] == codes
 
 
-def _expanded_reciprocal_pairs(neighbors: np.ndarray, k1: int) -> Tuple[np.ndarray, np.ndarray]:
+def expanded_reciprocal_pairs(neighbors: np.ndarray, k1: int) -> Tuple[np.ndarray, np.ndarray]:
     """The pairs ``(i, j)`` with ``j`` in ``R*(i, k1)``, sorted by ``i`` then ``j``.
 
     ``R*(i, k1)`` (paper Eq. 5) is ``R(i, k1)`` united with ``R(c, round(k1 / 2))`` for every
@@ -210,7 +210,7 @@ def _encoding_vectors(
     """``V[i, R*] = exp(-d(i, R*)) / sum exp(-d(i, R*))`` as an N x N CSR matrix (Eq. 8).
 
     (``d`` is the row-normalized distance.) ``rows``/``cols`` are the pairs of
-    :func:`_expanded_reciprocal_pairs`, sorted by row then
+    :func:`expanded_reciprocal_pairs`, sorted by row then
     column, so they are already the CSR layout.
     """
     n = feats.shape[0]
@@ -221,7 +221,7 @@ def _encoding_vectors(
     return sp.csr_matrix((values, cols.astype(np.int32), indptr), shape=(n, n))
 
 
-def _local_query_expansion(encoding: sp.csr_matrix, nearest: np.ndarray) -> sp.csr_matrix:
+def local_query_expansion(encoding: sp.csr_matrix, nearest: np.ndarray) -> sp.csr_matrix:
     """``V[i] <- mean of V[nearest[i]]`` (Eq. 11), as a sparse product ``A @ V``.
 
     ``nearest`` (N x k2) holds every sample's k2 nearest (itself first); ``A`` averages them.
@@ -245,7 +245,7 @@ def _local_query_expansion(encoding: sp.csr_matrix, nearest: np.ndarray) -> sp.c
 # --------------------------------------------------------------------------------------------
 
 
-def _blend_with_jaccard(
+def blend_with_jaccard(
     result: np.ndarray, encoding: sp.csr_matrix, query_row_max: np.ndarray,
     lambda_value: float, chunk_size: int,
 ) -> None:

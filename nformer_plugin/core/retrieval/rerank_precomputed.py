@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import scipy.sparse as sp
 
-from .rerank import (_blend_with_jaccard, _check_parameters, _expanded_reciprocal_pairs,
-                     _local_query_expansion)
+from .rerank import (blend_with_jaccard, check_rerank_parameters, expanded_reciprocal_pairs,
+                     local_query_expansion)
 from .rerank_distances import NearestLists, blocked_nearest_lists
 
 if TYPE_CHECKING:  # blocks may be torch tensors; numpy alone is needed at run time
@@ -65,15 +65,15 @@ def k_reciprocal_rerank_distances(
     if num_query == 0 or num_gallery == 0:
         raise ValueError("k-reciprocal re-ranking needs at least one query and one gallery "
                          "sample")
-    _check_parameters(k1, k2, lambda_value, chunk_size, num_query + num_gallery)
+    check_rerank_parameters(k1, k2, lambda_value, chunk_size, num_query + num_gallery)
 
     nearest = _nearest_lists(qg, qq, gg, k1 + 1)  # steps 1-2
-    rows, cols = _expanded_reciprocal_pairs(nearest.indices, k1)  # step 3, R*(i, k1)
+    rows, cols = expanded_reciprocal_pairs(nearest.indices, k1)  # step 3, R*(i, k1)
     encoding = _encoding_vectors(qg, qq, gg, nearest.row_max, rows, cols)  # step 3, V
     if k2 > 1:  # step 4
-        encoding = _local_query_expansion(encoding, nearest.indices[:, :k2])
+        encoding = local_query_expansion(encoding, nearest.indices[:, :k2])
     result = qg.astype(np.float32, copy=True)
-    _blend_with_jaccard(result, encoding, nearest.row_max[:num_query], lambda_value,
+    blend_with_jaccard(result, encoding, nearest.row_max[:num_query], lambda_value,
                         chunk_size)  # steps 5-6
     return result
 

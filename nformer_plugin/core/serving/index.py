@@ -19,20 +19,21 @@ import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
+import faiss
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..nformer.gallery_state import GalleryState, ServedGallery, serve_gallery
+from ..nformer.query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk, matmul_topk,
+                                    refine_queries, torch_threads)
 from ..retrieval.neighbors import build_index
 from .checks import (METRICS, Features, as_features, as_ids, check_gallery_size, check_labels,
                      check_servable, normalize_rows, split_model)
-from .gallery_state import GalleryState, ServedGallery, serve_gallery
 from .persistence import load_gallery, save_gallery
-from .query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk,
-                           matmul_topk, refine_queries, torch_threads)
 from .updates import add_items, remove_items
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 class GalleryIndex:
@@ -193,8 +194,6 @@ class GalleryIndex:
     def _flat_base(self) -> Optional[Tensor]:
         """The cosine search index's own (G, d) rows as a tensor (no copy) when it is a CPU
         flat index, for one exact matmul over a batch of queries."""
-        import faiss
-
         index = self.search_index()
         if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
             return None

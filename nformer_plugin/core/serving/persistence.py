@@ -4,13 +4,15 @@ Layout of ``DIR``: ``CURRENT`` (the name of the live version) and one version fo
 ``manifest.json`` (format version, the model's weights hash, its config, the checksums and sizes
 of the other files), ``arrays.npz`` (the gallery inputs, ids, landmark ids, labels and every
 layer's state), ``model.pth`` (the NFormer and its BNNeck head) and ``search.faiss`` (the index
-over the refined gallery). A save writes a new version folder under a temporary name, renames it,
-then switches ``CURRENT`` with an atomic rename (``io.atomic_write``) and only then deletes the
-old version: a crash at any point leaves the previous index loadable.
+over the refined gallery). A save writes a new version folder under a temporary name (every file
+through ``io.atomic_write``: written, flushed to the disk, renamed, the folder flushed), renames
+it (``io.replace_durably``: the parent folder flushed), then switches ``CURRENT`` with an atomic
+rename (``io.atomic_write``) and only then deletes the old version: a crash or a power cut at any
+point leaves the previous index loadable.
 
-``NFORMER_INDEX_CRASH_AFTER=<file>`` kills the saving process right after writing that file (the
-hook the killed-save test uses); each of those moments is also the ``index_save`` point of
-``core.faults`` (``NFORMER_FAULT_AT=index_save:<n>``).
+The testing hook is the ``index_save`` point of ``core.faults``:
+``NFORMER_FAULT_AT=index_save:<n>`` kills the saving process at the ``n``-th moment of
+:data:`SAVE_MOMENTS`.
 
 Works on the public gallery-state API (``gallery_state.ServedGallery``): :func:`save_gallery` and
 :func:`load_gallery`; ``GalleryIndex.save`` / ``load`` call them.
@@ -23,21 +25,22 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
 
 from ..faults import fault_point
-from ..io import save_text
+from ..io import atomic_write, replace_durably, save_text, save_torch
+from ..nformer.gallery_state import (GalleryLayer, GalleryState, ServedGallery,
+                                     candidate_pool_size)
 from ..nformer.model import NFormer
 from ..nformer.settings import InferenceSettings
 from ..nformer.stage import NFormerStage
 from .checks import split_model
-from .gallery_state import GalleryLayer, GalleryState, ServedGallery, candidate_pool_size
 
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)
@@ -45,6 +48,11 @@ FILES = ("arrays.npz", "model.pth", "search.faiss")
 RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth", "inputs", "norms")
 SHARDED_MANIFEST = "sharded.json"  # a sharded index's folder (core.distributed.index)
+SAVE_POINT = "index_save"  # the fault point (core.faults) passed at each of SAVE_MOMENTS
+# the passes of SAVE_POINT in one save, in order: each file written and flushed, not yet renamed
+# into the unfinished version folder; the version folder in place, CURRENT not yet switched;
+# CURRENT's new text written, not yet renamed; CURRENT switched, the old versions not yet deleted
+SAVE_MOMENTS = FILES + ("manifest.json", "version", "CURRENT written", "CURRENT switched")
 
 
 ARCHITECTURE = ("dim", "num_layers", "num_heads", "num_landmarks", "topk", "mask", "neighbors",
@@ -96,12 +104,6 @@ def version_name() -> str:
     return f"v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}"
 
 
-def _crash_point(name: str) -> None:
-    if os.environ.get("NFORMER_INDEX_CRASH_AFTER") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    fault_point("index_save")
-
-
 def _arrays(gallery: ServedGallery) -> Dict[str, np.ndarray]:
     state = gallery.state
     out = {"inputs": state.inputs, "outputs": state.outputs, "ids": gallery.ids,
@@ -133,23 +135,21 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
     (JSON): what the index was built from (e.g. the extractor of its gallery file).
     ``layout``: ``"single"`` (a whole index, the default) or ``"shard"`` (one shard's rows of a
     ``core.distributed`` sharded index)."""
-    import faiss
-
     nformer, head = split_model(model)
     os.makedirs(directory, exist_ok=True)
     version = version_name()
     tmp = os.path.join(directory, f".tmp-{version}")
     os.makedirs(tmp)
-    np.savez(os.path.join(tmp, "arrays.npz"), **_arrays(gallery))
-    _crash_point("arrays.npz")
+    arrays = _arrays(gallery)
+    atomic_write(os.path.join(tmp, "arrays.npz"), lambda path: np.savez(path, **arrays),
+                 SAVE_POINT)
     head_state = head.state_dict() if head is not None else None
-    torch.save({"config": model_config(nformer), "nformer": nformer.state_dict(),
-                "head": head_state}, os.path.join(tmp, "model.pth"))
-    _crash_point("model.pth")
+    save_torch({"config": model_config(nformer), "nformer": nformer.state_dict(),
+                "head": head_state}, os.path.join(tmp, "model.pth"), SAVE_POINT)
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(search).__name__:
         search = faiss.index_gpu_to_cpu(search)
-    faiss.write_index(search, os.path.join(tmp, "search.faiss"))
-    _crash_point("search.faiss")
+    atomic_write(os.path.join(tmp, "search.faiss"), lambda path: faiss.write_index(search, path),
+                 SAVE_POINT)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
         "weights_sha256": weights_hash(
@@ -160,14 +160,16 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
         "files": {name: {"sha256": file_sha256(os.path.join(tmp, name)),
                          "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES},
     }
-    save_text(json.dumps(manifest, indent=2), os.path.join(tmp, "manifest.json"))
-    os.replace(tmp, os.path.join(directory, version))
-    _crash_point("version")
-    save_text(version + "\n", os.path.join(directory, "CURRENT"))  # the atomic switch
-    _crash_point("CURRENT")
+    save_text(json.dumps(manifest, indent=2), os.path.join(tmp, "manifest.json"), SAVE_POINT)
+    replace_durably(tmp, os.path.join(directory, version))
+    fault_point(SAVE_POINT)  # "version"
+    save_text(version + "\n", os.path.join(directory, "CURRENT"), SAVE_POINT)  # the switch
+    fault_point(SAVE_POINT)  # "CURRENT switched"
     for name in os.listdir(directory):  # old versions and interrupted saves
-        if name not in (version, "CURRENT") and (name.startswith(("v", ".tmp-"))):
+        if name not in (version, "CURRENT") and name.startswith(("v", ".tmp-")):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        elif name.startswith("CURRENT.tmp"):  # a switch killed before its rename
+            os.remove(os.path.join(directory, name))
     return directory
 
 
@@ -229,8 +231,6 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None,
     """Load what :func:`save_gallery` wrote; ``model`` (optional) must be the model it was
     built with (config and weights hash), else the stored weights are used. ``layout``: what
     the caller opens (a shard folder is not a whole index; files without one are single)."""
-    import faiss
-
     folder, manifest = read_manifest(directory)
     found = manifest.get("layout", "single")
     if found != layout:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .checks import as_features, as_ids, check_gallery_size, check_labels
-from .gallery_state import ServedGallery, serve_gallery
+from ..nformer.gallery_state import ServedGallery, serve_gallery
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 FINGERPRINT_WIDTH = 4

@@ -36,11 +36,12 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..retrieval.rerank_precomputed import k_reciprocal_rerank_distances
 from .matcher import TransMatcher
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 #: Default cap on the pair similarity values formed at once: 64 Mi float32 values (256 MB).
 PAIR_BLOCK_CELLS = 1 << 26
@@ -250,10 +251,6 @@ class _Progress:
         self.bar = None
         self.enabled = enabled
         if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
             self.bar = tqdm(total=total or None, desc=desc, unit="pair", unit_scale=True,
                             mininterval=1.0)
 

@@ -2,7 +2,7 @@
 
 It never compiles or exits (FastReID's ``ReidEvaluator`` does both): it gathers the per-image
 features and hands them, with the model's NFormer stage once stage 2 has trained it, to the one
-evaluation path (``app.evaluation.evaluate_and_write``: refinement with queries isolated from
+evaluation path (``nformer_plugin.evaluation.evaluate_and_write``: refinement with queries isolated from
 each other (sec. 4.2), k-reciprocal re-ranking under FastReID's own ``TEST.RERANK.*`` keys, one
 table with every pipeline, exported features, ranked lists, the report page).
 """
@@ -17,7 +17,7 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
-from ...app.evaluation import evaluate_and_write
+from ...evaluation import evaluate_and_write
 from ...core.faults import fault_point
 from ...core.features import FeatureSet
 from ...core.retrieval.comparison import headline, metrics_only
@@ -37,6 +37,16 @@ class NFormerEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._predictions = []
+
+    @property
+    def batches(self) -> list:
+        """The per-batch features gathered so far (this process's share)."""
+        return list(self._predictions)
+
+    def use_batches(self, batches: list) -> None:
+        """Evaluate ``batches`` (what :attr:`batches` gave for the same test set) instead of
+        features extracted again (``fastreid_ext.trainer.TestFeatureCache``)."""
+        self._predictions = list(batches)
 
     def process(self, inputs, outputs):
         fault_point("eval_batch")

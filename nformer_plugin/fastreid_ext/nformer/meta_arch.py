@@ -3,7 +3,7 @@
 Stage 1 trains backbone + head (identity loss with label smoothing, triplet, centre loss and any
 backbone regularisers); stage 2 trains the NFormer stage on frozen features (see
 ``fastreid_ext/nformer/trainer.py``). At evaluation the model returns per-image features; the
-evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.app.evaluation``).
+evaluator refines a query + gallery set with ``nformer_stage`` (``nformer_plugin.evaluation``).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.modeling.losses import cross_entropy_loss, log_accuracy
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
-from ...core.heads import EmbeddingReductionHead
-from ...core.losses import CenterLoss, batch_hard_triplet
+from ...core.nformer.heads import EmbeddingReductionHead
+from ...core.nformer.losses import CenterLoss, batch_hard_triplet
 from ...core.nformer import NFormer, NFormerStage
 from ..backbone_registry import (backbone_output_dim, check_pretrain_available,
                                 normalized_images)
@@ -50,7 +50,7 @@ class NFormerHead(ReductionNeckHead):
     """Deprecated name of :class:`ReductionNeckHead` (the stage-1 head, not NFormer)."""
 
     def __init__(self, *args, **kwargs):
-        logging.getLogger("fastreid.nformer").warning(
+        logging.getLogger(__name__).warning(
             "MODEL.HEADS.NAME NFormerHead is deprecated; use ReductionNeckHead")
         super().__init__(*args, **kwargs)
 
@@ -101,7 +101,7 @@ class NFormerReID(nn.Module):
         losses = cfg.MODEL.LOSSES
         if "TripletLoss" in losses.NAME and not losses.TRI.HARD_MINING:
             raise ValueError("MODEL.LOSSES.TRI.HARD_MINING False is not supported: NFormerReID's "
-                             "triplet loss is batch-hard (core/losses.py)")
+                             "triplet loss is batch-hard (core/nformer/losses.py)")
         return {
             "backbone": backbone,
             "heads": heads,

@@ -3,7 +3,7 @@
 Stage 1 is FastReID's own loop (hooks, LR schedule, EvalHook) over backbone + head, with the
 shared ``Stage1Checkpointer`` (``fastreid_ext.trainer``). Stage 2 freezes them, builds the training
 feature bank and trains the NFormer stage on neighborhood sets (sec. 4.2) with the one stage-2
-builder (``core.training.build_stage2``), validating on held-out identities. Both stages live in
+builder (``core.nformer.training.build_stage2``), validating on held-out identities. Both stages live in
 one model and one checkpoint series; ``--resume`` continues exactly where the last checkpoint was
 written, in either stage (stage-2 checkpoints hold the state after the epoch's monitoring
 evaluation and its history entry). Nothing is chosen on the test set.
@@ -19,18 +19,17 @@ import torch
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
-from fastreid.utils.logger import setup_logger
 
-from ...core.training import Stage2Settings, build_stage2
-from ...core.training.events import Stage2Events
-from ...core.training.reproducible import rng_state, set_rng_state
-from ...core.training.validation import make_validator
+from ...core.nformer.training import Stage2Settings, build_stage2
+from ...core.nformer.training.events import Stage2Events
+from ...core.reproducible import rng_state, set_rng_state
+from ...core.nformer.training.validation import make_validator
 from .. import loaders as data_build
 from ..trainer import (AtomicCheckpointer, EvaluatingTrainer, export_training_features,
-                       extract_features, wrap_ddp)
+                       extract_features, setup_plugin_logger, wrap_ddp)
 from .evaluator import NFormerEvaluator
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 STAGES = ("both", "stage1", "stage2")
 
@@ -39,11 +38,11 @@ class Trainer(EvaluatingTrainer):
     """Two-stage NFormer trainer (stage 1: backbone + head, stage 2: NFormer)."""
 
     evaluator_class = NFormerEvaluator
+    reuses_test_features = True  # stage 2 freezes backbone and head
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
-            setup_logger()
+        setup_plugin_logger()
         if cfg.MODEL.NFORMER.STAGES not in STAGES:
             raise ValueError(f"MODEL.NFORMER.STAGES must be one of {STAGES}")
         data_loader = self.build_train_loader(cfg)
@@ -165,7 +164,8 @@ class Trainer(EvaluatingTrainer):
             trainer.load_state_dict(self._stage2_state)
         if comm.is_main_process() and cfg.OUTPUT_DIR:  # TensorBoard + metrics.json, as stage 1
             trainer.events = Stage2Events(cfg.OUTPUT_DIR)
-        saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process())
+        saver = AtomicCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+                                   config=cfg.dump())
         results = {}
 
         def on_epoch_end(epoch: int, stats: dict) -> None:

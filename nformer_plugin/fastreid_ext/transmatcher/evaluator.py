@@ -37,9 +37,9 @@ from ...core.retrieval.comparison import distances, format_table, metrics_only
 from ...core.retrieval.metrics import evaluate_ranking, l2_normalize
 from ...core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
                                           scores_to_distances)
-from ...app.evaluation import rerank_params
+from ...evaluation import rerank_params
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 ROWS = {"global": "global (GAP)", "global_kr": "global+KR", "transmatcher": "TransMatcher",
         "transmatcher_kr": "TransMatcher+KR"}
@@ -49,7 +49,8 @@ for _name, _label in ROWS.items():  # the shared table's row labels
 STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _storage_dtype(name: str) -> torch.dtype:
+def storage_dtype(name: str) -> torch.dtype:
+    """The dtype of ``MODEL.TRANSMATCHER.TEST_STORAGE`` (a clear error for an unknown name)."""
     try:
         return STORAGE[name]
     except KeyError:
@@ -69,7 +70,7 @@ class TransMatcherEvaluator(DatasetEvaluator):
         self._model = model
         self._output_dir = output_dir or cfg.OUTPUT_DIR
         self._dataset_name = dataset_name
-        self._dtype = _storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
+        self._dtype = storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
         self.reset()
 
     def reset(self):

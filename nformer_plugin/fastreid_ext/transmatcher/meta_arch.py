@@ -19,13 +19,14 @@ from torch import nn
 from fastreid.config import configurable
 from fastreid.modeling.backbones import build_backbone
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
+from fastreid.utils.events import get_event_storage
 
 from ...core.backbones import freeze_bn_stats
 from ...core.transmatcher import TransMatcher
 from ...core.transmatcher.loss import pairwise_matching_loss
 from ..backbone_registry import check_pretrain_available, normalized_images
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 __all__ = ["FeatureTrunk", "TransMatcherReID", "matcher_kwargs"]
 
@@ -163,8 +164,6 @@ class TransMatcherReID(nn.Module):
             logger.warning("pairwise matching loss not finite in every row: step skipped")
             loss = scores.sum() * 0.0
         if accuracy is not None:
-            from fastreid.utils.events import get_event_storage
-
             try:
                 get_event_storage().put_scalar("pair_acc", float(accuracy))
             except AssertionError:  # no storage outside FastReID's training loop

@@ -2,7 +2,7 @@
 
 FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
 
-* the **graph sampler** (``core.training.graph_sampler``, ``MODEL.TRANSMATCHER.SAMPLER GS``): at
+* the **graph sampler** (``core.transmatcher.graph_sampler``, ``MODEL.TRANSMATCHER.SAMPLER GS``): at
   the start of every epoch one random image per class is scored against the others by the
   *current* model's own matcher (test transforms, eval mode, ``GS_CHUNK`` images at a time), and
   the epoch's batches are each a class with its nearest classes, ``DATALOADER.NUM_INSTANCE`` = K
@@ -35,17 +35,16 @@ from fastreid.data.build import fast_batch_collator
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
-from fastreid.utils.logger import setup_logger
 
-from ...core.training.graph_sampler import GraphSampler
-from ...core.training.reproducible import (PositionSeededDataset, rng_state, sample_seed,
+from ...core.transmatcher.graph_sampler import GraphSampler
+from ...core.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
 from ...core.transmatcher.scoring import MapStore, match_scores
 from .. import loaders as data_build
-from ..trainer import EvaluatingTrainer
-from .evaluator import TransMatcherEvaluator, _storage_dtype
+from ..trainer import EvaluatingTrainer, setup_plugin_logger
+from .evaluator import TransMatcherEvaluator, storage_dtype
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 SAMPLERS = ("GS", "identity")
 
@@ -106,8 +105,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
-            setup_logger()
+        setup_plugin_logger()
         if comm.get_world_size() > 1:
             raise ValueError("TransMatcherTrainer runs in one process (--num-gpus 1)")
         t = cfg.MODEL.TRANSMATCHER
@@ -166,7 +164,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
         subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
         loader = torch.utils.data.DataLoader(subset, batch_size=t.GS_CHUNK, shuffle=False,
                                              num_workers=0, collate_fn=fast_batch_collator)
-        store = MapStore(_storage_dtype(t.TEST_STORAGE))
+        store = MapStore(storage_dtype(t.TEST_STORAGE))
         with inference_context(model):
             for batch in loader:
                 store.append(model(batch))

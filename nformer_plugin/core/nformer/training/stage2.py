@@ -20,11 +20,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..faults import fault_point
+from ...faults import fault_point
+from ...visualize import save_curves
 from ..losses import stage2_losses
 from .sampler import NeighborhoodSetSampler
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, Dict[str, float]], None]
 OPTIMIZERS = ("Adam", "SGD")
@@ -176,8 +177,6 @@ class Stage2Trainer:
 
     def save_loss_curves(self, path: str) -> str:
         """Write the per-epoch losses (and validation mAP, when measured) as a PNG."""
-        from ..visualize import save_curves
-
         keys = [k for k in self.history[0] if k.startswith("loss") or k.startswith("val")] \
             if self.history else []
         curves = {k: [h.get(k, float("nan")) for h in self.history] for k in keys}

@@ -1,4 +1,4 @@
-"""The embedded dataset generator (nformer_plugin.synthetic_dataset) and its FastReID glue."""
+"""The synthetic dataset generator (nformer_plugin.synthetic_dataset) and its FastReID glue."""
 from __future__ import annotations
 
 import ast
@@ -22,7 +22,7 @@ from nformer_plugin.synthetic_dataset import (
     MARKET_FOLDER,
     QUERY_DIR,
     TRAIN_DIR,
-    EmbeddedParams,
+    SyntheticParams,
     camera_style,
     dataset_cache_dir,
     draw_shot,
@@ -148,10 +148,10 @@ def test_bad_parameters_are_rejected(tmp_path):
 def test_cache_dir_follows_env_and_params(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
     d = dataset_cache_dir(TINY)
-    assert os.path.dirname(d) == str(tmp_path) and os.path.basename(d).startswith("embedded-")
+    assert os.path.dirname(d) == str(tmp_path) and os.path.basename(d).startswith("synthetic-")
     assert d == dataset_cache_dir(dict(TINY))
     assert d != dataset_cache_dir({**TINY, "seed": 1})
-    assert dataset_cache_dir({}) == dataset_cache_dir(EmbeddedParams().as_dict())
+    assert dataset_cache_dir({}) == dataset_cache_dir(SyntheticParams().as_dict())
 
 
 def test_complete_folder_is_reused(tmp_path, monkeypatch):
@@ -276,21 +276,21 @@ def test_outlier_share_per_identity():
 # ------------------------------------------------------------------ FastReID glue
 
 
-def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
+def test_synthetic_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
     from fastreid.data.datasets import DATASET_REGISTRY
 
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
 
-    assert DATASET_REGISTRY.get("EmbeddedReID") is EmbeddedReID
-    ds = EmbeddedReID(root=str(tmp_path / "ignored"), **TINY)
+    assert DATASET_REGISTRY.get("SyntheticReID") is SyntheticReID
+    ds = SyntheticReID(root=str(tmp_path / "ignored"), **TINY)
     assert not (tmp_path / "ignored").exists()
     assert ds.data_dir == os.path.join(dataset_cache_dir(TINY), MARKET_FOLDER)
     n_tr, n_te, per_id, q = (TINY[k] for k in
                              ("num_train_ids", "num_test_ids", "images_per_id", "queries_per_id"))
     assert len(ds.train) == n_tr * per_id
-    assert {p for _, p, _ in ds.train} == {f"embedded_{i}" for i in range(1, n_tr + 1)}
-    assert {c for _, _, c in ds.train} <= {f"embedded_{c}" for c in range(TINY["num_cameras"])}
+    assert {p for _, p, _ in ds.train} == {f"synthetic_{i}" for i in range(1, n_tr + 1)}
+    assert {c for _, _, c in ds.train} <= {f"synthetic_{c}" for c in range(TINY["num_cameras"])}
     assert len(ds.query) == n_te * q
     assert {p for _, p, _ in ds.query} == set(range(n_tr + 1, n_tr + n_te + 1))
     assert len(ds.gallery) == n_te * (per_id - q) + num_distractors(n_te)
@@ -299,12 +299,12 @@ def test_embedded_reid_loads_with_market1501_parser(monkeypatch, tmp_path):
     assert all(os.path.isfile(path) for path, _, _ in ds.train + ds.query + ds.gallery)
 
 
-def test_embedded_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_path):
+def test_synthetic_reid_rejects_what_market_parser_cannot_read(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
 
     with pytest.raises(ValueError, match="cameras"):
-        EmbeddedReID(**{**TINY, "num_cameras": 7})
+        SyntheticReID(**{**TINY, "num_cameras": 7})
     assert os.listdir(tmp_path) == []
 
 
@@ -312,32 +312,32 @@ def test_kwargs_from_config():
     from fastreid.config import get_cfg
 
     from nformer_plugin.config import add_plugin_config
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
 
     cfg = add_plugin_config(get_cfg())
-    cfg.DATASETS.EMBEDDED.SEED = 7
-    cfg.DATASETS.EMBEDDED.HEIGHT = 32
-    kwargs = EmbeddedReID.kwargs_from_config(cfg)
-    assert kwargs == {**EmbeddedParams().as_dict(), "seed": 7, "height": 32}
+    cfg.DATASETS.SYNTHETIC.SEED = 7
+    cfg.DATASETS.SYNTHETIC.HEIGHT = 32
+    kwargs = SyntheticReID.kwargs_from_config(cfg)
+    assert kwargs == {**SyntheticParams().as_dict(), "seed": 7, "height": 32}
 
 
 def test_defaults_have_one_source():
-    """A fresh config's DATASETS.EMBEDDED holds EmbeddedParams' defaults, nothing else."""
+    """A fresh config's DATASETS.SYNTHETIC holds SyntheticParams' defaults, nothing else."""
     from nformer_plugin.fastreid_ext.config import load_config
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
 
     cfg = load_config()
-    assert EmbeddedReID.kwargs_from_config(cfg) == EmbeddedParams().as_dict()
-    assert sorted(cfg.DATASETS.EMBEDDED) == sorted(n.upper() for n in EmbeddedParams.field_names())
-    assert EmbeddedParams.from_config(cfg.DATASETS.EMBEDDED) == EmbeddedParams()
+    assert SyntheticReID.kwargs_from_config(cfg) == SyntheticParams().as_dict()
+    assert sorted(cfg.DATASETS.SYNTHETIC) == sorted(n.upper() for n in SyntheticParams.field_names())
+    assert SyntheticParams.from_config(cfg.DATASETS.SYNTHETIC) == SyntheticParams()
 
 
-def test_embedded_reid_takes_a_params_object(monkeypatch, tmp_path):
+def test_synthetic_reid_takes_a_params_object(monkeypatch, tmp_path):
     monkeypatch.setenv("NFORMER_CACHE", str(tmp_path))
-    from nformer_plugin.fastreid_ext.datasets.synthetic import EmbeddedReID
+    from nformer_plugin.fastreid_ext.datasets.synthetic import SyntheticReID
 
-    ds = EmbeddedReID(params=EmbeddedParams(**{**TINY, "seed": 1}), seed=2)
-    assert ds.generator_params == EmbeddedParams(**{**TINY, "seed": 2})
+    ds = SyntheticReID(params=SyntheticParams(**{**TINY, "seed": 1}), seed=2)
+    assert ds.generator_params == SyntheticParams(**{**TINY, "seed": 2})
     assert ds.data_dir == os.path.join(dataset_cache_dir({**TINY, "seed": 2}), MARKET_FOLDER)
 
 
@@ -345,7 +345,7 @@ def test_embedded_reid_takes_a_params_object(monkeypatch, tmp_path):
 
 
 def test_params_fields_describe_config_keys():
-    for f in dataclasses.fields(EmbeddedParams):
+    for f in dataclasses.fields(SyntheticParams):
         help_text = f.metadata.get("help", "")
         assert help_text and "\n" not in help_text, f.name
         assert type(f.default) in (int, float, str), f.name
@@ -353,22 +353,22 @@ def test_params_fields_describe_config_keys():
 
 def test_params_from_config_node_and_mappings():
     node = SimpleNamespace(**{k.upper(): v for k, v in TINY.items()}, DOMAIN="A")
-    params = EmbeddedParams.from_config(node)
-    assert params == EmbeddedParams(**TINY) == EmbeddedParams.coerce(TINY)
+    params = SyntheticParams.from_config(node)
+    assert params == SyntheticParams(**TINY) == SyntheticParams.coerce(TINY)
     assert params.as_dict() == {**TINY, "domain": "A"}
-    assert EmbeddedParams.coerce(params, seed=5) == EmbeddedParams(**{**TINY, "seed": 5})
+    assert SyntheticParams.coerce(params, seed=5) == SyntheticParams(**{**TINY, "seed": 5})
     with pytest.raises(ValueError, match="HEIGHT"):
-        EmbeddedParams.from_config(SimpleNamespace(SEED=0))
-    with pytest.raises(ValueError, match="unknown embedded dataset parameters"):
-        EmbeddedParams.coerce({"seeds": 1})
+        SyntheticParams.from_config(SimpleNamespace(SEED=0))
+    with pytest.raises(ValueError, match="unknown synthetic dataset parameters"):
+        SyntheticParams.coerce({"seeds": 1})
     with pytest.raises(ValueError, match="num_cameras"):
-        EmbeddedParams(num_cameras="many")
-    ratio = EmbeddedParams(outlier_ratio=0, height=32.0)  # values take the fields' types
+        SyntheticParams(num_cameras="many")
+    ratio = SyntheticParams(outlier_ratio=0, height=32.0)  # values take the fields' types
     assert isinstance(ratio.outlier_ratio, float) and isinstance(ratio.height, int)
     assert dataset_cache_dir(ratio) == dataset_cache_dir({"outlier_ratio": 0.0, "height": 32})
 
 
-def test_embedded_package_is_pure():
+def test_synthetic_package_is_pure():
     """nformer_plugin.synthetic_dataset imports only the standard library, numpy, PIL, tqdm and itself."""
     import nformer_plugin.synthetic_dataset as pkg
 
@@ -404,7 +404,7 @@ def test_domain_a_is_the_dataset_of_generator_version_1(tiny_root):
             digest.update(os.path.basename(name).encode())
             digest.update(data)
     assert digest.hexdigest() == "9850f17f201dfd7237a959425e50e1587f359411"
-    assert os.path.basename(dataset_cache_dir(TINY)) == "embedded-80aa53dab987"
+    assert os.path.basename(dataset_cache_dir(TINY)) == "synthetic-80aa53dab987"
     assert dataset_cache_dir(TINY) == dataset_cache_dir({**TINY, "domain": "A"})
     assert dataset_cache_dir(TINY) != dataset_cache_dir({**TINY, "domain": "B"})
 
@@ -425,7 +425,7 @@ def test_domain_b_draws_nuisances_from_other_distributions():
     assert np.mean([sum(st.wall) for st in b]) < np.mean([sum(st.wall) for st in a])
     assert b[0].illum_range[1] - b[0].illum_range[0] > a[0].illum_range[1] - a[0].illum_range[0]
     with pytest.raises(ValueError, match="domain"):
-        EmbeddedParams(domain="C")
+        SyntheticParams(domain="C")
 
 
 def test_domain_b_is_deterministic_and_darker(tmp_path, tiny_root):

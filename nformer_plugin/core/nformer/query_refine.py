@@ -26,16 +26,16 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
+import faiss
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, chunks, isolated_query_keep, row_scores,
-                              scored)
-from ..nformer.ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk,
-                            exact_scores, score_cap, stable_rows)
 from .gallery_state import GalleryLayer, GalleryState, gallery_value_table
+from .graphs import InnerProductSearcher, chunks, isolated_query_keep, row_scores, scored
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
+from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
+                   score_cap, stable_rows)
 
 # (neighbors (Q, k) local gallery rows sorted best first, their scores, self scores, back scores)
 QueryLists = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
@@ -190,8 +190,6 @@ def fp16_scan(cache: dict, key: tuple, base: Tensor, rows: Tensor, count: int
               ) -> Tuple[Tensor, Tensor]:
     """A faiss float16 scan of ``base`` (its index built once per ``key`` in ``cache``):
     approximate scores and indices (R, count) of ``rows``."""
-    import faiss
-
     index = cache.get(("fp16",) + key)
     if index is None:
         index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,

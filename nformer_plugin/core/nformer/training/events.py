@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 PREFIX = "nformer/"
 

@@ -12,9 +12,9 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from ..features import FeatureSet
-from ..retrieval.comparison import distances
-from ..retrieval.metrics import evaluate_ranking
+from ...features import FeatureSet
+from ...retrieval.comparison import distances
+from ...retrieval.metrics import evaluate_ranking
 
 
 def split_validation_ids(pids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

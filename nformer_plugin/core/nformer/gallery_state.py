@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nformer.graphs import SparseSettings
-from ..nformer.sparse import landmark_projections, sparse_set_forward
-from ..nformer.ties import canonical_rows, exact_scores, stable_rows
+from .graphs import SparseSettings
+from .sparse import landmark_projections, sparse_set_forward
+from .ties import canonical_rows, exact_scores, stable_rows
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

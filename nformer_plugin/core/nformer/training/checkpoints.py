@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import save_torch
-from ..writable import check_writable, checkpoint_bytes, write_failure
+from ...io import save_torch
+from ...writable import check_writable, checkpoint_bytes, write_failure
 from .stage2 import EpochCallback, Stage2Trainer
 
-logger = logging.getLogger("fastreid.nformer")
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last_checkpoint.pth"
 

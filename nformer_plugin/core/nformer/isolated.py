@@ -4,7 +4,7 @@ its own (``gallery_state.refine_gallery``, the code an index build runs) and pas
 through ``query_refine.query_layer`` (the code ``GalleryIndex.refine`` runs) against each layer's
 gallery state, so that batch rows and ``index.refine`` are the same computation.
 
-``core.nformer.forward`` imports this lazily (the serving package builds on ``core.nformer``).
+``forward`` calls it; ``core.serving`` and ``core.distributed`` consume the same kernel.
 Pure torch / faiss; must not import FastReID.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import SparseSettings, chunks
-from ..nformer.masks import neighbor_stats
+from .graphs import SparseSettings, chunks
+from .masks import neighbor_stats
 from .gallery_state import GalleryState, refine_gallery
 from .query_refine import QUERY_CHUNK, QueryPass, query_layer
 
