@@ -17,14 +17,14 @@ from typing import Iterator, List, Tuple
 WIDTH = "96"  # argparse wraps help at $COLUMNS
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> List[Tuple[str, argparse.ArgumentParser]]:
+def subcommands(parser: argparse.ArgumentParser) -> List[Tuple[str, argparse.ArgumentParser]]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return list(action.choices.items())
     return []
 
 
-def _summaries(parser: argparse.ArgumentParser) -> dict:
+def summaries(parser: argparse.ArgumentParser) -> dict:
     """Subcommand -> its one-line help, as the parent lists it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -39,9 +39,9 @@ def walk(parser: argparse.ArgumentParser, prefix: str = "", summary: str = "") -
     name = prefix or parser.prog
     parser.summary_ = summary
     yield name, parser
-    summaries = _summaries(parser)
-    for sub, child in _subcommands(parser):
-        yield from walk(child, f"{name} {sub}", summaries.get(sub, ""))
+    helps = summaries(parser)
+    for sub, child in subcommands(parser):
+        yield from walk(child, f"{name} {sub}", helps.get(sub, ""))
 
 
 @contextlib.contextmanager

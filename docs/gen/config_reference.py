@@ -89,22 +89,37 @@ def _wing_functions() -> List[Tuple[str, object]]:
     return functions
 
 
-def _leaves(cfg: CfgNode, prefix: str = "") -> Dict[str, object]:
+def leaves(cfg: CfgNode, prefix: str = "") -> Dict[str, object]:
     out: Dict[str, object] = {}
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         if isinstance(value, CfgNode):
-            out.update(_leaves(value, path + "."))
+            out.update(leaves(value, path + "."))
         else:
             out[path] = value
     return out
 
 
-def _embedded_help() -> Dict[str, str]:
-    from nformer_plugin.synthetic_dataset.params import EmbeddedParams
+def _dataclass_help(module) -> Dict[str, str]:
+    """Field name (upper case) -> ``help`` metadata of the dataclasses a wing module uses (keys
+    generated from a dataclass's fields, e.g. ``DATASETS.SYNTHETIC.*``)."""
+    found: Dict[str, str] = {}
+    for value in vars(module).values():
+        if isinstance(value, type) and dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if f.metadata.get("help"):
+                    found.setdefault(f.name.upper(), f.metadata["help"])
+    return found
 
-    return {f"DATASETS.EMBEDDED.{f.name.upper()}": f.metadata.get("help", "")
-            for f in dataclasses.fields(EmbeddedParams)}
+
+def _renamed() -> Dict[str, str]:
+    import nformer_plugin.config as composed
+
+    return dict(getattr(composed, "RENAMED_KEYS", {}))
+
+
+def is_old_name(key: str) -> bool:
+    return any(key == old or key.startswith(old + ".") for old in _renamed())
 
 
 def wings() -> List[dict]:
@@ -112,26 +127,26 @@ def wings() -> List[dict]:
     order ``add_plugin_config`` adds them; the shared keys (``SEED``, ...) first."""
     import nformer_plugin.config as composed
 
-    all_keys = _leaves(composed.add_plugin_config(CfgNode()))
+    all_keys = leaves(composed.add_plugin_config(CfgNode()))
     entries, claimed = [], set()
     for name, function in _wing_functions():
         module = importlib.import_module(function.__module__)
         path = inspect.getsourcefile(module)
-        keys = _leaves(function(CfgNode()))
+        keys = leaves(function(CfgNode()))
         comments = source_comments(path)
-        if name == "add_synthetic_dataset_config":
-            comments.update(_embedded_help())
+        fields_help = _dataclass_help(module)
         doc = rst_to_markdown((module.__doc__ or "").strip().split("\n\n")[0])
         rel = module.__name__.replace(".", "/") + ".py"
-        rows = [(k, all_keys[k], comments.get(k, "")) for k in keys if k in all_keys]
+        rows = [(k, all_keys[k], comments.get(k) or fields_help.get(k.rsplit(".", 1)[-1], ""))
+                for k in keys if k in all_keys and not is_old_name(k)]
         claimed.update(keys)
         entries.append(dict(title=rel, doc=doc, rows=rows))
     shared_comments = source_comments(inspect.getsourcefile(composed))
     shared = [(k, v, shared_comments.get(k, "")) for k, v in all_keys.items()
-              if k not in claimed]
+              if k not in claimed and not is_old_name(k)]
     entries.insert(0, dict(title="nformer_plugin/config.py", doc="Keys every part shares.",
                            rows=shared))
-    standalone = _leaves(composed.standalone_config())
+    standalone = leaves(composed.standalone_config())
     entries.append(dict(
         title="nformer_plugin/config.py: standalone_config",
         doc="FastReID's own keys that the `nformer` command reads; where FastReID is not "
@@ -155,6 +170,10 @@ def _default(value) -> str:
 
 def markdown() -> str:
     lines = []
+    renamed = _renamed()
+    if renamed:
+        lines += ["Renamed keys still load, with a deprecation message: " + ", ".join(
+            f"`{old}` is now `{new}`" for old, new in renamed.items()) + ".", ""]
     for wing in wings():
         lines += [f"## `{wing['title']}`", "", wing["doc"], "",
                   "| key | default | meaning |", "|---|---|---|"]
