@@ -22,7 +22,7 @@ from .core.backbones.config import add_backbone_config
 from .core.config_keys import node
 from .core.io import resolve_seed
 from .core.nformer.config import add_nformer_config as _add_nformer_keys
-from .core.nformer.config import nformer_kwargs
+from .core.nformer.config import nformer_kwargs as _nformer_kwargs
 from .core.nformer.study_config import add_study_config
 from .core.transmatcher.config import add_transmatcher_config
 from .report.config import add_report_config
@@ -145,6 +145,5 @@ def __getattr__(name: str):
         warnings.warn("nformer_plugin.config.nformer_kwargs is deprecated: use "
                       "nformer_plugin.core.nformer.config.nformer_kwargs (or NFormer.from_config)",
                       DeprecationWarning, stacklevel=2)
-
-        return nformer_kwargs
+        return _nformer_kwargs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

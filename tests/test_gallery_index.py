@@ -299,7 +299,7 @@ def test_save_flushes_every_file_and_folder_before_its_rename(saved, monkeypatch
         events.append(("fsync", os.path.abspath(p))), fsync(p, directory))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (
         events.append(("replace", os.path.abspath(a), os.path.abspath(b))), replace(a, b))[1])
-    for module in (faults, persistence):
+    for module in (faults, io, persistence):  # io and persistence hold the name too
         monkeypatch.setattr(module, "fault_point", lambda name: (
             events.append(("fault", name)), fault_point(name))[1])
     index.save(path)
