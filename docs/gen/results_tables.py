@@ -123,7 +123,7 @@ def render(spec: str, results_dir: str = RESULTS) -> str:
     if record is None:
         if options["optional"]:
             return (f"*Not yet recorded: `results/{options['name']}.json` does not exist; "
-                    "the page shows its table once the run that writes it has been made.*")
+                    "its table appears here once the run that writes it has been made.*\n")
         raise MissingResult(f"results/{options['name']}.json not found (marker: {spec!r})")
     tables = record["tables"]
     if options["table"] is not None:
