@@ -169,3 +169,13 @@ def test_readme_is_short_and_has_the_two_commands():
 def test_readme_result_tables_are_current():
     """The README's tables are rendered copies of result files: `python docs/gen/readme.py`."""
     assert readme.stale_blocks((REPO / "README.md").read_text()) == []
+
+
+def test_a_stale_or_unclosed_readme_block_is_found(tmp_path):
+    from nformer_plugin.core.results import write_result
+
+    write_result("z", [{"columns": ["a"], "rows": [["1"]]}], "nformer eval", str(tmp_path))
+    current = "<!-- result: z -->\n" + results_tables.render("z", str(tmp_path)) + "<!-- /result -->\n"
+    assert readme.stale_blocks(current, str(tmp_path)) == []
+    assert readme.stale_blocks(current.replace("| 1 |", "| 2 |"), str(tmp_path)) == ["z"]
+    assert readme.stale_blocks("<!-- result: z -->\nold table\n", str(tmp_path)) == ["z"]

@@ -18,7 +18,7 @@ import results_tables  # noqa: E402
 
 README = os.path.join(results_tables.REPO, "README.md")
 BLOCK = re.compile(r"^(?P<open><!-- result: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)"
-                   r"(?P<close>^<!-- /result -->$)", re.S | re.M)
+                   r"(?P<close><!-- /result -->)", re.S | re.M)
 
 
 def rendered(text: str, results_dir: str = results_tables.RESULTS) -> str:
@@ -27,9 +27,13 @@ def rendered(text: str, results_dir: str = results_tables.RESULTS) -> str:
 
 
 def stale_blocks(text: str, results_dir: str = results_tables.RESULTS):
-    """Specs of the README blocks whose body differs from their result file's rendering."""
-    return [m.group("spec") for m in BLOCK.finditer(text)
-            if m.group("body") != results_tables.render(m.group("spec"), results_dir)]
+    """Specs of the README blocks whose body differs from their result file's rendering (and
+    of markers without a closing ``<!-- /result -->``)."""
+    blocks = list(BLOCK.finditer(text))
+    opened = results_tables.MARKER.findall(text)
+    unclosed = [spec for spec in opened if spec not in [m.group("spec") for m in blocks]]
+    return unclosed + [m.group("spec") for m in blocks
+                       if m.group("body") != results_tables.render(m.group("spec"), results_dir)]
 
 
 def main(argv=None) -> int:
