@@ -15,7 +15,7 @@ FAISS ?= cpu
 FAISS_EXTRA := $(patsubst faiss-%,%,$(FAISS))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench chromium cross-domain clean-venv
+.PHONY: install demo test docs readme bench chromium cross-domain clean-venv
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ cross-domain: $(STAMP)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
+
+# the documentation site (mkdocs.yml): site/, warnings are errors; the references and result
+# tables are generated at build time (docs/gen/hooks.py)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# rewrite the README's result tables from results/*.json (tests/test_docs.py checks them)
+readme: $(STAMP)
+	$(PY) docs/gen/readme.py
 
 # headless Chromium for tests/test_report_page.py (Debian's chromium, with apt-get when missing;
 # never fails the build: without it that test skips with a message)

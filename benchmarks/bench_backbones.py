@@ -145,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed batches")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -158,4 +161,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

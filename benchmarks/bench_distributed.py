@@ -13,7 +13,7 @@ layers, 2 heads, l = 5, k = 20, ``NEIGHBORS layer`` (the default), reciprocal ma
 weights, exact search; ``--queries`` isolated queries.
 
     python benchmarks/bench_distributed.py --rows 20000 --queries 1000 --shards 2 --threads 1
-    python benchmarks/bench_distributed.py --rows 100000 1000000 --shards 2   # the README rows
+    python benchmarks/bench_distributed.py --rows 100000 1000000 --shards 2   # the larger rows
 
 Run it from the repository root with the ``distributed`` extra installed. CPU timings depend on
 the machine's load (printed).
@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--object-store-mb", type=int, default=1024)
     parser.add_argument("--run", choices=("single", "ray"), help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     if args.run:
         print(json.dumps((run_single if args.run == "single" else run_ray)(args)))
@@ -165,4 +168,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--flip", action="store_true", help="TEST.FLIP.ENABLED True")
     parser.add_argument("--weights", default="", help="a trained model (one config only)")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -116,4 +119,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

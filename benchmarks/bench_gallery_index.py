@@ -323,6 +323,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     p.add_argument("--ivf", action="store_true", help=argparse.SUPPRESS)
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(p)  # listed in --help; run_main reads it
     args = p.parse_args(argv)
     if args.worker:
         result = (worker_batch if args.worker == "batch" else worker_index)(args)
@@ -342,4 +345,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

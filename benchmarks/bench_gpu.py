@@ -9,7 +9,7 @@ untrained NFormer at the key defaults (the refinement's cost does not depend on 
 one Markdown table: time, peak GPU memory (``torch.cuda.max_memory_allocated``) or peak RSS, and
 for the refinement the agreement of the GPU rows with the CPU rows (max abs difference and rows
 differing by more than 1e-4: with near-tie neighbour choices, a different summation order on
-the GPU can flip a choice - see the README's exactness section).
+the GPU can flip a choice - see docs/method.md, one tie rule).
 """
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--skip-cpu", action="store_true", help="no CPU reference refinement")
     parser.add_argument("--output", default="", help="also write the rows as JSON here")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     import faiss
 
@@ -105,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

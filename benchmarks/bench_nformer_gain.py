@@ -1,6 +1,6 @@
 """NFormer's gain on generated re-id features, per neighbor source and per (l, k).
 
-    python benchmarks/bench_nformer_gain.py                 # the README table (~20 min, 2 cores)
+    python benchmarks/bench_nformer_gain.py                 # the full grid (~20 min, 2 cores)
     python benchmarks/bench_nformer_gain.py --steps 100     # a quick look
     python benchmarks/bench_nformer_gain.py --features logs/duke_mobilenet_cpu/features \
         --sources layer input affinity --landmarks 5 --topk 20   # real features (no world)
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every row (cpu, cuda)")
     parser.add_argument("--output", default="logs/bench_nformer_gain")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = [["MODEL.NFORMER.NEIGHBORS", s, "MODEL.NFORMER.NUM_LANDMARKS", str(lm),
@@ -160,4 +163,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

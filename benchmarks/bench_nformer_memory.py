@@ -9,7 +9,7 @@ defaults; ``--neighbors`` / ``--layer-pool`` override them). Prints a markdown t
 dense and a sparse run share N, the max absolute difference of their outputs; IVF rows are
 compared with the exact sparse run.
 
-    python benchmarks/bench_nformer_memory.py                  # the README rows: dense and
+    python benchmarks/bench_nformer_memory.py                  # the default rows: dense and
                                                                # sparse 2k-10k, Market, 100k
     python benchmarks/bench_nformer_memory.py --dense --sparse 100000 --ivf 100000
     python benchmarks/bench_nformer_memory.py --dense --sparse --ivf 1000000   # the 1M run
@@ -153,6 +153,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--approximate", action="store_true", help=argparse.SUPPRESS)
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(p)  # listed in --help; run_main reads it
     args = p.parse_args(argv)
     if args.worker:
         return run_worker(args)
@@ -210,4 +213,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

@@ -106,6 +106,9 @@ def main() -> None:
                              "on a CPU, where all pairs would take days")
     parser.add_argument("--score-gallery", type=int, default=None,
                         help="... against only the first N gallery images")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     if not 0 < args.scale <= 1:
         parser.error("--scale must lie in (0, 1]")
@@ -186,4 +189,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

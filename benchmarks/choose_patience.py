@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="")
     parser.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.features:
@@ -84,4 +87,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--studies", nargs="+", default=ALL, choices=ALL)
     parser.add_argument("--out", default="logs/studies_market")
     parser.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides, every study")
+    from nformer_plugin.core.results import add_results_argument
+
+    add_results_argument(parser)  # listed in --help; run_main reads it
     args = parser.parse_args()
     paths = market_features(os.path.join(args.out, "features"))
     nformer = [sys.executable, "-c", "import sys; from nformer_plugin.cli import main; "
@@ -75,4 +78,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nformer_plugin.core.results import run_main
+
+    run_main(main, __file__)  # --results [DIR]: the printed tables as DIR/<script>.json

@@ -1,7 +1,8 @@
 """The layout's boundary: the pure packages never import FastReID, the core's public entry
 points run (not only import) with FastReID blocked and reach nothing outside ``core/``, and the
 ``nformer`` command runs where FastReID is not installed. Also: no module of the package grows
-past ~400 lines, and every public name of the README (and every old module path) still imports.
+past ~400 lines, and every public name of the README and the docs (and every old module path)
+still imports.
 The import directions themselves are ``test_import_graph.py``'s."""
 import os
 import pkgutil
@@ -172,9 +173,10 @@ def test_public_api_paths_keep_working():
 
 
 def readme_imports():
-    """Every ``from nformer_plugin... import ...`` of the README's Python blocks, and every
-    dotted ``nformer_plugin.x.y`` name it mentions in backticks."""
-    text = (REPO / "README.md").read_text()
+    """Every ``from nformer_plugin... import ...`` of the Python blocks of the README and the
+    docs pages, and every dotted ``nformer_plugin.x.y`` name they mention in backticks."""
+    pages = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+    text = "\n".join(page.read_text() for page in pages)
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     statements = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
                   if line.startswith("from nformer_plugin")]

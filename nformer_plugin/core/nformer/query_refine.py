@@ -15,7 +15,7 @@ scores and aggregation are elementwise products and reductions per row, and ever
 uses exact scores and the ``ties`` order, certified against whichever float32 search found the
 candidates.
 
-Speed (the README's "Serving"): all heads share one gather per layer; gallery-only tensors are
+Speed (docs/serving.md, "How a query is answered quickly"): all heads share one gather per layer; gallery-only tensors are
 derived once; the module calls are replaced by their functional ops; candidates come from faiss
 (float16 prefilter when certified) for a handful of queries, one torch matmul for a batch.
 

@@ -7,7 +7,7 @@ a landmark row changed (then every row's ``q~, k~`` changes, so the whole layer 
 recomputed). That measurement is why the update is a full refinement: one added row enters the
 top-k lists - or, with ``layer_pool``, the candidate pools - of its neighbors, their outputs change,
 and each further layer widens the changed set by another neighborhood, so after a few layers
-most rows (and almost surely a landmark row) have changed (see the README, "Serving").
+most rows (and almost surely a landmark row) have changed (see docs/serving.md, "What it guarantees").
 
 The old state is dropped before the new one is built (only a 4-wide fingerprint per row and
 layer is kept to measure the reach), so an update needs no more memory than a build; every input
