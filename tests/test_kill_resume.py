@@ -113,7 +113,8 @@ def train_moment(moment: str, counts: dict):
     first checkpoint (``model_0000.pth``, end of stage-1 epoch 1) is recorded, so the rerun
     resumes."""
     per_epoch = counts["stage1_step"] // STAGE1_EPOCHS
-    per_eval = counts["eval_batch"] // counts["eval_metrics"]
+    reused = counts.get("eval_reused", 0)  # evaluations that took the last one's features
+    per_eval = counts["eval_batch"] // (counts["eval_metrics"] - reused)
     rng = random.Random(f"{SEED}/{moment}/point")
     if moment.startswith("stage-1 epoch"):  # a step of a stage-1 epoch after the first one
         return "stage1_step", draw(moment, per_epoch + 1, counts["stage1_step"])
@@ -129,6 +130,9 @@ def train_moment(moment: str, counts: dict):
     if moment == "mid stage-2 epoch":
         return "stage2_step", draw(moment, 1, counts["stage2_step"])
     if moment == "final evaluation":  # a test batch of the last evaluation, or its metrics
+        if reused:  # stage 1's test features taken again (TEST.REUSE_FEATURES): no batches
+            point = rng.choice(["eval_reused", "eval_metrics"])
+            return point, counts[point]
         if rng.random() < 0.5:
             return "eval_metrics", counts["eval_metrics"]
         batches = counts["eval_batch"]

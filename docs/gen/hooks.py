@@ -2,7 +2,8 @@
 
 On each page, a line ``<!-- gen:config-reference -->`` becomes the configuration reference
 (``config_reference.py``), ``<!-- gen:command-reference -->`` the command reference
-(``command_reference.py``), and ``<!-- result: NAME ... -->`` a table of ``results/NAME.json``
+(``command_reference.py``), ``<!-- gen:module-index -->`` every module with the first sentence
+of its docstring (``module_index.py``), and ``<!-- result: NAME ... -->`` a table of ``results/NAME.json``
 (``results_tables.py``). Nothing generated is committed; a missing result file fails the build.
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ for path in (HERE, REPO):
 
 import command_reference  # noqa: E402
 import config_reference  # noqa: E402
+import module_index  # noqa: E402
 import results_tables  # noqa: E402
 
 GENERATORS = {
     "<!-- gen:config-reference -->": config_reference.markdown,
     "<!-- gen:command-reference -->": command_reference.markdown,
+    "<!-- gen:module-index -->": module_index.markdown,
 }
 
 

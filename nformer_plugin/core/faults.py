@@ -20,6 +20,8 @@ The points (``fault_point(name)`` calls):
 ``stage2_step``            before each NFormer training step (``fastreid-train`` and
                            ``nformer train``)
 ``eval_batch``             each test batch of an evaluation
+``eval_reused``            an evaluation took the last one's test features (backbone and head
+                           unchanged, ``TEST.REUSE_FEATURES``) instead of extracting them
 ``eval_metrics``           an evaluation's features are complete, its table not yet computed
 ``index_save``             each moment of a gallery-index save (``GalleryIndex.save``, ``nformer
                            index build / add``), seven per save, in this order

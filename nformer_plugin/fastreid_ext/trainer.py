@@ -284,6 +284,7 @@ class TestFeatureCache:
         if entry is None or entry[0] != self.fingerprint():
             return False
         torch.empty((), dtype=torch.int64).random_(generator=data_loader.generator)
+        fault_point("eval_reused")
         evaluator.use_batches(entry[1])
         logger.info("Test features of %s reused: backbone and head unchanged since they were "
                     "extracted (%d batches; TEST.REUSE_FEATURES)", name, len(entry[1]))

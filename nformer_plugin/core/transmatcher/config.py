@@ -6,6 +6,8 @@ Pure Python (no yacs import): works on any yacs-style ``CfgNode``.
 """
 from __future__ import annotations
 
+from typing import Dict
+
 from ..config_keys import node
 
 
@@ -38,3 +40,16 @@ def add_transmatcher_config(cfg):
     _C.MODEL.TRANSMATCHER.TEST_STORAGE = "float16"  # evaluation: dtype the maps are stored in (float16 | float32)
     _C.MODEL.TRANSMATCHER.GLOBAL_ROW = True  # evaluation: also rank the global-average-pooled maps (cosine), a reference row
     return cfg
+
+
+def matcher_kwargs(cfg, seq_len: int, in_dim: int) -> Dict:
+    """Keyword arguments of :class:`~.matcher.TransMatcher` from ``MODEL.TRANSMATCHER`` for maps
+    of ``seq_len`` locations and ``in_dim`` channels (the cfg -> arguments mapping beside the
+    keys, as ``core.nformer.config.nformer_kwargs`` for NFormer)."""
+    t = cfg.MODEL.TRANSMATCHER
+    return dict(seq_len=seq_len, in_dim=in_dim, d_model=t.D_MODEL,
+                dim_feedforward=t.DIM_FEEDFORWARD, num_heads=t.NUM_HEADS,
+                num_layers=t.NUM_LAYERS,
+                encoder_layers=None if t.ENCODER_LAYERS < 0 else t.ENCODER_LAYERS,
+                fc1=t.FC1, bn1=t.BN1, mlp_head=t.MLP_HEAD, prior_embed=t.PRIOR_EMBED,
+                pos_embed=t.POS_EMBED, dropout=t.DROPOUT)

@@ -11,7 +11,7 @@ The backbone's BatchNorm statistics stay fixed while training (``FREEZE_BN``, se
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from fastreid.utils.events import get_event_storage
 
 from ...core.backbones import freeze_bn_stats
 from ...core.transmatcher import TransMatcher
+from ...core.transmatcher.config import matcher_kwargs
 from ...core.transmatcher.loss import pairwise_matching_loss
 from ..backbone_registry import check_pretrain_available, normalized_images
 
@@ -78,17 +79,6 @@ def _map_shape(module: nn.Module, height: int, width: int) -> Tuple[int, int, in
         raise TypeError(f"the backbone (cut at FEATURE_LAYER) must return (B, C, H, W) maps, got "
                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
     return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
-
-
-def matcher_kwargs(cfg, seq_len: int, in_dim: int) -> Dict:
-    """Keyword arguments of :class:`core.transmatcher.TransMatcher` from ``MODEL.TRANSMATCHER``."""
-    t = cfg.MODEL.TRANSMATCHER
-    return dict(seq_len=seq_len, in_dim=in_dim, d_model=t.D_MODEL,
-                dim_feedforward=t.DIM_FEEDFORWARD, num_heads=t.NUM_HEADS,
-                num_layers=t.NUM_LAYERS,
-                encoder_layers=None if t.ENCODER_LAYERS < 0 else t.ENCODER_LAYERS,
-                fc1=t.FC1, bn1=t.BN1, mlp_head=t.MLP_HEAD, prior_embed=t.PRIOR_EMBED,
-                pos_embed=t.POS_EMBED, dropout=t.DROPOUT)
 
 
 @META_ARCH_REGISTRY.register()
