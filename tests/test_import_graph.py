@@ -210,8 +210,9 @@ def test_the_checks_catch_what_they_check():
 
 
 #: third-party libraries a function may import: optional dependencies (``nformer_plugin`` works
-#: without them until the feature that needs them is used)
-OPTIONAL_LIBRARIES = {"fastreid", "ray", "onnx", "onnxruntime", "matplotlib"}
+#: without them until the feature that needs them is used; faiss comes as the [cpu] or [gpu]
+#: extra, and without it the console names the one to install)
+OPTIONAL_LIBRARIES = {"fastreid", "faiss", "ray", "onnx", "onnxruntime", "matplotlib"}
 #: modules whose functions import more, each with the start-up cost that is avoided
 START_UP = {
     "nformer_plugin.cli": "nformer --help answers before torch, faiss and FastReID load",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
-import faiss
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -190,6 +189,8 @@ def fp16_scan(cache: dict, key: tuple, base: Tensor, rows: Tensor, count: int
               ) -> Tuple[Tensor, Tensor]:
     """A faiss float16 scan of ``base`` (its index built once per ``key`` in ``cache``):
     approximate scores and indices (R, count) of ``rows``."""
+    import faiss  # the [cpu] / [gpu] extra: optional
+
     index = cache.get(("fp16",) + key)
     if index is None:
         index = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16,

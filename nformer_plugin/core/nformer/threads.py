@@ -6,7 +6,6 @@ import contextlib
 import threading
 from typing import Optional
 
-import faiss
 import torch
 
 SMALL_BATCH = 16  # as query_refine.SMALL_BATCH: fewer queries are a "small call"
@@ -49,6 +48,8 @@ def faiss_threads(num_queries: int, scan_bytes: int):
     for a handful of queries over a base smaller than :data:`SMALL_SCAN_BYTES` (a memory-bound
     scan of a few milliseconds that a second thread barely speeds up, while on a busy machine
     waiting for it at each barrier costs milliseconds), else unchanged."""
+    import faiss  # the [cpu] / [gpu] extra: optional
+
     before = faiss.omp_get_max_threads()
     if num_queries < SMALL_BATCH and scan_bytes < SMALL_SCAN_BYTES:
         faiss.omp_set_num_threads(1)

@@ -15,12 +15,6 @@ import numpy as np
 
 from ..features import as_numpy_features, check_same_dim
 
-try:
-    import faiss
-except ImportError as e:  # pragma: no cover - faiss is a declared dependency
-    raise ImportError("faiss is required for neighbor search: pip install "
-                      "'nformer-fastreid[cpu]' (faiss-cpu; [gpu] installs faiss-gpu)") from e
-
 logger = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
@@ -31,8 +25,20 @@ def default_nlist(num_rows: int) -> int:
     return max(1, int(2 * np.sqrt(num_rows)))
 
 
+def _faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:  # pragma: no cover - faiss is a declared dependency
+        raise ImportError(
+            "faiss is required for neighbor search: pip install 'nformer-fastreid[cpu]' "
+            "(faiss-cpu; [gpu] installs faiss-gpu)"
+        ) from e
+    return faiss
+
+
 def gpu_available() -> bool:
     """True when the installed faiss was built with GPU support and sees at least one GPU."""
+    faiss = _faiss()
     get = getattr(faiss, "get_num_gpus", None)
     return bool(get and get() > 0)
 
@@ -52,6 +58,7 @@ def build_index(
     smaller = closer). ``use_gpu=None`` picks the GPU when faiss sees one. ``exact=False``
     builds an IVF index with ``nlist`` cells (default :func:`default_nlist`) searched over ``nprobe`` cells.
     """
+    faiss = _faiss()
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     base = as_numpy_features(base, "base")

@@ -19,7 +19,6 @@ import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -194,6 +193,8 @@ class GalleryIndex:
     def _flat_base(self) -> Optional[Tensor]:
         """The cosine search index's own (G, d) rows as a tensor (no copy) when it is a CPU
         flat index, for one exact matmul over a batch of queries."""
+        import faiss  # the [cpu] / [gpu] extra: optional
+
         index = self.search_index()
         if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
             return None

@@ -28,7 +28,6 @@ import shutil
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -135,6 +134,8 @@ def save_gallery(directory: str, model: nn.Module, gallery: ServedGallery, metri
     (JSON): what the index was built from (e.g. the extractor of its gallery file).
     ``layout``: ``"single"`` (a whole index, the default) or ``"shard"`` (one shard's rows of a
     ``core.distributed`` sharded index)."""
+    import faiss  # the [cpu] / [gpu] extra: optional
+
     nformer, head = split_model(model)
     os.makedirs(directory, exist_ok=True)
     version = version_name()
@@ -231,6 +232,8 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None,
     """Load what :func:`save_gallery` wrote; ``model`` (optional) must be the model it was
     built with (config and weights hash), else the stored weights are used. ``layout``: what
     the caller opens (a shard folder is not a whole index; files without one are single)."""
+    import faiss  # the [cpu] / [gpu] extra: optional
+
     folder, manifest = read_manifest(directory)
     found = manifest.get("layout", "single")
     if found != layout:
