@@ -81,13 +81,17 @@ def test_pages_have_blocks_and_every_skip_says_why():
             assert lang, f"{name}:{line}: a fenced block needs a language (text, bash, ...)"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def runnable(page: Path):
+    return [b for b in blocks(page) if b[1] in RUN and b[3] is None]
+
+
+RUNNABLE_PAGES = [p for p in PAGES if runnable(p)]
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[p.name for p in RUNNABLE_PAGES])
 def test_code_blocks_run(page, workdir, tmp_path):
-    runnable = [b for b in blocks(page) if b[1] in RUN and b[3] is None]
-    if not runnable:
-        pytest.skip(f"{page.name}: no runnable block")
     cwd = page_dir(workdir, tmp_path)
-    for line, lang, code, _ in runnable:
+    for line, lang, code, _ in runnable(page):
         if RUN[lang] == "bash":
             command = ["bash", "-euo", "pipefail", "-c", code]
         else:
