@@ -26,7 +26,7 @@ def _ok(proc):
 
 def _train(tmp, name, *opts):
     env = dict(os.environ, NFORMER_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="", NFORMER_FAULT_COUNTS=str(tmp / f"{name}_points.json"))
     out = tmp / name
     log = _ok(run_train(["--config-file", str(tmp / "tiny.yml"), "OUTPUT_DIR", str(out),
                          "TEST.EXPORT_FEATURES", str(tmp / f"{name}_features"),
@@ -168,6 +168,11 @@ def test_final_evaluation_reuses_stage1_features_with_identical_tables(run):
     _, again = _train(tmp, "no_reuse", "TEST.REUSE_FEATURES", "False")
     assert "reused" not in again
     assert TABLE_ROW.findall(log) == TABLE_ROW.findall(again)
+    # the test set is extracted once (stage 1's evaluation), not again for the final one
+    reused, extracted = (json.loads((tmp / f"{n}_points.json").read_text())
+                         for n in ("run", "no_reuse"))
+    assert reused["eval_reused"] == 1 and "eval_reused" not in extracted
+    assert 2 * reused["eval_batch"] == extracted["eval_batch"] > 0
     for name in ("model_final.pth", "model_best.pth"):
         a = torch.load(out / name, map_location="cpu", weights_only=True)["model"]
         b = torch.load(tmp / "no_reuse" / name, map_location="cpu", weights_only=True)["model"]
