@@ -22,9 +22,7 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from yacs.config import CfgNode
 
-from ..config import merge_config
 from ..core.features import FeatureSet, load_feature_file
 from ..core.retrieval.comparison import compare_pipelines, metrics_only
 from ..core.serving import GalleryIndex
@@ -32,7 +30,7 @@ from ..core.serving.persistence import file_sha256
 from ..core.writable import check_writable
 from ..report.plain import write_ranked_page
 from .extract import extract, load_model_config, require_fastreid
-from .stage import LoadedStage, fingerprint_mismatch, load_stage
+from .stage import LoadedStage, fingerprint_mismatch, image_model_config, load_stage
 
 EXTRACTOR_KEYS = ("extractor_config", "extractor_weights", "extractor_fingerprint")
 
@@ -244,13 +242,8 @@ def extractor_config(meta: Dict[str, str], config_file: str, opts: Sequence[str]
         raise ValueError("the index does not know its extractor (built from nformer train's "
                          "weights and a gallery file not written by nformer extract): pass "
                          "--config-file CFG MODEL.WEIGHTS W")
-
-    from ..fastreid_ext.config import default_config
-
-    cfg = default_config()
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(meta["extractor_config"]))
-    cfg.MODEL.WEIGHTS = meta.get("extractor_weights", cfg.MODEL.WEIGHTS)
-    return merge_config(cfg, config_file, opts)
+    return image_model_config(meta["extractor_config"], meta.get("extractor_weights"),
+                              config_file, opts)
 
 
 def features_of_images(images: str, meta: Dict[str, str], config_file: str = "",

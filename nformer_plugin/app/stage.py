@@ -166,16 +166,26 @@ def model_config(weights: str, config_file: str = "", opts: Sequence[str] = ()):
     """The image model of a ``fastreid-train`` checkpoint as a config for ``nformer extract`` /
     ``export`` / ``index query --images``: the run's config with ``MODEL.WEIGHTS`` = ``weights``
     (+ ``config_file`` + ``opts``)."""
-    from ..fastreid_ext.config import default_config
-
     ckpt = read_model_file(weights)
     if not has_extractor(ckpt["model"]):
         raise ValueError(f"{weights}: holds no image model (nformer train's file holds the "
                          f"NFormer stage only); pass the fastreid-train run's model_final.pth, "
                          f"or --config-file CFG MODEL.WEIGHTS W")
+    return image_model_config(run_config_text(weights, ckpt), os.path.abspath(weights),
+                              config_file, opts)
+
+
+def image_model_config(config_text: str, weights: Optional[str], config_file: str = "",
+                       opts: Sequence[str] = ()):
+    """FastReID's config (with the plugin's keys) of a recorded run config ``config_text``, with
+    ``MODEL.WEIGHTS`` = ``weights`` (``None``: the recorded one) (+ ``config_file`` + ``opts``): the one builder of the image
+    model's config from a checkpoint (:func:`model_config`) or from what an index recorded."""
+    from ..fastreid_ext.config import default_config
+
     cfg = default_config()
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(run_config_text(weights, ckpt)))
-    cfg.MODEL.WEIGHTS = os.path.abspath(weights)
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(config_text))
+    if weights is not None:
+        cfg.MODEL.WEIGHTS = weights
     return merge_config(cfg, config_file, list(opts))
 
 
