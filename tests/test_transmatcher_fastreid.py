@@ -335,3 +335,65 @@ def test_resume_continues_at_the_next_epoch_and_ends_identically(monkeypatch, tm
     resumed = trainer.train()
     assert resumed["transmatcher"] == pytest.approx(full["transmatcher"])
     assert isinstance(trainer.checkpointer, AtomicCheckpointer)
+
+
+def test_feature_trunk_cuts_inside_a_sequential_child():
+    from nformer_plugin.core.backbones.mobilenet_v2 import MobileNetV2Backbone
+    from nformer_plugin.fastreid_ext.transmatcher.meta_arch import FeatureTrunk
+
+    backbone = MobileNetV2Backbone().eval()
+    trunk = FeatureTrunk(backbone, "features.13").eval()
+    images = torch.rand(2, 3, 128, 64)
+    with torch.no_grad():
+        expected = backbone.features[:14](images)
+        assert torch.equal(trunk(images), expected)
+    assert expected.shape[1:] == (96, 8, 4)  # stride 16, the analogue of ResNet's layer3
+    assert set(trunk.state_dict()) <= set(backbone.state_dict())  # weights keep their keys
+    with pytest.raises(ValueError, match="no block '99'"):
+        FeatureTrunk(backbone, "features.99")
+    with pytest.raises(ValueError, match="not a child"):
+        FeatureTrunk(backbone, "layer3")
+
+
+def test_duke_cpu_config_builds_and_names_missing_data(monkeypatch, tmp_path):
+    from fastreid.modeling import build_model
+
+    from nformer_plugin.fastreid_ext import load_config
+    from nformer_plugin.fastreid_ext.train_net import preflight
+
+    monkeypatch.setenv("FASTREID_DATASETS", str(tmp_path / "datasets"))
+    cfg = load_config(os.path.join(TM_CONFIGS, "duke_mobilenet_cpu.yml"),
+                      ["MODEL.BACKBONE.PRETRAIN", "False"])
+    assert cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.TRANSMATCHER.SAMPLER == "GS"
+    assert tuple(cfg.DATASETS.TESTS) == ("DukeMTMC", "VIPeRSingleShot")
+    model = build_model(cfg)
+    assert model.matcher.seq_len == 8 * 4 and model.matcher.d_model == 128
+    cfg = load_config(os.path.join(TM_CONFIGS, "duke_mobilenet_cpu.yml"))
+    with pytest.raises(ValueError) as err:
+        preflight(cfg)
+    assert "VIPeRSingleShot" in str(err.value) and "DukeMTMC" in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["original", "flat"])
+def test_viper_single_shot_reads_both_layouts(layout, tmp_path):
+    from PIL import Image
+
+    from nformer_plugin.fastreid_ext.datasets.cross_dataset import VIPeRSingleShot
+
+    root = tmp_path / "VIPeR"
+    if layout == "original":
+        for cam in ("cam_a", "cam_b"):
+            (root / cam).mkdir(parents=True)
+            for pid in (0, 5, 7):
+                Image.new("RGB", (8, 16)).save(root / cam / f"{pid:03d}_45.bmp")
+    else:
+        (root / "images").mkdir(parents=True)
+        for pid in (0, 5, 7):
+            for cam in (0, 1):
+                Image.new("RGB", (8, 16)).save(root / "images" / f"{pid:08d}_{cam:02d}_0000.jpg")
+    ds = VIPeRSingleShot(root=str(tmp_path))
+    assert [(pid, cam) for _, pid, cam in ds.query] == [(0, 0), (5, 0), (7, 0)]
+    assert [(pid, cam) for _, pid, cam in ds.gallery] == [(0, 1), (5, 1), (7, 1)]
+    assert ds.train == []
+    with pytest.raises(RuntimeError, match="not found"):
+        VIPeRSingleShot(root=str(tmp_path / "nothing"))

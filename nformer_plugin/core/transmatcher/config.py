@@ -17,7 +17,7 @@ def add_transmatcher_config(cfg):
     _C = cfg
     node(_C, "MODEL")
     _C.MODEL.TRANSMATCHER = CN()
-    _C.MODEL.TRANSMATCHER.FEATURE_LAYER = "layer3"  # backbone child whose map is matched (sec. 6.2: layer3); "" = the whole backbone
+    _C.MODEL.TRANSMATCHER.FEATURE_LAYER = "layer3"  # backbone child whose map is matched (sec. 6.2: layer3), or a block of a sequential child ("features.13"); "" = the whole backbone
     _C.MODEL.TRANSMATCHER.NECK = 512  # output channels of the 3x3 neck conv after FEATURE_LAYER (sec. 6.2); 0 = no neck
     _C.MODEL.TRANSMATCHER.D_MODEL = 512  # d, width of the encodings Q_n, K_n (sec. 6.2: 512)
     _C.MODEL.TRANSMATCHER.DIM_FEEDFORWARD = 2048  # D, width of MLPHead_1 and of the encoders' FFN (sec. 6.2: 2048)

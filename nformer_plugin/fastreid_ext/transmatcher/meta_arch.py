@@ -35,13 +35,16 @@ __all__ = ["FeatureTrunk", "TransMatcherReID", "matcher_kwargs"]
 class FeatureTrunk(nn.Module):
     """A backbone's children up to and including ``layer`` (in registration order), run in
     sequence: the ``layer3`` map of a ResNet (FastReID's, torchvision's, IBN-a/b), ``conv4`` of an
-    OSNet, ... Children after ``layer`` are dropped; empty ``ModuleList`` s (FastReID's unused
-    non-local slots) are skipped. Parameter names stay those of the backbone."""
+    OSNet, ... ``layer`` may name a block inside a sequential child, ``"features.13"``: the
+    child is cut after that block (MobileNetV2's stride-16 map). Children after ``layer`` are
+    dropped; empty ``ModuleList`` s (FastReID's unused non-local slots) are skipped. Parameter
+    names stay those of the backbone."""
 
     def __init__(self, backbone: nn.Module, layer: str):
         super().__init__()
+        child_name, _, block = layer.partition(".")
         names = [name for name, _ in backbone.named_children()]
-        if layer not in names:
+        if child_name not in names:
             raise ValueError(f"MODEL.TRANSMATCHER.FEATURE_LAYER {layer!r} is not a child of "
                              f"backbone {type(backbone).__name__}; its children: "
                              f"{', '.join(names)}")
@@ -54,9 +57,11 @@ class FeatureTrunk(nn.Module):
                                      f"WITH_NL blocks); set FEATURE_LAYER '' to use the whole "
                                      f"backbone")
                 continue
+            if name == child_name and block:
+                child = _cut_sequential(child, block, layer)
             self.add_module(name, child)
             self.order.append(name)
-            if name == layer:
+            if name == child_name:
                 break
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,6 +69,18 @@ class FeatureTrunk(nn.Module):
         for name in self.order:
             x = getattr(self, name)(x)
         return x
+
+
+def _cut_sequential(child: nn.Module, block: str, layer: str) -> nn.Sequential:
+    """``child``'s blocks up to and including ``block`` (names kept, so weights keep their keys)."""
+    if not isinstance(child, nn.Sequential):
+        raise ValueError(f"MODEL.TRANSMATCHER.FEATURE_LAYER {layer!r}: {type(child).__name__} "
+                         f"is not a sequential container; name a child of the backbone instead")
+    blocks = [name for name, _ in child.named_children()]
+    if block not in blocks:
+        raise ValueError(f"MODEL.TRANSMATCHER.FEATURE_LAYER {layer!r}: no block {block!r}; "
+                         f"blocks: {blocks[0]}..{blocks[-1]}")
+    return child[:blocks.index(block) + 1]
 
 
 def _map_shape(module: nn.Module, height: int, width: int) -> Tuple[int, int, int]:
