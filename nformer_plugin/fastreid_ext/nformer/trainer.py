@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
-from fastreid.solver import build_optimizer
 from fastreid.utils import comm
 
 from ...core.nformer.training import Stage2Settings, build_stage2
@@ -25,6 +24,7 @@ from ...core.nformer.training.events import Stage2Events
 from ...core.reproducible import rng_state, set_rng_state
 from ...core.nformer.training.validation import make_validator
 from .. import loaders as data_build
+from ..optimizer import build_stage1_optimizer
 from ..trainer import (AtomicCheckpointer, EvaluatingTrainer, export_training_features,
                        extract_features, setup_plugin_logger, wrap_ddp)
 from .evaluator import NFormerEvaluator
@@ -74,7 +74,7 @@ class Trainer(EvaluatingTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model, contiguous=False)
+        return build_stage1_optimizer(cfg, model)
 
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume: bool = True) -> None:
