@@ -33,6 +33,7 @@ import numpy as np
 from proc_memory import reset_peak_rss, status_mb  # benchmarks/ (the script's folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPK = 20  # k of every measured model
 POOL_VS_LAYER = 64  # --pool-vs-layer's pool when --layer-pool is 0 (the default)
 
 
@@ -84,7 +85,7 @@ def run_worker(args) -> None:
                                  ann_nlist=args.nlist, ann_nprobe=args.nprobe,
                                  layer_pool=args.layer_pool)
     model = NFormer(dim=args.dim, num_layers=args.layers, num_heads=2, ffn_dim=4 * args.dim,
-                    num_landmarks=5, topk=20, neighbors=args.neighbors, settings=settings).eval()
+                    num_landmarks=5, topk=TOPK, neighbors=args.neighbors, settings=settings).eval()
     feats = clustered_features(args.n, args.dim)
     num_query = args.n // 8
     rss_before = status_mb("VmRSS")
@@ -97,8 +98,64 @@ def run_worker(args) -> None:
     if args.save:
         np.save(args.save, out.numpy())
     search = "-" if args.path == "dense" else ("IVF" if settings.ann_threshold else "exact")
-    print(json.dumps(dict(seconds=seconds, rss_before_mb=rss_before, peak_rss_mb=peak,
-                          peak_is_forward_only=reset, search=search)))
+    report = dict(seconds=seconds, rss_before_mb=rss_before, peak_rss_mb=peak,
+                  peak_is_forward_only=reset, search=search)
+    if args.path == "sparse":
+        report.update(search_reference(feats.numpy(), TOPK, args))
+    print(json.dumps(report))
+
+
+def search_reference(feats: np.ndarray, k: int, args) -> Dict:
+    """What one neighbor search of the same rows costs, in the same process (the floor of an
+    exact refinement: ``knn_seconds``), and for an IVF run how good its search is on the input
+    rows: recall of the ``k`` nearest against exact search on ``--recall-sample`` rows, and how
+    many rows an IVF bound certifies exact (every unvisited cell lies farther than the row's
+    ``k``-th neighbor: ``|q - c| - r_c > d_k`` with ``r_c`` the cell's radius)."""
+    import importlib
+
+    neighbors = importlib.import_module("nformer_plugin.core.retrieval.neighbors")
+    start = time.perf_counter()
+    neighbors.knn_search(feats, feats, k + 1, metric="ip", exact=True)
+    out = dict(knn_seconds=time.perf_counter() - start)
+    if not args.approximate:
+        return out
+    n = feats.shape[0]
+    start = time.perf_counter()
+    index = neighbors.build_index(feats, metric="l2", exact=False, nlist=args.nlist,
+                                  nprobe=args.nprobe)
+    sq, found = neighbors.knn_search(feats, None, k + 1, metric="l2", index=index)
+    out["ivf_knn_seconds"] = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, min(n, args.recall_sample), replace=False))
+    _, exact = neighbors.knn_search(feats[sample], feats, k + 1, metric="ip", exact=True)
+    hits = [len(set(a) & set(b)) for a, b in zip(found[sample].tolist(), exact.tolist())]
+    out["recall_at_k"] = float(np.sum(hits)) / (len(sample) * (k + 1))
+    out["recall_rows"] = int(len(sample))
+    out["certified_rows"] = certified_rows(index, feats, np.sqrt(np.maximum(sq[:, -1], 0)))
+    return out
+
+
+def certified_rows(index, feats: np.ndarray, kth_distance: np.ndarray) -> int:
+    """Rows whose IVF result is provably exact: no unvisited cell can hold a nearer row."""
+    import faiss
+
+    nlist, nprobe = index.nlist, index.nprobe
+    centroids = index.quantizer.reconstruct_n(0, nlist)
+    _, cell = index.quantizer.search(feats, 1)
+    cell = cell[:, 0]
+    radius = np.zeros(nlist, dtype=np.float64)
+    gap = np.linalg.norm(feats - centroids[cell], axis=1)
+    np.maximum.at(radius, cell, gap)
+    certified = 0
+    step = max(1, 50_000_000 // nlist)
+    for start in range(0, feats.shape[0], step):
+        q = feats[start:start + step]
+        dist = np.sqrt(np.maximum(faiss.pairwise_distances(q, centroids), 0)).astype(np.float64)
+        order = np.argsort(dist, axis=1)  # the first nprobe cells are the ones visited
+        unvisited = np.take_along_axis(dist, order[:, nprobe:], axis=1)
+        bound = (unvisited - radius[order[:, nprobe:]]).min(axis=1)
+        certified += int((kth_distance[start:start + step] < bound).sum())
+    return certified
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -106,7 +163,8 @@ def measure(path: str, n: int, args, ivf: bool, save: Optional[str], pool: int) 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--path", path, "--n", str(n),
            "--dim", str(args.dim), "--layers", str(args.layers), "--threads", str(args.threads),
            "--chunk-size", str(args.chunk_size), "--nprobe", str(args.nprobe),
-           "--neighbors", args.neighbors, "--layer-pool", str(pool)]
+           "--neighbors", args.neighbors, "--layer-pool", str(pool),
+           "--recall-sample", str(args.recall_sample)]
     if args.nlist:
         cmd += ["--nlist", str(args.nlist)]
     if ivf:
@@ -147,6 +205,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 2 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=8, help="IVF cells visited per query")
+    p.add_argument("--recall-sample", type=int, default=1000,
+                   help="IVF runs: rows whose neighbors are checked against exact search")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["dense", "sparse"], help=argparse.SUPPRESS)
@@ -176,8 +236,9 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{args.threads} thread(s), chunk {args.chunk_size}, IVF nprobe {args.nprobe}\n",
           flush=True)
     print("| N | path | search | time (s) | peak RSS (MB) | RSS before (MB) | forward peak - "
-          "before (MB) | max / mean abs diff | rows differing > 1e-4 | time vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "before (MB) | max / mean abs diff | rows differing > 1e-4 | time vs reference | "
+          "one exact kNN (s) | time / one exact kNN | IVF recall@k (rows) | IVF rows certified exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         saved: Dict = {}
         seconds: Dict = {}
@@ -189,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if path == "sparse" and args.neighbors == "layer":
                 search += f", pool {pool}" if pool else ", every layer"
             if "error" in result:
-                print(f"| {n:,} | {path} | {search} | {result['error']} | | | | | | |",
+                print(f"| {n:,} | {path} | {search} | {result['error']} | | | | | | | | | | |",
                       flush=True)
                 continue
             diff, differing, ratio = "-", "-", "-"
@@ -207,9 +268,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                     differing = str(int((gap.max(axis=1) > 1e-4).sum()))
                     ratio = f"{result['seconds'] / seconds[key]:.2f}x"
             delta = result["peak_rss_mb"] - result["rss_before_mb"]
+            knn, per_knn, recall, certified = "-", "-", "-", "-"
+            if "knn_seconds" in result:
+                knn = f"{result['knn_seconds']:.2f}"
+                per_knn = f"{result['seconds'] / result['knn_seconds']:.2f}x"
+            if "recall_at_k" in result:
+                recall = f"{result['recall_at_k']:.4f} ({result['recall_rows']:,})"
+                certified = f"{result['certified_rows']:,} ({result['certified_rows'] / n:.1%})"
             print(f"| {n:,} | {path} | {search} | {result['seconds']:.2f} | "
                   f"{result['peak_rss_mb']:.0f} | {result['rss_before_mb']:.0f} | {delta:.0f} | "
-                  f"{diff} | {differing} | {ratio} |", flush=True)
+                  f"{diff} | {differing} | {ratio} | {knn} | {per_knn} | {recall} | {certified} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
