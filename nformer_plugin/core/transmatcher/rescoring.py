@@ -14,9 +14,10 @@ matcher: Nq x K pairs.
   once per block, ``gallery_chunk`` images at a time; only the listed pairs' similarities are
   formed (aligned pairs, :meth:`TransMatcher.pair_scores`), at most ``pair_block_cells`` values
   at a time (with the gathered memories). :func:`gallery_encodings` counts the gallery images
-  it encodes: with few pairs per query that encoding, not the matching, is most of the work
-  (about 25 matchings per encoded image at the paper's sizes), so a larger ``query_chunk``
-  (1.2 MB of float32 memories per query at the paper's sizes) means fewer encodings;
+  it encodes: with few pairs per query that encoding, not the matching, can be most of the
+  work (encoding an image takes about 24 times the multiply-adds of matching a pair at the
+  paper's sizes), so a larger ``query_chunk`` (1.2 MB of float32 memories per query at the
+  paper's sizes) means fewer encodings;
 * :func:`assemble_topk_distances` and :func:`topk_rescored_distances`: the final (Nq, Ng)
   distance, by the rule below.
 
