@@ -214,6 +214,62 @@ def test_evaluator_reranks_matching_distances_and_prints_the_shared_table(
     assert "| Rank-1 " in table and "| mINP " in table
 
 
+def test_evaluator_rescores_the_global_top_k_and_dumps_what_it_scored(
+        monkeypatch, tmp_path, caplog):
+    """TEST_TOPK 5: the row says so, the metrics file records K and the pairs, and the dumped
+    maps + matcher reproduce the row with the pure top-K re-scoring."""
+    monkeypatch.setenv("NFORMER_CACHE", str(tmp_path / "cache"))
+    from nformer_plugin.core.retrieval.metrics import cosine_distance, evaluate_ranking
+    from nformer_plugin.core.transmatcher.map_file import load_evaluation_maps
+    from nformer_plugin.core.transmatcher.rescoring import topk_rescored_distances
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
+
+    cfg = tm_config(["OUTPUT_DIR", str(tmp_path), "MODEL.TRANSMATCHER.TEST_TOPK", "5",
+                     "MODEL.TRANSMATCHER.TEST_DUMP_MAPS", "True",
+                     "MODEL.TRANSMATCHER.TEST_QUERY_CHUNK", "4"])
+    with caplog.at_level("INFO", logger="nformer_plugin"):
+        results = TransMatcherTrainer.test(cfg, TransMatcherTrainer.build_model(cfg))
+    assert [k for k in results if isinstance(results[k], dict)] == ["global", "transmatcher"]
+    table = next(r.getMessage() for r in caplog.records if "| Pipeline" in r.getMessage())
+    assert "TransMatcher (top-5 re-scored)" in table
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert "TransMatcher top-5 re-scoring of the global (GAP cosine) ranking" in log
+    name = cfg.DATASETS.TESTS[0]
+    saved = json.loads(open(tmp_path / f"metrics_{name}.json").read())
+    data = load_evaluation_maps(str(tmp_path / f"transmatcher_maps_{name}.npz"))
+    nq, ng = len(data.query_pids), len(data.gallery_pids)
+    assert ng > 5 and saved["num_query"] == nq
+    assert saved["transmatcher"]["topk"] == 5 and saved["transmatcher"]["pairs"] == 5 * nq
+    assert data.query_maps.dtype == np.float16  # TEST_STORAGE
+    rescored = topk_rescored_distances(
+        data.build_matcher(), data.query_maps, data.gallery_maps, 5,
+        cosine_distance(data.query_global, data.gallery_global), progress=False)
+    again = evaluate_ranking(rescored.distances, data.query_pids, data.gallery_pids,
+                             data.query_camids, data.gallery_camids)
+    assert again["mAP"] == pytest.approx(results["transmatcher"]["mAP"], abs=1e-4)
+    global_only = evaluate_ranking(cosine_distance(data.query_global, data.gallery_global),
+                                   data.query_pids, data.gallery_pids, data.query_camids,
+                                   data.gallery_camids)
+    assert global_only["mAP"] == pytest.approx(results["global"]["mAP"], abs=1e-4)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.TRANSMATCHER.TEST_TOPK", "-1"], r"MODEL\.TRANSMATCHER\.TEST_TOPK must be"),
+    (["MODEL.TRANSMATCHER.TEST_TOPK", "5", "TEST.RERANK.ENABLED", "True"],
+     r"TEST\.RERANK\.ENABLED needs .* set MODEL\.TRANSMATCHER\.TEST_TOPK 0"),
+])
+def test_bad_test_topk_is_refused_before_training(opts, message, tmp_path):
+    from nformer_plugin.fastreid_ext.transmatcher.evaluator import TransMatcherEvaluator
+    from nformer_plugin.fastreid_ext.transmatcher.trainer import TransMatcherTrainer
+
+    cfg = tm_config(["OUTPUT_DIR", str(tmp_path)] + opts)
+    with pytest.raises(ValueError, match=message):
+        TransMatcherTrainer(cfg)
+    with pytest.raises(ValueError, match=message):
+        TransMatcherEvaluator(cfg, 4)
+    assert not os.listdir(tmp_path)
+
+
 # ------------------------------------------------------------------ datasets and configs
 
 

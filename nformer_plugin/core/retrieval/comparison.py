@@ -105,9 +105,13 @@ def metrics_only(row: Dict) -> Dict[str, float]:
     return {k: float(row[k]) for k in METRIC_KEYS}
 
 
-def format_table(rows: "OrderedDict[str, Dict]", title: str = "") -> str:
-    """A FastReID-style table (tabulate, pipe format) with one line per pipeline."""
-    body = [[ROW_NAMES[name]] + [f"{row[k]:.2f}" for k in METRIC_KEYS] for name, row in rows.items()]
+def format_table(rows: "OrderedDict[str, Dict]", title: str = "",
+                 labels: Optional[Dict[str, str]] = None) -> str:
+    """A FastReID-style table (tabulate, pipe format) with one line per pipeline; a row's label
+    is ``labels[name]`` when given, else ``ROW_NAMES[name]``."""
+    labels = labels or {}
+    body = [[labels.get(name, ROW_NAMES[name])] + [f"{row[k]:.2f}" for k in METRIC_KEYS]
+            for name, row in rows.items()]
     table = tabulate(body, headers=["Pipeline"] + list(METRIC_KEYS), tablefmt="pipe",
                      numalign="left", stralign="left")
     return f"{title}\n{table}" if title else table

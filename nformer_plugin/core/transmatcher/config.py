@@ -39,7 +39,31 @@ def add_transmatcher_config(cfg):
     _C.MODEL.TRANSMATCHER.TEST_GALLERY_CHUNK = 128  # evaluation: gallery maps encoded at once
     _C.MODEL.TRANSMATCHER.TEST_STORAGE = "float16"  # evaluation: dtype the maps are stored in (float16 | float32)
     _C.MODEL.TRANSMATCHER.GLOBAL_ROW = True  # evaluation: also rank the global-average-pooled maps (cosine), a reference row
+    _C.MODEL.TRANSMATCHER.TEST_TOPK = 100  # evaluation: K, the matcher re-scores each query's K nearest gallery images by that global (GAP cosine) ranking, the rest follow in its order; 0 = score all pairs
+    _C.MODEL.TRANSMATCHER.TEST_DUMP_MAPS = False  # evaluation: also save the maps, labels, pooled features and matcher to OUTPUT_DIR/transmatcher_maps_<dataset>.npz (benchmarks/bench_transmatcher_topk.py)
     return cfg
+
+
+def rescoring_topk(cfg) -> int:
+    """``MODEL.TRANSMATCHER.TEST_TOPK``, checked: K > 0 re-scores each query's top-K of the
+    global ranking (``rescoring.topk_rescored_distances``), 0 scores all pairs.
+
+    ``ValueError`` for a negative K, and for K > 0 with ``TEST.RERANK.ENABLED``: k-reciprocal
+    re-ranking of matcher distances needs the matcher's scores of all query x gallery, query x
+    query and gallery x gallery pairs, which top-K re-scoring does not compute.
+    """
+    k = cfg.MODEL.TRANSMATCHER.TEST_TOPK
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"MODEL.TRANSMATCHER.TEST_TOPK must be an integer >= 0 (K gallery "
+                         f"images re-scored per query; 0 = all pairs), got {k!r}")
+    rerank = getattr(getattr(getattr(cfg, "TEST", None), "RERANK", None), "ENABLED", False)
+    if k > 0 and rerank:
+        raise ValueError(f"TEST.RERANK.ENABLED needs TransMatcher scores of all pairs (query x "
+                         f"gallery, query x query, gallery x gallery), and MODEL.TRANSMATCHER."
+                         f"TEST_TOPK {k} scores only each query's top-{k}: set MODEL."
+                         f"TRANSMATCHER.TEST_TOPK 0 (all pairs, with the TransMatcher+KR row) or "
+                         f"TEST.RERANK.ENABLED False")
+    return k
 
 
 def matcher_kwargs(cfg, seq_len: int, in_dim: int) -> Dict:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -126,12 +126,12 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     same_set = gallery_maps is None
     gallery_maps = query_maps if same_set else gallery_maps
-    num_query, num_gallery = _check_maps(matcher, query_maps, gallery_maps)
+    num_query, num_gallery = check_maps(matcher, query_maps, gallery_maps)
     device = next(matcher.parameters()).device if device is None else torch.device(device)
     scores = torch.empty(num_query, num_gallery, dtype=torch.float32)
     pairs_per_block = max(1, pair_block_cells // (matcher.seq_len ** 2))
     total = _pair_count(num_query, num_gallery, query_chunk, same_set)
-    meter = _Progress(total, desc, progress)
+    meter = PairProgress(total, desc, progress)
     was_training = matcher.training
     matcher.eval()
     try:
@@ -174,7 +174,7 @@ def encode_in_chunks(matcher: TransMatcher, maps: Maps, start: int = 0,
     if not 0 <= start < stop <= len(maps):
         raise ValueError(f"rows {start}:{stop} are not a non-empty range of the {len(maps)} maps")
     device = next(matcher.parameters()).device if device is None else torch.device(device)
-    pieces = [matcher.encode(_rows(maps, s, min(s + chunk, stop)).to(device))
+    pieces = [matcher.encode(map_rows(maps, s, min(s + chunk, stop)).to(device))
               for s in range(start, stop, chunk)]
     if len(pieces) == 1:
         return pieces[0]
@@ -211,8 +211,8 @@ def scores_to_distances(scores: Union[torch.Tensor, np.ndarray]) -> Union[torch.
     return F.softplus(-scores)
 
 
-def _check_maps(matcher: TransMatcher, query_maps: Maps, gallery_maps: Maps):
-    """(Nq, Ng) after checking both sets' shapes against the matcher."""
+def check_maps(matcher: TransMatcher, query_maps: Maps, gallery_maps: Maps) -> Tuple[int, int]:
+    """(Nq, Ng) after checking both sets' shapes against the matcher (``ValueError`` if not)."""
     sizes = []
     for name, maps in (("query_maps", query_maps), ("gallery_maps", gallery_maps)):
         shape = tuple(maps.shape)
@@ -227,7 +227,8 @@ def _check_maps(matcher: TransMatcher, query_maps: Maps, gallery_maps: Maps):
     return sizes[0], sizes[1]
 
 
-def _rows(maps: Maps, start: int, stop: int) -> torch.Tensor:
+def map_rows(maps: Maps, start: int, stop: int) -> torch.Tensor:
+    """Maps ``start:stop`` of a tensor, numpy array or :class:`MapStore` as float32 (CPU)."""
     if isinstance(maps, MapStore):
         return maps.rows(start, stop)
     return torch.as_tensor(np.asarray(maps[start:stop]) if isinstance(maps, np.ndarray)
@@ -242,8 +243,11 @@ def _pair_count(num_query: int, num_gallery: int, query_chunk: int, same_set: bo
                for q0 in range(0, num_query, query_chunk))
 
 
-class _Progress:
-    """Pairs scored so far, with rate and ETA: a tqdm bar, or log lines every 30 s."""
+class PairProgress:
+    """Pairs scored so far, with rate and ETA: a tqdm bar (``enabled``), else nothing.
+
+    ``update(pairs)`` after each block, ``close()`` at the end (also used by
+    :mod:`.rescoring`)."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.total, self.desc, self.done = total, desc, 0

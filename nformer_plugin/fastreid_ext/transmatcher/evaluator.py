@@ -2,17 +2,30 @@
 
 The model returns one feature map per image. The evaluator stores the maps (``float16`` by
 default, ``MODEL.TRANSMATCHER.TEST_STORAGE``: the ranking changes by a few ties at most, see
-``benchmarks/bench_transmatcher_eval.py``), then scores every query against every gallery map
-with ``core.transmatcher.scoring.match_scores`` (gallery maps encoded in chunks, a progress bar
-with an ETA) and ranks by ``softplus(-score)``. ``TEST.RERANK.ENABLED`` applies k-reciprocal
-re-ranking to those matching distances (``scoring.reranked_distances``); only then are the
-query x query and gallery x gallery scores computed.
+``benchmarks/bench_transmatcher_eval.py``) and their global-average-pooled features, then
+ranks the gallery of each query in one of two modes (``MODEL.TRANSMATCHER.TEST_TOPK``):
+
+* **top-K re-scoring** (K > 0, default 100): the gallery is ranked by cosine distance of the
+  pooled features (those of the ``global`` row) and only each query's K nearest gallery images
+  are scored by the matcher (``core.transmatcher.rescoring.topk_rescored_distances``: Nq x K
+  pairs); they are ranked by ``softplus(-score)``, every other gallery image follows in the
+  global order (the exact rule is in that module's doc). The row is ``TransMatcher (top-K
+  re-scored)``; the log names K, the pairs scored and the seconds. ``TEST.RERANK.ENABLED`` is
+  refused in this mode (``config.rescoring_topk``: re-ranking needs all pairs' scores);
+* **all pairs** (K = 0): every query against every gallery map with
+  ``core.transmatcher.scoring.match_scores`` (gallery maps encoded in chunks, a progress bar
+  with an ETA), ranked by ``softplus(-score)``. ``TEST.RERANK.ENABLED`` applies k-reciprocal
+  re-ranking to those matching distances (``scoring.reranked_distances``); only then are the
+  query x query and gallery x gallery scores computed.
 
 The table has the NFormer evaluator's format (``core.retrieval.comparison.format_table``) with
 the rows: ``global`` (cosine distance between the global-average-pooled maps of the same
 network, a reference row, ``MODEL.TRANSMATCHER.GLOBAL_ROW``), ``+KR`` on it, ``TransMatcher``
 and ``TransMatcher+KR``. Every row's metrics also go to ``OUTPUT_DIR/metrics_<dataset>.json``
-(read by ``tools/cross_domain_table.py``). Single process only (maps are not gathered across
+(read by ``tools/cross_domain_table.py``; the ``transmatcher`` row also records ``topk``, 0
+for all pairs, and ``pairs`` scored). ``MODEL.TRANSMATCHER.TEST_DUMP_MAPS`` also writes what was
+scored to ``OUTPUT_DIR/transmatcher_maps_<dataset>.npz`` (``core.transmatcher.map_file``; for
+``benchmarks/bench_transmatcher_topk.py``). Single process only (maps are not gathered across
 ranks).
 """
 from __future__ import annotations
@@ -35,6 +48,9 @@ from ...core.io import save_text
 from ...core.retrieval import comparison
 from ...core.retrieval.comparison import distances, format_table, metrics_only
 from ...core.retrieval.metrics import evaluate_ranking, l2_normalize
+from ...core.transmatcher.config import matcher_kwargs, rescoring_topk
+from ...core.transmatcher.map_file import save_evaluation_maps
+from ...core.transmatcher.rescoring import topk_rescored_distances
 from ...core.transmatcher.scoring import (MapStore, match_scores, reranked_distances,
                                           scores_to_distances)
 from ...evaluation import rerank_params
@@ -71,6 +87,7 @@ class TransMatcherEvaluator(DatasetEvaluator):
         self._output_dir = output_dir or cfg.OUTPUT_DIR
         self._dataset_name = dataset_name
         self._dtype = storage_dtype(cfg.MODEL.TRANSMATCHER.TEST_STORAGE)
+        self._topk = rescoring_topk(cfg)
         self.reset()
 
     def reset(self):
@@ -101,22 +118,32 @@ class TransMatcherEvaluator(DatasetEvaluator):
         camids = torch.cat(self._camids).numpy()
         labels = (pids[:nq], pids[nq:], camids[:nq], camids[nq:])
         t = self.cfg.MODEL.TRANSMATCHER
+        topk = self._topk
         rerank = rerank_params(self.cfg)
         rows: "OrderedDict[str, Dict]" = OrderedDict()
+        names = dict(ROWS)
+        if topk:
+            names["transmatcher"] = f"TransMatcher (top-{topk} re-scored)"
 
         def add(name: str, dist: np.ndarray, seconds: float, **extra) -> None:
             result = evaluate_ranking(dist, *labels)
             result["seconds"] = seconds
             result.update(extra)
             rows[name] = result
-            logger.info("%s: mAP %.2f Rank-1 %.2f (%.1f s)", ROWS[name], result["mAP"],
+            logger.info("%s: mAP %.2f Rank-1 %.2f (%.1f s)", names[name], result["mAP"],
                         result["Rank-1"], seconds)
 
-        if t.GLOBAL_ROW:
-            feats = l2_normalize(torch.cat(self._global).numpy())
+        pooled = torch.cat(self._global).numpy()
+        if t.TEST_DUMP_MAPS:
+            self._dump_maps(pooled, pids, camids)
+        feats = l2_normalize(pooled)
+        global_dist = None
+        if t.GLOBAL_ROW or topk:
             start = time.perf_counter()
-            add("global", distances(feats[:nq], feats[nq:], "cosine"),
-                time.perf_counter() - start)
+            global_dist = distances(feats[:nq], feats[nq:], "cosine")
+            global_seconds = time.perf_counter() - start
+        if t.GLOBAL_ROW:
+            add("global", global_dist, global_seconds)
             if rerank is not None:
                 start = time.perf_counter()
                 add("global_kr", comparison.rerank_distances(feats[:nq], feats[nq:], "cosine",
@@ -125,22 +152,35 @@ class TransMatcherEvaluator(DatasetEvaluator):
 
         matcher = self._matcher()
         chunks = dict(query_chunk=t.TEST_QUERY_CHUNK, gallery_chunk=t.TEST_GALLERY_CHUNK)
-        start = time.perf_counter()
-        scores = match_scores(matcher, self._query, self._gallery, **chunks,
-                              desc="TransMatcher query x gallery")
-        seconds = time.perf_counter() - start
-        add("transmatcher", scores_to_distances(scores).numpy(), seconds,
-            pairs_per_second=scores.numel() / max(seconds, 1e-9))
-        if rerank is not None:  # query-query and gallery-gallery scores: only here
+        if topk:
             start = time.perf_counter()
-            add("transmatcher_kr", reranked_distances(
-                matcher, self._query, self._gallery, query_gallery_scores=scores,
-                k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value, **chunks),
-                time.perf_counter() - start)
-        del scores
+            result = topk_rescored_distances(matcher, self._query, self._gallery, topk,
+                                             global_dist, **chunks)
+            seconds = time.perf_counter() - start
+            logger.info("TransMatcher top-%d re-scoring of the global (GAP cosine) ranking: %d "
+                        "of %d pairs scored (%d gallery encodings), %.1f s matching, %.1f s in "
+                        "all", topk, result.pairs, nq * len(self._gallery),
+                        result.gallery_encodings, result.seconds, seconds)
+            add("transmatcher", result.distances, seconds, topk=topk, pairs=result.pairs,
+                pairs_per_second=result.pairs / max(result.seconds, 1e-9))
+            del result
+        else:
+            start = time.perf_counter()
+            scores = match_scores(matcher, self._query, self._gallery, **chunks,
+                                  desc="TransMatcher query x gallery")
+            seconds = time.perf_counter() - start
+            add("transmatcher", scores_to_distances(scores).numpy(), seconds, topk=0,
+                pairs=scores.numel(), pairs_per_second=scores.numel() / max(seconds, 1e-9))
+            if rerank is not None:  # query-query and gallery-gallery scores: only here
+                start = time.perf_counter()
+                add("transmatcher_kr", reranked_distances(
+                    matcher, self._query, self._gallery, query_gallery_scores=scores,
+                    k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value, **chunks),
+                    time.perf_counter() - start)
+            del scores
 
         title = f"Evaluation on {self._dataset_name}" if self._dataset_name else ""
-        logger.info("\n" + format_table(rows, title))
+        logger.info("\n" + format_table(rows, title, names))
         headline = "transmatcher_kr" if "transmatcher_kr" in rows else "transmatcher"
         results = OrderedDict(metrics_only(rows[headline]))
         results["metric"] = (results["mAP"] + results["Rank-1"]) / 2
@@ -149,10 +189,28 @@ class TransMatcherEvaluator(DatasetEvaluator):
         self._write_json(rows)
         return copy.deepcopy(results)
 
+    def _dump_maps(self, pooled: np.ndarray, pids: np.ndarray, camids: np.ndarray) -> None:
+        """``MODEL.TRANSMATCHER.TEST_DUMP_MAPS``: the maps, labels, pooled features and the
+        matcher to ``OUTPUT_DIR/transmatcher_maps_<dataset>.npz``."""
+        nq = self._num_query
+        _, channels, height, width = self._query.shape
+        path = os.path.join(self._output_dir or ".",
+                            f"transmatcher_maps_{self._dataset_name or 'test'}.npz")
+        start = time.perf_counter()
+        save_evaluation_maps(
+            path, self._query, self._gallery,
+            dict(query_pids=pids[:nq], query_camids=camids[:nq], gallery_pids=pids[nq:],
+                 gallery_camids=camids[nq:]),
+            pooled[:nq], pooled[nq:], self._matcher(),
+            matcher_kwargs(self.cfg, height * width, channels))
+        logger.info("TransMatcher maps (%d queries, %d gallery) written to %s in %.1f s", nq,
+                    len(self._gallery), path, time.perf_counter() - start)
+
     def _write_json(self, rows) -> None:
         if not self._output_dir or not comm.is_main_process():
             return
-        payload = {name: {**metrics_only(row), "seconds": float(row["seconds"])}
+        payload = {name: {**metrics_only(row), "seconds": float(row["seconds"]),
+                          **{k: int(row[k]) for k in ("topk", "pairs") if k in row}}
                    for name, row in rows.items()}
         payload["num_query"], payload["num_gallery"] = self._num_query, len(self._gallery)
         path = os.path.join(self._output_dir, f"metrics_{self._dataset_name or 'test'}.json")

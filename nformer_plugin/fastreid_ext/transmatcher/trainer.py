@@ -14,7 +14,8 @@ FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
   NEW_LR`` (0.005) for neck + matcher; SGD (momentum ``SOLVER.MOMENTUM``, Nesterov
   ``SOLVER.NESTEROV``, weight decay ``SOLVER.WEIGHT_DECAY``) or Adam; the schedule is FastReID's
   (``MultiStepLR``, ``STEPS [10]``, ``GAMMA 0.1``, ``MAX_EPOCH 15``: x0.1 after 10 of 15 epochs);
-* ``TransMatcherEvaluator`` (bounded-memory query x gallery scores, the shared table).
+* ``TransMatcherEvaluator`` (the matcher re-scores each query's top-K of the global ranking,
+  ``TEST_TOPK``, or scores all query x gallery pairs; bounded memory; the shared table).
 
 With data-loader workers the sampler is iterated ahead of training by the prefetch depth, so an
 epoch's graph is built a few batches before the previous epoch ends (with ``NUM_WORKERS 0``:
@@ -36,6 +37,7 @@ from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
 
+from ...core.transmatcher.config import rescoring_topk
 from ...core.transmatcher.graph_sampler import GraphSampler
 from ...core.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
@@ -112,6 +114,7 @@ class TransMatcherTrainer(EvaluatingTrainer):
         if t.SAMPLER not in SAMPLERS:
             raise ValueError(f"MODEL.TRANSMATCHER.SAMPLER must be one of {SAMPLERS}, got "
                              f"{t.SAMPLER!r}")
+        rescoring_topk(cfg)  # TEST_TOPK / TEST.RERANK refused before training, not after
         train_set = data_build.build_train_set(cfg)
         cfg = self.auto_scale_hyperparams(cfg, train_set.num_classes)
         model = self.build_model(cfg)
