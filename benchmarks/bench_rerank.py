@@ -19,6 +19,7 @@ peak RSS, the largest absolute difference of the final distances and mAP / Rank-
     python benchmarks/bench_rerank.py --dim 2048      # the same at d=2048
     python benchmarks/bench_rerank.py --msmt          # adds MSMT17 scale (11659x82161), ours only
     python benchmarks/bench_rerank.py --sizes 500x2500 --no-dense
+    python benchmarks/bench_rerank.py --sizes 500x2500 --no-dense --msmt --floor  # + the floor
 
 This is a script, not a test.
 """
@@ -211,6 +212,8 @@ def worker(args: argparse.Namespace) -> None:
         dist = dense_reference_rerank(q, g)
     elif args.worker == "dense64":
         dist = dense_reference_rerank(q, g, v_dtype=np.float64, dist_dtype=np.float64)
+    elif args.worker == "floor":
+        dist = distance_pass_floor(q, g)
     else:
         raise ValueError(args.worker)
     seconds = time.perf_counter() - start
@@ -227,6 +230,30 @@ def worker(args: argparse.Namespace) -> None:
         del dist
         result["baseline"] = _metrics(_euclidean_in_blocks(q, g), q_pids, g_pids, q_cams, g_cams)
     print(json.dumps(result), flush=True)
+
+
+def distance_pass_floor(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """What any exact CPU re-ranking must at least do: form every (Q+G) x (Q+G) float32 distance
+    once (step 1's row maxima need all of them), in the same blocks as ``ours``, keeping only the
+    row maxima and the Q x G part. Its time is the floor ``ours`` is compared with."""
+    from nformer_plugin.core.retrieval.rerank_distances import BLOCK_CELLS
+
+    feats = np.concatenate([query, gallery])
+    n, nq = feats.shape[0], query.shape[0]
+    sq = np.square(feats).sum(axis=1)
+    out = np.empty((nq, gallery.shape[0]), dtype=np.float32)
+    row_max = np.empty(n, dtype=np.float32)
+    rows = max(1, BLOCK_CELLS // n)
+    for start in range(0, n, rows):
+        block = feats[start:start + rows] @ feats.T
+        block *= -2.0
+        block += sq[None, :]
+        block += sq[start:start + rows, None]
+        row_max[start:start + rows] = block.max(axis=1)
+        if start < nq:
+            stop = min(start + rows, nq)
+            out[start:stop] = block[:stop - start, nq:]
+    return out
 
 
 def run_worker(
@@ -258,7 +285,7 @@ def _max_abs_diff(path_a: str, path_b: str) -> float:
 
 
 def benchmark(sizes: List[Tuple[int, int]], dim: int, seed: int, dense: bool,
-              exact_max_n: int, ours_only: List[Tuple[int, int]]) -> None:
+              exact_max_n: int, ours_only: List[Tuple[int, int]], floor: bool = False) -> None:
     header = (
         "| Q x G | d | method | time (s) | CPU time (s) | peak RSS (MiB) "
         "| peak - RSS before call (MiB) "
@@ -281,22 +308,25 @@ def benchmark(sizes: List[Tuple[int, int]], dim: int, seed: int, dense: bool,
                 results["dense"] = run_worker("dense", size, dim, seed, paths["dense"])
             if run_exact:
                 results["dense64"] = run_worker("dense64", size, dim, seed, paths["dense64"])
+            if floor:
+                results["floor"] = run_worker("floor", size, dim, seed, None)
             label = f"{size[0]} x {size[1]}"
             base = results["ours"]["baseline"]
             print(f"| {label} | {dim} | baseline (Euclidean) | - | - | - | - | - | - "
                   f"| {base['mAP']:.2f} | {base['Rank-1']:.2f} |")
-            for method in ("dense", "dense64", "ours"):
+            for method in ("dense", "dense64", "ours", "floor"):
                 if method not in results:
                     continue
                 r = results[method]
                 diffs = []
                 for ref in ("dense", "dense64"):
-                    if ref in results and ref != method:
+                    if method != "floor" and ref in results and ref != method:
                         diffs.append(f"{_max_abs_diff(paths[method], paths[ref]):.2e}")
                     else:
                         diffs.append("-")
                 name = {"dense": "dense reference fp16 (ports)", "dense64": "dense reference fp64",
-                        "ours": "ours (sparse)"}[method]
+                        "ours": "ours (sparse)",
+                        "floor": "floor: the distance pass alone (no re-ranking)"}[method]
                 print(f"| {label} | {dim} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
                       f"| {r['peak_mib']:.0f} "
                       f"| {r['peak_mib'] - r['rss_before_mib']:.0f} | {diffs[0]} | {diffs[1]} "
@@ -320,10 +350,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--msmt", action="store_true",
                         help="add an MSMT17-scale run (11659x82161) of ours only")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense references")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the distance pass alone (the floor of exact CPU KR)")
     parser.add_argument("--exact-max-n", type=int, default=6000,
                         help="run the float64 dense reference where Q+G is at most this")
     # worker mode (internal)
-    parser.add_argument("--worker", choices=("ours", "dense", "dense64"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "dense", "dense64", "floor"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--num-query", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--num-gallery", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -336,7 +369,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         worker(args)
         return
     benchmark(args.sizes, args.dim, args.seed, dense=not args.no_dense,
-              exact_max_n=args.exact_max_n, ours_only=[MSMT17] if args.msmt else [])
+              exact_max_n=args.exact_max_n, ours_only=[MSMT17] if args.msmt else [],
+              floor=args.floor)
 
 
 if __name__ == "__main__":
