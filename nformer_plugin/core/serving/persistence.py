@@ -44,7 +44,8 @@ from .checks import split_model
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)
 FILES = ("arrays.npz", "model.pth", "search.faiss")
-RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
+# do not change what the index holds
+RUNTIME_OPTIONS = ("chunk_size", "full_attention_budget", "inference")
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth", "inputs", "norms")
 SHARDED_MANIFEST = "sharded.json"  # a sharded index's folder (core.distributed.index)
 SAVE_POINT = "index_save"  # the fault point (core.faults) passed at each of SAVE_MOMENTS
