@@ -158,7 +158,7 @@ def test_approximate_search_gallery_is_served_as_batch(neighbors):
     model = make_model(ann_threshold=50, ann_nlist=4, ann_nprobe=2, neighbors=neighbors)
     gallery, queries = world("clustered", (NG, NQ), 1)
     index = GalleryIndex.build(model, gallery)
-    assert index.state.settings.approximate
+    assert index.state.approximate
     assert torch.allclose(index.refine(queries), batch(model, queries, gallery)[:NQ], atol=1e-5)
 
 

@@ -26,25 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..retrieval.neighbors import build_index, knn_search
+from .settings import InferenceSettings
 from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
                    float32_dot_bound, lex_sort, score_cap)
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class SparseSettings:
-    """What the sparse path needs from ``NFormer`` (see its docstring for the options)."""
-
-    topk: int
-    mask: str = "reciprocal"
-    neighbors: str = "affinity"
-    exact_affinity: bool = False
-    chunk_size: int = 8192
-    approximate: bool = False  # IVF index instead of exact search
-    nlist: Optional[int] = None  # IVF cells; default neighbors.default_nlist(N)
-    nprobe: int = 16  # IVF cells visited per query
-    full_attention_budget: int = 1 << 24  # score entries per chunk for mask="none"
-    layer_pool: int = 0  # neighbors="layer": candidates per row found once (0: search per layer)
 
 
 @dataclass
@@ -82,17 +68,19 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 
 # ----------------------------------------------------------------------------- search
 class InnerProductSearcher:
-    """Top-k maximum-inner-product search of query rows over ``base`` (exact or IVF)."""
+    """Top-k maximum-inner-product search of query rows over ``base``: exact, or with
+    ``approximate`` (``InferenceSettings.approximate_search`` of the set) an IVF index of
+    ``settings.ann_nlist`` cells, ``settings.ann_nprobe`` visited per query."""
 
-    def __init__(self, base: Tensor, settings: SparseSettings):
-        self.settings = settings
+    def __init__(self, base: Tensor, settings: InferenceSettings, approximate: bool = False):
+        self.approximate, self.chunk_size = approximate, settings.chunk_size
         base_np = base.detach().to("cpu", torch.float32).contiguous().numpy()
-        if settings.approximate:
+        if approximate:
             norms = (base_np.astype(np.float64) ** 2).sum(1)
             extra = np.sqrt(np.maximum(norms.max() - norms, 0.0)).astype(np.float32)
             base_np = np.ascontiguousarray(np.hstack([base_np, extra[:, None]]))
-            self.index = build_index(base_np, metric="l2", exact=False, nlist=settings.nlist,
-                                     nprobe=settings.nprobe)
+            self.index = build_index(base_np, metric="l2", exact=False, nlist=settings.ann_nlist,
+                                     nprobe=settings.ann_nprobe)
         else:
             self.index = build_index(base_np, metric="ip", exact=True)
         del base_np  # the index holds its own copy (at 10^6 rows the extended base is 1 GB)
@@ -122,13 +110,13 @@ class InnerProductSearcher:
         ``None`` for an approximate index, which ranks by a derived L2 distance."""
         q = queries.detach().to("cpu", torch.float32).contiguous().numpy()
         metric = "ip"
-        if self.settings.approximate:
+        if self.approximate:
             q = np.ascontiguousarray(np.hstack([q, np.zeros((q.shape[0], 1), np.float32)]))
             metric = "l2"
         scores, idx = knn_search(q, None, k, metric=metric, index=self.index,
-                                 chunk_size=self.settings.chunk_size)
+                                 chunk_size=self.chunk_size)
         device = queries.device  # faiss answers on the host; the lists follow the features
-        scores = None if self.settings.approximate else torch.from_numpy(scores).to(device)
+        scores = None if self.approximate else torch.from_numpy(scores).to(device)
         return scores, torch.from_numpy(idx).to(device)
 
 
@@ -151,11 +139,11 @@ def certified_search(queries: Tensor, base: Tensor, searcher: "InnerProductSearc
                      chunk_size: int) -> Tuple[Tensor, Tensor, int]:
     """The exact top-k of ``queries`` over ``base`` under ``ties`` (candidates from ``searcher``,
     over ``base``): ``(scores float64, base indices, refused)``, best first."""
-    approximate = searcher.settings.approximate  # IVF: the k it finds, nothing to certify
+    approximate = searcher.approximate  # IVF: the k it finds, nothing to certify
     upper, cand, approx = searcher.scored_candidates(queries, k if approximate else
                                                      candidate_count(k, base.shape[0]))
     return certified_topk(queries, base, k, cand, upper, chunk_size,
-                          exhaustive_ok=not searcher.settings.approximate, approx=approx)
+                          exhaustive_ok=not approximate, approx=approx)
 
 
 def pair_scores(left: Tensor, right: Tensor, left_rows: Tensor, right_rows: Tensor,
@@ -202,19 +190,21 @@ def with_self_loop(first_row: int, neighbors: Tensor, keep: Tensor) -> NeighborG
     return NeighborGraph(first_row, index, keep)
 
 
-def build_neighbor_graphs(queries: Tensor, keys: Tensor, num_query: int, settings: SparseSettings
+def build_neighbor_graphs(queries: Tensor, keys: Tensor, num_query: int, topk: int, mask: str,
+                          settings: InferenceSettings, approximate: bool = False
                           ) -> Tuple[NeighborGraph, Optional[NeighborGraph]]:
     """Sparse eqs. (6)/(7) for affinity ``queries @ keys^T``: (set graph, isolated-query graph).
 
-    The set is rows ``[num_query, N)``; each of its rows keeps its top-k over the set
+    The set is rows ``[num_query, N)``; each of its rows keeps its ``topk`` over the set
     (``mask="topk"``) or only the reciprocal ones (``"reciprocal"``). Query rows (if any) keep
     their top-k over ``set u {i}`` - when the query's own score beats its ``k``-th set neighbor
     it takes one of the ``k`` slots - and, for ``"reciprocal"``, only the set rows ``j`` whose
-    affinity to the query reaches ``j``'s own ``k``-th neighbor score.
+    affinity to the query reaches ``j``'s own ``k``-th neighbor score. ``approximate``: the IVF
+    search (:class:`InnerProductSearcher`).
     """
-    k, nq, chunk = settings.topk, num_query, settings.chunk_size
+    k, nq, chunk = topk, num_query, settings.chunk_size
     base = keys[nq:]
-    searcher = InnerProductSearcher(base, settings)
+    searcher = InnerProductSearcher(base, settings, approximate)
     set_scores, set_nbrs, refused = certified_search(queries[nq:], base, searcher, k, chunk)
     q_scores, q_nbrs = None, None
     if nq:
@@ -222,29 +212,30 @@ def build_neighbor_graphs(queries: Tensor, keys: Tensor, num_query: int, setting
         q_nbrs, refused = q_nbrs + nq, refused + more
     if refused:
         logger.debug("neighbor search: %d row(s) needed a wider search (near ties)", refused)
-    return assemble_graphs(queries, keys, set_nbrs + nq, q_nbrs, settings,
+    return assemble_graphs(queries, keys, set_nbrs + nq, q_nbrs, mask, chunk,
                            scores=(set_scores, q_scores))
 
 
 def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Optional[Tensor],
-                    settings: SparseSettings, symmetric: bool = False,
+                    mask: str, chunk_size: int, symmetric: bool = False,
                     scores: Optional[Tuple[Tensor, Tensor]] = None
                     ) -> Tuple[NeighborGraph, Optional[NeighborGraph]]:
     """Graphs of :func:`build_neighbor_graphs` from each row's top-k lists (global indices):
     ``set_nbrs`` (G, k) of the set rows over the set, ``q_nbrs`` (Q, k) of the query rows over
-    the set. ``symmetric``: ``queries is keys``, so a pair's score is the same both ways.
-    ``scores``: the exact affinities (``ties.exact_scores``) of those lists (set, query), the
-    lists sorted by ``ties.lex_sort``, when already known. Ties follow ``ties``: a query ranks
-    before every set row (its self slot and the reciprocal test keep it on a tie)."""
+    the set; ``mask`` the rule of eqs. (6)/(7). ``symmetric``: ``queries is keys``, so a pair's
+    score is the same both ways. ``scores``: the exact affinities (``ties.exact_scores``) of
+    those lists (set, query), the lists sorted by ``ties.lex_sort``, when already known. Ties
+    follow ``ties``: a query ranks before every set row (its self slot and the reciprocal test
+    keep it on a tie)."""
     nq = 0 if q_nbrs is None else q_nbrs.shape[0]
     keep = torch.ones_like(set_nbrs, dtype=torch.bool)
-    if settings.mask == "reciprocal":
+    if mask == "reciprocal":
         keep = reciprocal_pairs(set_nbrs - nq)
     set_graph = with_self_loop(nq, set_nbrs, keep)
     if q_nbrs is None:
         return set_graph, None
 
-    chunk = settings.chunk_size
+    chunk = chunk_size
     if scores is None or scores[1] is None:
         scores = (lex_sort(exact_scores(queries[nq:], keys, set_nbrs, chunk), set_nbrs)[0],
                   exact_scores(queries[:nq], keys, q_nbrs, chunk))
@@ -254,7 +245,7 @@ def assemble_graphs(queries: Tensor, keys: Tensor, set_nbrs: Tensor, q_nbrs: Opt
     own = torch.arange(nq, device=queries.device)[:, None]
     self_scores = exact_scores(queries[:nq], keys, own, chunk)[:, 0]
     back = None
-    if settings.mask == "reciprocal":  # A_ji = <queries[j], keys[i]>
+    if mask == "reciprocal":  # A_ji = <queries[j], keys[i]>
         back = q_scores if symmetric else exact_scores(keys[:nq], queries, q_nbrs, chunk)
     keep = isolated_query_keep(q_scores, self_scores, back, kth_score[q_nbrs - nq])
     return set_graph, with_self_loop(0, q_nbrs, keep)
@@ -288,14 +279,16 @@ class CandidatePool:
     bound for rows it left out. So when the ``k``-th exact score in the pool beats
     ``bound0_i + drift_i + max_j drift_j`` the pool holds the exact top-k; otherwise the row is
     searched over the whole layer (``ties.certified_topk``). ``refused`` counts, per layer, the
-    rows searched in full (logged). With an approximate (IVF) search there is no bound: the pool's
-    top-k is used as it is, an approximation like the IVF search itself.
+    rows searched in full (logged). With an approximate (IVF) search (``approximate``) there is no
+    bound: the pool's top-k is used as it is, an approximation like the IVF search itself.
     """
 
-    def __init__(self, normed: Tensor, num_query: int, size: int, settings: SparseSettings):
-        self.settings, self.num_query, self.size = settings, num_query, size
+    def __init__(self, normed: Tensor, num_query: int, size: int, settings: InferenceSettings,
+                 approximate: bool = False):
+        self.settings, self.approximate = settings, approximate
+        self.num_query, self.size = num_query, size
         self.base0 = normed  # the canonical rows the pool was searched on
-        searcher = InnerProductSearcher(normed[num_query:], settings)
+        searcher = InnerProductSearcher(normed[num_query:], settings, approximate)
         self.set_upper, self.set_pool = searcher.candidates(normed[num_query:], size)
         self.set_pool += num_query
         self.query_upper, self.query_pool = None, None
@@ -308,7 +301,7 @@ class CandidatePool:
         """Exact top-k lists (global indices, ``ties`` order) of set and query rows at the layer
         whose canonical input is ``normed``, and their exact scores:
         ``(set_nbrs, query_nbrs, (set_scores, query_scores))``."""
-        nq, settings = self.num_query, self.settings
+        nq, settings, approximate = self.num_query, self.settings, self.approximate
         base = normed[nq:]
         drift = None
         if not first_layer:
@@ -320,7 +313,7 @@ class CandidatePool:
         def fallback(first_row: int):
             def search(rows: Tensor):
                 if not searcher:
-                    searcher.append(InnerProductSearcher(base, settings))
+                    searcher.append(InnerProductSearcher(base, settings, approximate))
                 upper, cand = searcher[0].candidates(normed[first_row + rows],
                                                      candidate_count(k, base.shape[0]))
                 return upper, cand
@@ -334,7 +327,7 @@ class CandidatePool:
                 cap = score_cap(rows, base_norm)  # rows whose bound reaches it: no rescoring
             scores, local, refused = certified_topk(
                 rows, base, k, pool - nq, upper, chunk_size, fallback(first_row),
-                exhaustive_ok=not settings.approximate, max_score=cap)
+                exhaustive_ok=not approximate, max_score=cap)
             return local + nq, scores, refused
 
         set_nbrs, set_scores, refused = best(self.set_pool, self.set_upper, nq)
@@ -359,12 +352,13 @@ def normalized_rows(x: Tensor, chunk_size: int) -> Tensor:
     return normed
 
 
-def feature_graphs(x: Tensor, num_query: int, settings: SparseSettings,
-                   pool: Optional[CandidatePool] = None, first_layer: bool = False,
-                   record: Optional[dict] = None) -> Graphs:
-    """Neighbor graphs from the cosine similarity of the rows of ``x`` (``neighbors`` input or
-    layer): certified exact search, or the certified top-k among each row's candidates in
-    ``pool`` (``first_layer``: the layer the pool was searched on, no drift). ``record`` (a dict)
+def feature_graphs(x: Tensor, num_query: int, topk: int, mask: str, settings: InferenceSettings,
+                   approximate: bool = False, pool: Optional[CandidatePool] = None,
+                   first_layer: bool = False, record: Optional[dict] = None) -> Graphs:
+    """Neighbor graphs (``topk``, ``mask``: eqs. 6-7) from the cosine similarity of the rows of
+    ``x`` (``neighbors`` input or layer): certified search (exact, or IVF with ``approximate``),
+    or the certified top-k among each row's candidates in ``pool`` (``first_layer``: the layer
+    the pool was searched on, no drift). ``record`` (a dict)
     receives the canonical rows ``normed`` (``ties.canonical_rows``) and, with a pool, the set
     rows' exact top-k scores ``set_scores`` (best first), which ``core.serving`` keeps."""
     if first_layer and pool is not None:
@@ -374,13 +368,13 @@ def feature_graphs(x: Tensor, num_query: int, settings: SparseSettings,
     if record is not None:
         record["normed"] = normed
     if pool is None:
-        return build_neighbor_graphs(normed, normed, num_query, settings)
-    set_nbrs, q_nbrs, scores = pool.topk(normed, settings.topk, settings.chunk_size,
+        return build_neighbor_graphs(normed, normed, num_query, topk, mask, settings, approximate)
+    set_nbrs, q_nbrs, scores = pool.topk(normed, topk, settings.chunk_size,
                                          first_layer=first_layer)
     if record is not None:
         record["set_scores"] = scores[0]
-    return assemble_graphs(normed, normed, set_nbrs, q_nbrs, settings, symmetric=True,
-                           scores=scores)
+    return assemble_graphs(normed, normed, set_nbrs, q_nbrs, mask, settings.chunk_size,
+                           symmetric=True, scores=scores)
 
 
 def graph_counts(graphs: Graphs) -> Tensor:

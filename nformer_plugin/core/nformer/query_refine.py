@@ -24,7 +24,7 @@ Pure torch / faiss; must not import FastReID.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +44,20 @@ Candidates = Tuple[Optional[Tensor], Tensor]  # (bound on every row left out, ca
 def searcher(state: GalleryState, key: tuple, base: Tensor) -> InnerProductSearcher:
     """The search structure over ``base`` (built once per gallery state, as the batch path does)."""
     if key not in state.searchers:
-        state.searchers[key] = InnerProductSearcher(base, state.settings)
+        state.searchers[key] = InnerProductSearcher(base, state.settings, state.approximate)
     return state.searchers[key]
 
 
 def affinity_lists(state: GalleryState, layer: GalleryLayer, layer_index: int, head: int,
-                   q_agent: Tensor, k_agent: Tensor) -> QueryLists:
-    """Top-k lists of query rows under their own ``A~`` of one head (``neighbors="affinity"``),
-    exact scores in the ``ties`` order."""
+                   q_agent: Tensor, k_agent: Tensor, k: int, reciprocal: bool) -> QueryLists:
+    """Top-``k`` lists of query rows under their own ``A~`` of one head
+    (``neighbors="affinity"``), exact scores in the ``ties`` order; with the back scores of the
+    ``reciprocal`` test."""
     settings = state.settings
     keys = layer.keys[head]
-    nbrs, scores = certified_lists(state, ("affinity", layer_index, head), keys, q_agent)
+    nbrs, scores = certified_lists(state, ("affinity", layer_index, head), keys, q_agent, k)
     back = None
-    if settings.mask == "reciprocal":  # A~_ji = <q~_j, k~_i>, as graphs.assemble_graphs
+    if reciprocal:  # A~_ji = <q~_j, k~_i>, as graphs.assemble_graphs
         back = exact_scores(k_agent, layer.queries[head], nbrs, settings.chunk_size)
     own = exact_scores(q_agent, k_agent, torch.arange(len(q_agent))[:, None].to(nbrs),
                        settings.chunk_size)[:, 0]
@@ -131,7 +132,7 @@ def top_inner_products(state: GalleryState, key: tuple, base: Tensor, rows: Tens
     1,024 rows over 16,871, one thread; on a GPU, for more rows, one matmul). Candidates only:
     :func:`certified_lists` rescores."""
     cpu = base.device.type == "cpu"
-    if state.settings.approximate or rows.shape[0] < SMALL_BATCH or cpu:
+    if state.approximate or rows.shape[0] < SMALL_BATCH or cpu:
         with faiss_threads(rows.shape[0], base.numel() * base.element_size()):
             return searcher(state, key, base).search_with_scores(rows, k)
     return matmul_topk(rows, base, k)
@@ -151,7 +152,7 @@ def candidates(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, coun
     (``ties.certified_topk``; ``None`` under an approximate search). A handful of rows first try
     the float16 scan (``prefilter``), whose bound is wider."""
     max_norm = base_max_norm(state, key, base)
-    if not state.settings.approximate and prefilter and rows.shape[0] < SMALL_BATCH:
+    if not state.approximate and prefilter and rows.shape[0] < SMALL_BATCH:
         found = fp16_candidates(state.searchers, key, base, rows, count, max_norm)
         if found is not None:
             return found
@@ -161,14 +162,14 @@ def candidates(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, coun
     return scored(scores.to(rows.device), idx, rows, max_norm, base.shape[1])
 
 
-def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
+def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor, k: int,
                     found: Optional[Candidates] = None, max_score: Optional[Tensor] = None
                     ) -> Tuple[Tensor, Tensor]:
-    """Exact top-k ``(indices, scores)`` of ``rows`` over ``base`` in the ``ties`` order, from
+    """Exact top-``k`` ``(indices, scores)`` of ``rows`` over ``base`` in the ``ties`` order, from
     ``found`` candidates (default: a search), refused rows searched again in full (``max_score``:
     as ``ties.certified_topk``)."""
-    k, chunk = state.settings.topk, state.settings.chunk_size
-    count = k if state.settings.approximate else candidate_count(k, base.shape[0])
+    chunk = state.settings.chunk_size
+    count = k if state.approximate else candidate_count(k, base.shape[0])
     if found is None:
         found = candidates(state, key, base, rows, count)
     upper, cand, approx = found if len(found) == 3 else (*found, None)
@@ -177,7 +178,7 @@ def certified_lists(state: GalleryState, key: tuple, base: Tensor, rows: Tensor,
         return candidates(state, key, base, rows[refused], count, prefilter=False)[:2]
 
     scores, nbrs, _ = certified_topk(rows, base, k, cand, upper, chunk, fallback,
-                                     exhaustive_ok=not state.settings.approximate,
+                                     exhaustive_ok=not state.approximate,
                                      max_score=max_score, approx=approx)
     return nbrs, scores
 
@@ -252,12 +253,12 @@ def matmul_topk(rows: Tensor, base: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _lists(state: GalleryState, layer_index: int, normed: Tensor, qp: "QueryPass"
-           ) -> Tuple[Tensor, Tensor]:
-    """Exact top-k cosine lists (rows, scores) of canonical query rows over the gallery's layer
-    input (``neighbors`` "layer") or NFormer input ("input"): among the layer pool where its
+def _lists(state: GalleryState, layer_index: int, normed: Tensor, qp: "QueryPass", k: int,
+           source: str) -> Tuple[Tensor, Tensor]:
+    """Exact top-``k`` cosine lists (rows, scores) of canonical query rows over the gallery's
+    layer input (``source`` "layer") or NFormer input ("input"): among the layer pool where its
     certificate holds (``graphs.CandidatePool``, the same bound), else a certified search."""
-    is_layer = state.settings.neighbors == "layer"
+    is_layer = source == "layer"
     base = state.layers[layer_index].normed if is_layer else state.input_normed
     key = ("feature", layer_index) if is_layer else ("input",)
     found, cap = None, None
@@ -268,7 +269,7 @@ def _lists(state: GalleryState, layer_index: int, normed: Tensor, qp: "QueryPass
             upper = upper + drift + gallery_drift(state, layer_index)
             cap = score_cap(normed, base_max_norm(state, key, base))  # reached: no rescoring
         found = (upper, pool_rows)
-    return certified_lists(state, key, base, normed, found, cap)
+    return certified_lists(state, key, base, normed, k, found, cap)
 
 
 def gallery_drift(state: GalleryState, layer_index: int) -> float:
@@ -313,11 +314,12 @@ class QueryPass:
         self.kept: list = []  # per layer: neighbors kept per row (averaged over heads)
 
 
-def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) -> None:
-    """Layer ``i`` for the query rows of ``qp`` against the gallery's layer-``i`` state."""
-    settings = state.settings
-    masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
-    source, x = settings.neighbors, qp.x
+def query_layer(model: nn.Module, state: GalleryState, i: int, qp: QueryPass) -> None:
+    """Layer ``i`` of ``model`` (an eval-mode ``NFormer``, whose architecture the gallery was
+    refined with) for the query rows of ``qp`` against the gallery's layer-``i`` state."""
+    settings, block, k = state.settings, model.blocks[i], model.topk
+    masked, reciprocal = model.mask != "none", model.mask == "reciprocal"
+    source, x = model.neighbors, qp.x
     if i == 0 and masked and state.pool_size:
         qp.normed0 = canonical_rows(x, settings.chunk_size)
         qp.pool = candidates(state, ("input",), state.input_normed, qp.normed0,
@@ -328,15 +330,15 @@ def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) ->
     def split(t: Tensor) -> Tensor:
         return t.view(t.shape[0], heads, -1).transpose(0, 1)  # (h, Q, d_h)
 
-    q = split(stable_rows(lambda r: _linear(attn.q_proj, r), x))
-    k = split(stable_rows(lambda r: _linear(attn.k_proj, r), x))
+    q_heads = split(stable_rows(lambda r: _linear(attn.q_proj, r), x))
+    k_heads = split(stable_rows(lambda r: _linear(attn.k_proj, r), x))
     v = stable_rows(lambda r: _linear(attn.v_proj, r), x)
-    if attn.exact_affinity:
-        qs, ks = q, k
+    if model.exact_affinity:  # A of eq. (3)
+        qs, ks = q_heads, k_heads
     else:
         q_land, k_land = layer.landmark_proj  # eq. (4)
-        qs = stable_rows(lambda r: r @ k_land.transpose(-1, -2), q, dim=1)
-        ks = stable_rows(lambda r: r @ q_land.transpose(-1, -2), k, dim=1)
+        qs = stable_rows(lambda r: r @ k_land.transpose(-1, -2), q_heads, dim=1)
+        ks = stable_rows(lambda r: r @ q_land.transpose(-1, -2), k_heads, dim=1)
     scale = 1.0 / math.sqrt(attn.head_dim)
     if not masked:
         heads_out = torch.empty_like(x)
@@ -346,12 +348,13 @@ def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) ->
                                            settings.full_attention_budget, x.shape[0])
     else:
         if source == "affinity":
-            lists = [affinity_lists(state, layer, i, h, qs[h], ks[h]) for h in range(heads)]
+            lists = [affinity_lists(state, layer, i, h, qs[h], ks[h], k, reciprocal)
+                     for h in range(heads)]
             kth = layer.kth
         elif source == "layer" or i == 0:  # "input": one list for every layer
             normed = qp.normed0 if i == 0 and qp.normed0 is not None else canonical_rows(
                 x, settings.chunk_size)
-            nbrs, scores = _lists(state, i, normed, qp)
+            nbrs, scores = _lists(state, i, normed, qp, k, source)
             own = exact_scores(normed, normed, torch.arange(len(normed))[:, None].to(nbrs),
                                settings.chunk_size)[:, 0]
             lists = [(nbrs, scores, own, scores if reciprocal else None)]
@@ -371,24 +374,25 @@ def query_layer(block: nn.Module, state: GalleryState, i: int, qp: QueryPass) ->
                        torch.cat([x, out], dim=1))
 
 
-def refine_chunk(blocks: Sequence[nn.Module], state: GalleryState, x: Tensor) -> Tensor:
+def refine_chunk(model: nn.Module, state: GalleryState, x: Tensor) -> Tensor:
     """:func:`refine_queries` for one chunk of query rows."""
     qp = QueryPass(x)
-    for i, block in enumerate(blocks):
-        query_layer(block, state, i, qp)
+    for i in range(len(model.blocks)):
+        query_layer(model, state, i, qp)
     return qp.x
 
 
 @torch.no_grad()
-def refine_queries(blocks: Sequence[nn.Module], state: GalleryState, feats: Tensor) -> Tensor:
-    """NFormer output (Q, d) of isolated queries ``feats`` against the gallery ``state``, in
+def refine_queries(model: nn.Module, state: GalleryState, feats: Tensor) -> Tensor:
+    """Output (Q, d) of the NFormer ``model`` for isolated queries ``feats`` against the gallery
+    ``state``, in
     chunks of :data:`QUERY_CHUNK` rows (queries never interact, so chunks are independent).
     Runs under ``torch.inference_mode``; the result is an ordinary tensor."""
     x = feats.contiguous()
     with torch.inference_mode():
         if x.shape[0] <= QUERY_CHUNK:
-            out = refine_chunk(blocks, state, x)
+            out = refine_chunk(model, state, x)
         else:
-            out = torch.cat([refine_chunk(blocks, state, x[c])
+            out = torch.cat([refine_chunk(model, state, x[c])
                              for c in chunks(x.shape[0], QUERY_CHUNK)])
     return out.clone()  # outside inference mode: usable anywhere (Q x d, negligible)

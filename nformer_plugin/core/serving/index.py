@@ -151,7 +151,7 @@ class GalleryIndex:
     def refine_nformer(self, query_feats: Features) -> Tensor:
         """NFormer output (Q, d) of isolated queries (before any BNNeck head)."""
         x = as_features(query_feats, self.dim, "query features", self.device)
-        return refine_queries(self.nformer.blocks, self.state, x)
+        return refine_queries(self.nformer, self.state, x)
 
     @torch.no_grad()
     def refine(self, query_feats: Features) -> Tensor:
