@@ -146,7 +146,7 @@ def ivf_recall(index, queries) -> float:
     an exact search of the same rows."""
     import torch
 
-    from nformer_plugin.core.nformer.graphs import InnerProductSearcher
+    from nformer_plugin.core.nformer.neighbor_search import InnerProductSearcher
     from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
 
     state, k = index.state, index.nformer.topk

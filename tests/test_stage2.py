@@ -304,7 +304,8 @@ def test_a_short_stage2_run_raises_validation_map_above_the_baseline():
 
 
 def test_layer_pool_first_layer_is_exact_and_later_layers_rerank_the_pool():
-    from nformer_plugin.core.nformer.graphs import CandidatePool, feature_graphs, normalized_rows
+    from nformer_plugin.core.nformer.candidate_pool import CandidatePool
+    from nformer_plugin.core.nformer.graphs import feature_graphs, normalized_rows
 
     x, _ = world(num_ids=40, per_id=15, dim=32, seed=5)
     settings = InferenceSettings()

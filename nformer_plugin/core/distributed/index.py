@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..io import replace_durably, save_text
 from ..nformer.gallery_state import landmark_positions
-from ..nformer.graphs import chunks
+from ..nformer.chunking import chunks
 from ..nformer.query_refine import QUERY_CHUNK, QueryPass
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,

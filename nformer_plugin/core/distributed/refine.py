@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nformer.gallery_state import GalleryLayer, GalleryState
-from ..nformer.graphs import chunks
+from ..nformer.chunking import chunks
 from ..nformer.masks import neighbor_stats
 from ..nformer.query_refine import QUERY_CHUNK, QueryPass, query_layer
 from ..nformer.settings import InferenceSettings

@@ -33,8 +33,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, with_self_loop, certified_search,
-                              gather_rows)
+from ..nformer.chunking import gather_rows
+from ..nformer.graphs import with_self_loop
+from ..nformer.neighbor_search import InnerProductSearcher, certified_search
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
 from ..process_memory import reset_peak_rss, status_bytes

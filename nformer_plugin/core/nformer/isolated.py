@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .graphs import chunks
+from .chunking import chunks
 from .masks import neighbor_stats
 from .gallery_state import GalleryState, refine_gallery
 from .query_refine import QUERY_CHUNK, QueryPass, query_layer

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gallery_state import GalleryLayer, GalleryState, gallery_value_table
-from .graphs import InnerProductSearcher, chunks, isolated_query_keep, row_scores, scored
+from .chunking import chunks
+from .graphs import isolated_query_keep
+from .neighbor_search import InnerProductSearcher, row_scores, scored
 from .threads import faiss_threads, torch_threads  # noqa: F401 (re-exported: index.py, tests)
 from .ties import (NORM_SLACK, candidate_count, canonical_rows, certified_topk, exact_scores,
                    score_cap, stable_rows)

@@ -38,7 +38,7 @@ class InferenceSettings:
     * ``layer_pool`` [LAYER_POOL]: ``neighbors="layer"``, sparse path. 0 (default): an exact
       search per layer, the neighbourhood training uses. ``P > 0``: each row's ``P`` nearest are
       found once, on the input, and a layer takes its top-k among them only where a certificate
-      proves no other row can enter, else searches the row in full (``graphs.CandidatePool``):
+      proves no other row can enter, else searches the row in full (``candidate_pool``):
       the same neighbors as 0, and slower wherever layer inputs drift from the input (README).
     """
 

@@ -3,8 +3,8 @@
 For every layer and head, the landmark encodings ``q~ = q k_l^T`` and ``k~ = k q_l^T`` (N x l,
 eq. 4) are computed in row chunks. Row ``i``'s top-k under ``A~_i,: = q~_i k~^T / sqrt(d_h)`` is
 a maximum-inner-product search of ``q~_i`` over the rows of ``k~`` (faiss, via
-``graphs`` and ``retrieval.neighbors``; the positive scale does not change the ranking, so it is applied
-afterwards). The reciprocal test of eq. (7) is done on the neighbor lists themselves by looking
+``neighbor_search`` and ``retrieval.neighbors``; the positive scale does not change the ranking,
+so it is applied afterwards). The reciprocal test of eq. (7) is done on the neighbor lists themselves by looking
 up the encoded reverse pair ``j * N + i`` among the sorted forward pairs ``i * N + j``. The RNS
 softmax (eq. 8, ``exp(+A~)``, see ``masks.reciprocal_neighbor_softmax``) then runs over each
 row's kept neighbors plus itself and aggregates ``v`` over that sparse graph. Working memory is
@@ -38,8 +38,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .graphs import (CandidatePool, Graphs, NeighborGraph, build_neighbor_graphs, chunks,
-                     feature_graphs, gather_rows, graph_counts)
+from .candidate_pool import CandidatePool
+from .chunking import chunks, gather_rows
+from .graphs import Graphs, NeighborGraph, build_neighbor_graphs, feature_graphs, graph_counts
 from .masks import neighbor_stats
 from .settings import InferenceSettings
 from .ties import canonical_rows
