@@ -19,7 +19,7 @@ from ..retrieval.neighbors import build_index
 from ..serving.checks import normalize_rows, split_model
 from ..nformer.gallery_state import GalleryState, ServedGallery, apply_head
 from ..serving.persistence import load_gallery, save_gallery
-from ..nformer.query_refine import matmul_topk
+from ..nformer.query_search import matmul_topk
 from ..serving.updates import fingerprints
 from .shard import GalleryShard, Range, without_grad
 

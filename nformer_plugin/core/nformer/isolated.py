@@ -1,5 +1,7 @@
-"""Batch isolated refinement through the serving kernel (issue 20: one kernel for batch and
-index): ``NFormer(cat([Q, G]), num_query=|Q|)`` on the sparse path refines the gallery as a set of
+"""Batch isolated refinement (``NFormer(cat([Q, G]), num_query=|Q|)``, sparse path) through the
+serving kernel: the gallery refined as a set of its own, the queries layer by layer against it.
+
+Issue 20, one kernel for batch and index: the sparse path refines the gallery as a set of
 its own (``gallery_state.refine_gallery``, the code an index build runs) and passes the query rows
 through ``query_refine.query_layer`` (the code ``GalleryIndex.refine`` runs) against each layer's
 gallery state, so that batch rows and ``index.refine`` are the same computation.
