@@ -4,8 +4,9 @@ For every layer and head, the landmark encodings ``q~ = q k_l^T`` and ``k~ = k q
 eq. 4) are computed in row chunks. Row ``i``'s top-k under ``A~_i,: = q~_i k~^T / sqrt(d_h)`` is
 a maximum-inner-product search of ``q~_i`` over the rows of ``k~`` (faiss, via
 ``neighbor_search`` and ``retrieval.neighbors``; the positive scale does not change the ranking,
-so it is applied afterwards). The reciprocal test of eq. (7) is done on the neighbor lists themselves by looking
-up the encoded reverse pair ``j * N + i`` among the sorted forward pairs ``i * N + j``. The RNS
+so it is applied afterwards). The reciprocal test of eq. (7) is done on the neighbor lists
+themselves by looking up the encoded reverse pair ``j * N + i`` among the sorted forward pairs
+``i * N + j`` (``graphs``). The RNS
 softmax (eq. 8, ``exp(+A~)``, see ``masks.reciprocal_neighbor_softmax``) then runs over each
 row's kept neighbors plus itself and aggregates ``v`` over that sparse graph. Working memory is
 O(N (k + l + d)) plus one chunk; nothing here is differentiable.
