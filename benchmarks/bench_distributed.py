@@ -95,15 +95,14 @@ def run_ray(args) -> dict:
     executor = shared_ray_executor()
     warm, wq = clustered(max(200, 40 * args.shards), 2), 8
     model(warm, num_query=wq)
-    refine_sharded(model.blocks, warm, wq, model.last_landmarks, model.sparse_settings(len(warm)),
-                   shards=args.shards, engine=executor, threads=args.threads)  # start the actors
+    refine_sharded(model, warm, wq, model.last_landmarks, model.settings, shards=args.shards,
+                   engine=executor, threads=args.threads)  # start the actors
     with torch.no_grad():
         landmarks = model.sample_landmarks(len(feats), args.queries)
     reset_peak_rss()
     t0 = time.perf_counter()
-    out, report = refine_sharded(model.blocks, feats, args.queries, landmarks,
-                                 model.sparse_settings(args.rows[0]), shards=args.shards,
-                                 engine=executor, threads=args.threads)
+    out, report = refine_sharded(model, feats, args.queries, landmarks, model.settings,
+                                 shards=args.shards, engine=executor, threads=args.threads)
     seconds = time.perf_counter() - t0
     np.save(args.save, out.numpy())
     executor.shutdown()

@@ -125,19 +125,19 @@ def decision_margins(index, queries):
     from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
     from nformer_plugin.core.nformer.query_refine import QueryPass, query_layer
 
-    state = index.state
-    k = state.settings.topk
-    if state.settings.neighbors != "layer" or state.settings.mask == "none":
+    state, nformer = index.state, index.nformer
+    k = nformer.topk
+    if nformer.neighbors != "layer" or nformer.mask == "none":
         return float("nan"), float("nan")
     qp, gap, margin = QueryPass(queries.contiguous()), float("inf"), float("inf")
     with torch.inference_mode():
-        for i, block in enumerate(index.nformer.blocks):
+        for i in range(nformer.num_layers):
             layer = state.layers[i]
             scores, rows = exact_full_topk(canonical_rows(qp.x), layer.normed, k + 1)
             gap = min(gap, float((scores[:, k - 1] - scores[:, k]).min()))
             if layer.kth is not None:
                 margin = min(margin, float((scores[:, :k] - layer.kth[0][rows[:, :k]]).abs().min()))
-            query_layer(block, state, i, qp)
+            query_layer(nformer, state, i, qp)
     return gap, margin
 
 
@@ -146,13 +146,13 @@ def ivf_recall(index, queries) -> float:
     an exact search of the same rows."""
     import torch
 
-    from nformer_plugin.core.nformer.graphs import InnerProductSearcher
+    from nformer_plugin.core.nformer.neighbor_search import InnerProductSearcher
     from nformer_plugin.core.nformer.ties import canonical_rows, exact_full_topk
 
-    state, k = index.state, index.state.settings.topk
+    state, k = index.state, index.nformer.topk
     rows = canonical_rows(queries)
     base = state.input_normed if state.input_normed is not None else canonical_rows(state.inputs)
-    approx = InnerProductSearcher(base, state.settings).search(rows, k)
+    approx = InnerProductSearcher(base, state.settings, state.approximate).search(rows, k)
     exact = exact_full_topk(rows, base, k)[1]
     hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approx, exact))
     return hits / exact.numel()

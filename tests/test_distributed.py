@@ -50,12 +50,11 @@ def cluster():
 def single_and_sharded(model, gallery, queries, sizes, engine, chunk_size=None):
     feats = torch.cat([queries, gallery])
     ref = model(feats, num_query=len(queries))
-    settings = model.sparse_settings(len(gallery) if model.settings.query_mode == "isolated"
-                                     else len(feats))
+    settings = model.settings
     if chunk_size:
         settings = dataclasses.replace(settings, chunk_size=chunk_size)
     nq = len(queries) if model.settings.query_mode == "isolated" else 0
-    out, report = refine_sharded(model.blocks, feats, nq, model.last_landmarks, settings,
+    out, report = refine_sharded(model, feats, nq, model.last_landmarks, settings,
                                  shards=len(sizes), shard_sizes=sizes, engine=engine)
     return ref, out, report, list(model.neighbor_stats)
 
@@ -304,7 +303,7 @@ def test_bad_requests_are_named():
     feats = torch.cat([queries, gallery])
     model(feats, num_query=4)
     with pytest.raises(ValueError, match="MASK none"):
-        refine_sharded(model.blocks, feats, 4, model.last_landmarks, model.sparse_settings(100),
+        refine_sharded(model, feats, 4, model.last_landmarks, model.settings,
                        engine="local")
     with pytest.raises(ValueError, match="every shard needs a row"):
         shard_ranges(3, 4)

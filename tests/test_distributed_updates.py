@@ -43,9 +43,9 @@ def fresh_refinement(stage, gallery, queries, landmark_rows, ranges):
     gallery) served features."""
     nformer, head = split_model(stage)
     nq = len(queries)
-    out, _ = refine_sharded(nformer.blocks, torch.cat([queries, gallery]), nq,
+    out, _ = refine_sharded(nformer, torch.cat([queries, gallery]), nq,
                             [None if r is None else r + nq for r in landmark_rows],
-                            nformer.sparse_settings(len(gallery)), shards=len(ranges),
+                            nformer.settings, shards=len(ranges),
                             shard_sizes=[b - a for a, b in ranges], engine="local")
     with torch.no_grad():
         out = head(out)

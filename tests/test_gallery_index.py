@@ -85,14 +85,14 @@ def test_refine_is_exact_across_chunk_boundaries(neighbors):
 def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, monkeypatch):
     """Batches use one torch matmul + topk instead of faiss (small_batch=1 forces it for every
     call, 10**6 never), and large calls are cut in chunks of query rows: same rows either way."""
-    from nformer_plugin.core.nformer import query_refine
+    from nformer_plugin.core.nformer import query_refine, query_search
     from nformer_plugin.core.serving import index as index_module
 
-    monkeypatch.setattr(query_refine, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(query_search, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(index_module, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(query_refine, "QUERY_CHUNK", query_chunk)
     if small_batch == 1:  # score matrices of <= 1,000 entries: the matmul runs in row chunks
-        monkeypatch.setattr(query_refine, "MATMUL_SCORES", 1000)
+        monkeypatch.setattr(query_search, "MATMUL_SCORES", 1000)
     stage = NFormerStage(make_model(**SOURCES[source]), num_classes=4).eval()
     gallery, queries = world("clustered", (NG, NQ), 5)
     index = GalleryIndex.build(stage, gallery)
@@ -107,7 +107,7 @@ def test_matmul_and_faiss_search_paths_agree(source, small_batch, query_chunk, m
 def test_small_calls_use_one_torch_thread_and_restore_it():
     import threading
 
-    from nformer_plugin.core.nformer.query_refine import torch_threads
+    from nformer_plugin.core.nformer.threads import torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -132,7 +132,7 @@ def test_small_calls_use_one_torch_thread_and_restore_it():
 def test_fp16_prefilter_is_exact_or_declines():
     """A handful of queries scan a float16 copy and rescore in float32: the exact top-k whenever
     the scan's margin certifies it, else None (the float32 scan runs)."""
-    from nformer_plugin.core.nformer.query_refine import fp16_prefiltered_topk
+    from nformer_plugin.core.nformer.query_search import fp16_prefiltered_topk
 
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(3000, DIM, generator=gen), dim=1)
@@ -158,7 +158,7 @@ def test_approximate_search_gallery_is_served_as_batch(neighbors):
     model = make_model(ann_threshold=50, ann_nlist=4, ann_nprobe=2, neighbors=neighbors)
     gallery, queries = world("clustered", (NG, NQ), 1)
     index = GalleryIndex.build(model, gallery)
-    assert index.state.settings.approximate
+    assert index.state.approximate
     assert torch.allclose(index.refine(queries), batch(model, queries, gallery)[:NQ], atol=1e-5)
 
 

@@ -112,17 +112,17 @@ def test_rns_is_a_masked_softmax_with_positive_sign():
 # ----------------------------------------------------------------------------- attention
 def test_mask_none_exact_affinity_equals_plain_multihead_attention():
     torch.manual_seed(0)
-    attn = LandmarkAgentAttention(DIM, num_heads=4, mask="none", exact_affinity=True)
+    attn = LandmarkAgentAttention(DIM, num_heads=4)
     x = torch.randn(2, 20, DIM)
     split = lambda t: t.view(2, 20, 4, DIM // 4).transpose(1, 2)  # noqa: E731
     q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
     ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 20, DIM)
-    assert torch.allclose(attn(x), attn.out_proj(ref), atol=1e-5)
+    assert torch.allclose(attn(x, mask="none"), attn.out_proj(ref), atol=1e-5)  # no landmarks
 
 
 def test_mask_none_landmark_affinity_is_softmax_of_eq4():
     torch.manual_seed(0)
-    attn = LandmarkAgentAttention(DIM, num_heads=2, mask="none")
+    attn = LandmarkAgentAttention(DIM, num_heads=2)
     x = torch.randn(1, 25, DIM)
     lm = torch.tensor([3, 7, 11])
     q, k, v = (attn.split_heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -130,16 +130,23 @@ def test_mask_none_landmark_affinity_is_softmax_of_eq4():
     k_agent = k @ q[:, :, lm].transpose(-1, -2)  # k~ = k q_l^T
     a_tilde = q_agent @ k_agent.transpose(-1, -2) / (DIM // 2) ** 0.5
     ref = attn.out_proj(attn.merge_heads(torch.softmax(a_tilde, -1) @ v))
-    assert torch.allclose(attn(x, lm), ref, atol=1e-5)
+    assert torch.allclose(attn(x, lm, mask="none"), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask", ["reciprocal", "topk"])
 def test_output_ignores_non_neighbors_and_follows_neighbors(mask):
     torch.manual_seed(0)
-    attn = LandmarkAgentAttention(DIM, num_heads=2, topk=5, mask=mask).eval()
+    module = LandmarkAgentAttention(DIM, num_heads=2).eval()
+
+    def attn(x, lm):
+        return module(x, lm, topk=5, mask=mask)
+
+    def weights(x, lm):
+        return module.attention_weights(x, lm, topk=5, mask=mask)
+
     x = clustered(40).unsqueeze(0)
     lm = torch.tensor([0, 1, 2, 3, 4])
-    w = attn.attention_weights(x, lm)
+    w = weights(x, lm)
     linked = (w[0] > 0).any(0)  # (N, N): j feeds i in some head
     linked.fill_diagonal_(False)
     linked[:, :5] = False  # landmarks influence every row through A~
@@ -151,7 +158,7 @@ def test_output_ignores_non_neighbors_and_follows_neighbors(mask):
     for j in outsiders[:3]:
         x2 = x.clone()
         x2[0, j] += 1e-3 * torch.randn(DIM)
-        assert torch.equal(attn.attention_weights(x2, lm)[0, :, i] > 0, w[0, :, i] > 0)
+        assert torch.equal(weights(x2, lm)[0, :, i] > 0, w[0, :, i] > 0)
         out2 = attn(x2, lm)
         assert torch.allclose(out2[0, i], out[0, i], atol=1e-6)
         assert not torch.allclose(out2[0, j], out[0, j], atol=1e-6)

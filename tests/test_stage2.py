@@ -304,15 +304,15 @@ def test_a_short_stage2_run_raises_validation_map_above_the_baseline():
 
 
 def test_layer_pool_first_layer_is_exact_and_later_layers_rerank_the_pool():
-    from nformer_plugin.core.nformer.graphs import (CandidatePool, SparseSettings, feature_graphs,
-                                                    normalized_rows)
+    from nformer_plugin.core.nformer.candidate_pool import CandidatePool
+    from nformer_plugin.core.nformer.graphs import feature_graphs, normalized_rows
 
     x, _ = world(num_ids=40, per_id=15, dim=32, seed=5)
-    settings = SparseSettings(topk=10, neighbors="layer")
+    settings = InferenceSettings()
     pool = CandidatePool(normalized_rows(x, 8192), 60, 32, settings)
-    exact = feature_graphs(x, 60, settings)
+    exact = feature_graphs(x, 60, 10, "reciprocal", settings)
     for first in (True, False):  # the pool's own search, and the re-ranking of its candidates
-        pooled = feature_graphs(x, 60, settings, pool, first_layer=first)
+        pooled = feature_graphs(x, 60, 10, "reciprocal", settings, pool=pool, first_layer=first)
         for a, b in zip(exact, pooled):
             assert torch.equal(a.index.sort(1).values, b.index.sort(1).values)
             assert a.keep.sum() == b.keep.sum()

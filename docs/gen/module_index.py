@@ -28,11 +28,22 @@ def modules() -> List[Tuple[str, str]]:
     return sorted(out)
 
 
+# full stops that end an abbreviation, not a sentence ("(sec. 4.2)", "eqs. 6-7", "Fig. 2")
+ABBREVIATIONS = ("sec.", "secs.", "eq.", "eqs.", "fig.", "figs.", "e.g.", "i.e.", "cf.", "al.",
+                 "vs.")
+
+
 def first_sentence(doc: str) -> str:
-    """The docstring's first paragraph up to its first full stop (one line)."""
+    """The docstring's first paragraph up to its first full stop that ends a sentence (one
+    line)."""
     paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[:end + 1]
+    start = 0
+    while (end := paragraph.find(". ", start)) >= 0:
+        word = paragraph[:end + 1].rsplit(" ", 1)[-1].lstrip("(").lower()
+        if word not in ABBREVIATIONS:
+            return paragraph[:end + 1]
+        start = end + 2
+    return paragraph
 
 
 def markdown() -> str:

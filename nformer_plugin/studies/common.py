@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 METRICS = ("mAP", "Rank-1", "Rank-5", "mINP")
 #: evaluation-time settings of a trained NFormer: attribute of NFormer (dotted: of an attribute)
 #: / of each attention block
-EVAL_SETTINGS = {"num_landmarks": ("num_landmarks", None), "topk": ("topk", "topk"),
-                 "mask": ("mask", "mask"), "exact_affinity": ("exact_affinity", "exact_affinity"),
-                 "landmark_seed": ("settings.landmark_seed", None)}
+# setting -> the NFormer attribute that holds it (the architecture once, on the model)
+EVAL_SETTINGS = {"num_landmarks": "num_landmarks", "topk": "topk", "mask": "mask",
+                 "exact_affinity": "exact_affinity", "landmark_seed": "settings.landmark_seed"}
 
 
 class Progress:
@@ -146,8 +146,8 @@ def landmark_role(cfg) -> Dict[str, object]:
 
 
 class eval_settings:
-    """Context manager: set evaluation-time attributes of an NFormer (and its attention
-    blocks), restore them afterwards."""
+    """Context manager: set evaluation-time attributes of an NFormer, restore them
+    afterwards."""
 
     def __init__(self, nformer, **settings):
         unknown = set(settings) - set(EVAL_SETTINGS)
@@ -157,17 +157,12 @@ class eval_settings:
 
     def __enter__(self):
         for name, value in self.settings.items():
-            top, attn = EVAL_SETTINGS[name]
             owner = self.nformer
-            *path, top = top.split(".")
+            *path, top = EVAL_SETTINGS[name].split(".")
             for part in path:
                 owner = getattr(owner, part)
             self.saved.append((owner, top, getattr(owner, top)))
             setattr(owner, top, value)
-            if attn:
-                for block in self.nformer.blocks:
-                    self.saved.append((block.attn, attn, getattr(block.attn, attn)))
-                    setattr(block.attn, attn, value)
         return self.nformer
 
     def __exit__(self, *exc):

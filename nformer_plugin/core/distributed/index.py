@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..io import replace_durably, save_text
 from ..nformer.gallery_state import landmark_positions
-from ..nformer.graphs import chunks
+from ..nformer.chunking import chunks
 from ..nformer.query_refine import QUERY_CHUNK, QueryPass
 from ..nformer.ties import lex_sort
 from ..serving.checks import (METRICS, Features, as_features, as_ids, check_gallery_size,
@@ -199,10 +199,10 @@ class ShardedGalleryIndex:
         by layer against the shards."""
         x = as_features(query_feats, self.dim, "query features", torch.device("cpu"))
         passes = [QueryPass(x[c].contiguous()) for c in chunks(len(x), QUERY_CHUNK)]
-        for i, block in enumerate(self.nformer.blocks):
+        for i in range(self.nformer.num_layers):
             for qp in passes:
-                query_round(self.executor, self.workers, self.ranges, block, i, self.lands[i],
-                            qp, self.settings)
+                query_round(self.executor, self.workers, self.ranges, self.nformer, i,
+                            self.lands[i], qp, self.settings)
         return torch.cat([qp.x for qp in passes])
 
     @torch.no_grad()
@@ -277,7 +277,7 @@ class ShardedGalleryIndex:
         if model is None:
             model = load_gallery(folders[0], layout="shard").model
         nformer, _ = split_model(model)
-        settings = sharded_settings(nformer.sparse_settings(manifest["num_items"]))
+        settings = sharded_settings(nformer, nformer.settings, manifest["num_items"])
         executor = make_executor(engine, address, len(ranges))
         if hasattr(executor, "reserve"):
             executor.reserve(len(ranges))
@@ -325,13 +325,13 @@ def _refine_parts(executor, model: nn.Module, ranges: List[Range], parts: list, 
     labels: values or object-store handles), the gallery refined over them with the landmark
     rows ``landmark_ids`` pinned; ``(workers, settings, landmark projections, report)``."""
     nformer, _ = split_model(model)
-    settings = sharded_settings(nformer.sparse_settings(len(ids)))
+    settings = sharded_settings(nformer, nformer.settings, len(ids))
     workers = _start(executor, ranges, model, settings, threads)
     report = ShardedReport(engine=executor.name, shards=list(ranges))
     try:
         executor.get([executor.call(w, "load_items", p) for w, p in zip(workers, parts)])
-        run_layers(executor, workers, ranges, nformer.blocks,
-                   landmark_positions(ids, landmark_ids), settings, [], report)
+        run_layers(executor, workers, ranges, nformer, landmark_positions(ids, landmark_ids),
+                   settings, [], report)
         executor.get([executor.call(w, "set_items") for w in workers])
         lands = executor.get([executor.call(workers[0], "landmark_proj", i)
                               for i in range(nformer.num_layers)])

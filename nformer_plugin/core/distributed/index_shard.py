@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nformer.graphs import SparseSettings
+from ..nformer.settings import InferenceSettings
 from ..retrieval.neighbors import build_index
 from ..serving.checks import normalize_rows, split_model
 from ..nformer.gallery_state import GalleryState, ServedGallery, apply_head
 from ..serving.persistence import load_gallery, save_gallery
-from ..nformer.query_refine import matmul_topk
+from ..nformer.query_search import matmul_topk
 from ..serving.updates import fingerprints
 from .shard import GalleryShard, Range, without_grad
 
@@ -30,9 +30,9 @@ class IndexShard(GalleryShard):
     NFormer stage)."""
 
     def __init__(self, shard: int, ranges: Sequence[Range], model: nn.Module,
-                 settings: SparseSettings, threads: int = 0):
+                 settings: InferenceSettings, threads: int = 0):
         nformer, self.head = split_model(model)
-        super().__init__(shard, ranges, nformer.blocks, settings, threads, keep=True)
+        super().__init__(shard, ranges, nformer, settings, threads, keep=True)
         self.model = model.eval()
         self.ids: Optional[np.ndarray] = None
         self.labels: Dict[str, np.ndarray] = {}
@@ -122,7 +122,7 @@ class IndexShard(GalleryShard):
 
 
 def open_index_shard(shard: int, ranges: Sequence[Range], model: nn.Module,
-                     settings: SparseSettings, threads: int, directory: str) -> IndexShard:
+                     settings: InferenceSettings, threads: int, directory: str) -> IndexShard:
     """The shard saved in ``directory`` by :meth:`IndexShard.save` (checked: model config,
     weights hash, checksums, the row count of its range)."""
     loaded = load_gallery(directory, model, layout="shard")

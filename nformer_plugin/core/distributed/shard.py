@@ -33,12 +33,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nformer.graphs import (InnerProductSearcher, SparseSettings, with_self_loop,
-                              certified_search, gather_rows)
+from ..nformer.chunking import gather_rows
+from ..nformer.graphs import with_self_loop
+from ..nformer.neighbor_search import InnerProductSearcher, certified_search
 from ..nformer.sparse import landmark_projections, project_heads, rns_aggregate
 from ..nformer.ties import MIN_GEMM_ROWS, canonical_rows
 from ..process_memory import reset_peak_rss, status_bytes
 from ..nformer.gallery_state import GalleryLayer, keep_value_source
+from ..nformer.settings import InferenceSettings
 from .merge import listed_codes, merge_topk, reciprocal_keep
 
 Range = Tuple[int, int]
@@ -94,12 +96,13 @@ def worker_threads(threads: int = 0) -> int:
 
 @without_grad
 class GalleryShard:
-    """Rows ``ranges[shard]`` of a gallery of ``ranges[-1][1]`` rows under ``blocks`` (eval
-    mode) and ``settings`` (exact search). ``threads``: torch threads of this worker (0: :func:`worker_threads`). ``keep``:
+    """Rows ``ranges[shard]`` of a gallery of ``ranges[-1][1]`` rows under the blocks of
+    ``nformer`` (eval mode; its architecture: ``topk``, ``mask``, ``neighbors``) and ``settings``
+    (exact search). ``threads``: torch threads of this worker (0: :func:`worker_threads`). ``keep``:
     keep every layer's state (a gallery index), else only the current layer's."""
 
-    def __init__(self, shard: int, ranges: Sequence[Range], blocks: Sequence[nn.Module],
-                 settings: SparseSettings, threads: int = 0, keep: bool = False):
+    def __init__(self, shard: int, ranges: Sequence[Range], nformer: nn.Module,
+                 settings: InferenceSettings, threads: int = 0, keep: bool = False):
         threads = worker_threads(threads)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -108,7 +111,7 @@ class GalleryShard:
         self.shard, self.ranges = shard, [tuple(r) for r in ranges]
         self.start, self.stop = self.ranges[shard]
         self.total = self.ranges[-1][1]
-        self.blocks = [b.eval() for b in blocks]
+        self.nformer, self.blocks = nformer, [b.eval() for b in nformer.blocks]
         self.settings = settings
         self.x: Optional[Tensor] = None
         self.state: Dict[str, Optional[Tensor]] = {}
@@ -160,7 +163,7 @@ class GalleryShard:
         number of graphs to search this layer (0: ``neighbors="input"`` after layer 0)."""
         self.sent = 0
         attn, chunk = self.blocks[layer].attn, self.settings.chunk_size
-        land = None if attn.exact_affinity else landmark_projections(attn, x_land)
+        land = None if self.nformer.exact_affinity else landmark_projections(attn, x_land)
         self.land = land
         heads = attn.num_heads
 
@@ -172,7 +175,7 @@ class GalleryShard:
                  for p, whole in grid_pieces(self.start, self.stop, self.total, chunk)]
         qs, ks = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
         v = torch.cat([p[2] for p in parts])
-        source, reciprocal = self.settings.neighbors, self.settings.mask == "reciprocal"
+        source, reciprocal = self.nformer.neighbors, self.nformer.mask == "reciprocal"
         self.state = dict(keys=ks, values=v, qs=qs, x=self.x,
                           queries=qs if source == "affinity" and reciprocal else None)
         self.search, self.searchers = [], []
@@ -197,13 +200,13 @@ class GalleryShard:
     def _searcher(self, g: int) -> InnerProductSearcher:
         while len(self.searchers) <= g:
             self.searchers.append(InnerProductSearcher(self.search[len(self.searchers)][1],
-                                                       self.settings))
+                                                       self.settings, approximate=False))
         return self.searchers[g]
 
     def topk_over_base(self, g: int, rows: Tensor) -> Tuple[Tensor, Tensor]:
         """Exact top-k (float64 scores, global ids) of ``rows`` over this shard's base ``g``."""
         base = self.search[g][1]
-        k = min(self.settings.topk, base.shape[0])
+        k = min(self.nformer.topk, base.shape[0])
         scores, idx, _ = certified_search(rows, base, self._searcher(g), k,
                                           self.settings.chunk_size)
         return scores, idx + self.start
@@ -220,7 +223,7 @@ class GalleryShard:
     def merge(self, *parts: list) -> List[list]:
         """Merge the own rows' lists over every shard; returns, per destination shard, the
         "j lists i" codes of every graph (empty lists without the reciprocal mask)."""
-        k, reciprocal = self.settings.topk, self.settings.mask == "reciprocal"
+        k, reciprocal = self.nformer.topk, self.nformer.mask == "reciprocal"
         self.graphs = []
         for g in range(len(parts[0])):
             scores, nbrs = merge_topk([p[g] for p in parts], k)
@@ -241,7 +244,7 @@ class GalleryShard:
             graph["keep"] = reciprocal_keep(graph["nbrs"], self.start, self.total,
                                             [c[g] for c in codes])
         kth = torch.stack([gr["scores"].min(dim=1).values for gr in self.graphs])
-        if self.settings.neighbors == "input":
+        if self.nformer.neighbors == "input":
             self.input_kth = kth
         else:
             self.state["kth"] = kth
@@ -326,12 +329,13 @@ class GalleryShard:
     def _query_searcher(self, layer: int, g: int) -> Tuple[Tensor, InnerProductSearcher]:
         """Base ``g`` of ``layer`` as a query searches it (``k~`` of head ``g``, the canonical
         layer input, or the canonical NFormer input) and its search structure."""
-        source, gl = self.settings.neighbors, self.layers[layer]
+        source, gl = self.nformer.neighbors, self.layers[layer]
         key = ("input", g) if source == "input" else (layer, g)
         base = gl.keys[g] if source == "affinity" else (
             gl.normed if source == "layer" else self.input_base)
         if key not in self.query_searchers:
-            self.query_searchers[key] = InnerProductSearcher(base, self.settings)
+            self.query_searchers[key] = InnerProductSearcher(base, self.settings,
+                                                             approximate=False)
         return base, self.query_searchers[key]
 
     def query_topk(self, layer: int, vectors: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
@@ -340,7 +344,7 @@ class GalleryShard:
         out = []
         for g, rows in enumerate(vectors):
             base, searcher = self._query_searcher(layer, g)
-            k = min(self.settings.topk, base.shape[0])
+            k = min(self.nformer.topk, base.shape[0])
             scores, idx, _ = certified_search(rows, base, searcher, k, self.settings.chunk_size)
             out.append((scores, idx + self.start))
         return out

@@ -4,10 +4,9 @@ from .masks import (build_neighbor_mask, cosine_affinity, reciprocal_neighbor_ma
 from .model import NEIGHBOR_SOURCES, LandmarkAgentAttention, NFormer, NFormerBlock
 from .settings import InferenceSettings
 from .forward import sparse_nformer_forward
-from .sparse import SparseSettings
 from .stage import NFormerStage
 
 __all__ = ["NFormer", "InferenceSettings", "NFormerBlock", "LandmarkAgentAttention",
            "NFormerStage", "NEIGHBOR_SOURCES", "build_neighbor_mask", "cosine_affinity",
            "reciprocal_neighbor_mask", "reciprocal_neighbor_softmax", "topk_neighbor_mask",
-           "SparseSettings", "sparse_nformer_forward"]
+           "sparse_nformer_forward"]

@@ -49,6 +49,7 @@ def add_nformer_config(cfg):
     _C.MODEL.NFORMER.QUERY_MODE = "isolated"  # isolated: no query-query interaction (sec 4.2) | joint
     _C.MODEL.NFORMER.CHUNK_SIZE = 8192  # rows per chunk in the memory-bounded (sparse) inference
     _C.MODEL.NFORMER.INFERENCE = "sparse"  # sparse: O(N(k+l)d) memory | dense: N x N (small N)
+    _C.MODEL.NFORMER.FULL_ATTENTION_BUDGET = 1 << 24  # MASK none, sparse inference: score entries per row chunk of the full softmax
     _C.MODEL.NFORMER.ANN_THRESHOLD = 0  # sets of >= this many rows use an IVF (approximate) top-k search; 0 = always exact
     _C.MODEL.NFORMER.ANN_NLIST = 0  # IVF cells of that search; 0 = 2 sqrt(N)
     _C.MODEL.NFORMER.ANN_NPROBE = 16  # IVF cells searched per row (recall vs time)
@@ -87,7 +88,8 @@ def inference_settings(cfg) -> InferenceSettings:
     c = cfg.MODEL.NFORMER
     return InferenceSettings(
         query_mode=c.QUERY_MODE, landmark_seed=c.LANDMARK_SEED, inference=c.INFERENCE,
-        chunk_size=c.CHUNK_SIZE, ann_threshold=c.ANN_THRESHOLD or None,
+        chunk_size=c.CHUNK_SIZE, full_attention_budget=c.FULL_ATTENTION_BUDGET,
+        ann_threshold=c.ANN_THRESHOLD or None,
         ann_nlist=c.ANN_NLIST or None, ann_nprobe=c.ANN_NPROBE, layer_pool=c.LAYER_POOL)
 
 

@@ -13,19 +13,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .graphs import SparseSettings
 from .isolated import refine_isolated
+from .settings import InferenceSettings
 from .sparse import sparse_set_forward
 
 
-def sparse_nformer_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                           landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+def sparse_nformer_forward(model: nn.Module, feats: Tensor, num_query: int,
+                           landmarks: Sequence[Optional[Tensor]], settings: InferenceSettings,
                            on_layer: Optional[Callable[[int, dict], None]] = None
                            ) -> Tuple[Tensor, List[Dict[str, float]]]:
-    """Run ``blocks`` over ``feats`` (N, d) whose first ``num_query`` rows are isolated queries
-    (0: one joint set); ``landmarks`` holds one (l,) index tensor per block (rows of ``feats``).
+    """Run the blocks of ``model`` (an eval-mode ``NFormer``) under ``settings`` over ``feats``
+    (N, d) whose first ``num_query`` rows are isolated queries (0: one joint set); ``landmarks``
+    holds one (l,) index tensor per block (rows of ``feats``).
     Returns the refined (N, d) and, per layer, the neighbor statistics; ``on_layer(i, record)``
     as in ``sparse.sparse_set_forward`` (for the gallery rows when there are queries)."""
     if num_query:
-        return refine_isolated(blocks, feats, num_query, landmarks, settings, on_layer)
-    return sparse_set_forward(blocks, feats, 0, landmarks, settings, on_layer)
+        return refine_isolated(model, feats, num_query, landmarks, settings, on_layer)
+    return sparse_set_forward(model, feats, 0, landmarks, settings, on_layer)

@@ -33,7 +33,7 @@ Pure torch / faiss; must not import FastReID.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graphs import SparseSettings
+from .settings import InferenceSettings
 from .sparse import landmark_projections, sparse_set_forward
 from .ties import canonical_rows, exact_scores, stable_rows
 
@@ -64,12 +64,15 @@ class GalleryLayer:
 
 @dataclass
 class GalleryState:
-    """The refined gallery and every layer's state; ``settings`` as the batch path would use."""
+    """The refined gallery and every layer's state, under the ``settings`` it was refined with
+    (a copy) and, as the batch path resolves it for the gallery's size, ``approximate`` (IVF)
+    search. The architecture (``topk``, ``mask``, ``neighbors``) is the serving model's."""
 
     inputs: Tensor  # (G, d) the NFormer input
     outputs: Tensor  # (G, d) the NFormer output
     layers: List[GalleryLayer]
-    settings: SparseSettings
+    settings: InferenceSettings
+    approximate: bool = False  # settings.approximate_search(G): queries search the IVF index
     input_normed: Optional[Tensor] = None  # (G, d) for neighbors="input" and the layer pool
     input_kth: Optional[Tensor] = None  # (1, G) neighbors="input", reciprocal
     pool_size: int = 0  # candidates per query (layer_pool), 0: none
@@ -129,11 +132,12 @@ def gallery_value_table(attn: nn.Module, layer: GalleryLayer, nbrs: Tensor
     return stable_rows(lambda r: F.linear(r, weight, bias), x), positions
 
 
-def candidate_pool_size(settings: SparseSettings, set_size: int) -> int:
-    """Candidates per row of the ``layer_pool`` (0: none), under the batch path's condition."""
-    if (settings.neighbors == "layer" and settings.mask != "none"
+def candidate_pool_size(model: nn.Module, settings: InferenceSettings, set_size: int) -> int:
+    """Candidates per row of the ``layer_pool`` (0: none) of ``model`` (an ``NFormer``), under
+    the batch path's condition."""
+    if (model.neighbors == "layer" and model.mask != "none"
             and 0 < settings.layer_pool < set_size):
-        return max(settings.layer_pool, settings.topk)
+        return max(settings.layer_pool, model.topk)
     return 0
 
 
@@ -142,27 +146,29 @@ def _kth_scores(rows: Tensor, keys: Tensor, set_nbrs: Tensor, chunk_size: int) -
     return exact_scores(rows, keys, set_nbrs, chunk_size).min(dim=1).values
 
 
-def _feature_kth(record: dict, normed: Tensor, settings: SparseSettings) -> Tensor:
+def _feature_kth(record: dict, normed: Tensor, chunk_size: int) -> Tensor:
     """k-th neighbor cosine score of every gallery row, as the batch path ranks it (pool or not)."""
     if record.get("set_scores") is not None:  # the forward's own exact top-k (layer pool)
         return record["set_scores"].min(dim=1).values.to(normed.device)
     set_nbrs = record["graphs"][0][0].index[:, :-1]
-    return _kth_scores(normed, normed, set_nbrs, settings.chunk_size)
+    return _kth_scores(normed, normed, set_nbrs, chunk_size)
 
 
 @torch.no_grad()
-def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
-                   landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+def refine_gallery(model: nn.Module, inputs: Tensor,
+                   landmarks: Sequence[Optional[Tensor]], settings: InferenceSettings,
                    after_layer: Optional[Callable[[int, GalleryState, dict], None]] = None
                    ) -> GalleryState:
-    """Refine the gallery alone (sec. 4.2: it never sees a query) with the batch sparse path and
+    """Refine the gallery alone (sec. 4.2: it never sees a query) by ``model`` (an eval-mode
+    ``NFormer``) under ``settings`` with the batch sparse path and
     keep what a query needs per layer (see the module docstring), layer by layer as the forward
     goes (so that no layer's transient state outlives it). ``after_layer(i, state, record)`` runs
     once layer ``i``'s state is kept (``isolated.refine_isolated``)."""
-    masked, reciprocal = settings.mask != "none", settings.mask == "reciprocal"
-    source, chunk = settings.neighbors, settings.chunk_size
-    state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=settings)
-    state.pool_size = candidate_pool_size(settings, len(inputs))
+    masked, reciprocal = model.mask != "none", model.mask == "reciprocal"
+    source, chunk, blocks = model.neighbors, settings.chunk_size, model.blocks
+    state = GalleryState(inputs=inputs, outputs=inputs, layers=[], settings=replace(settings),
+                         approximate=settings.approximate_search(len(inputs)))
+    state.pool_size = candidate_pool_size(model, settings, len(inputs))
     if masked and (source == "input" or state.pool_size):
         state.input_normed = canonical_rows(inputs, chunk)
 
@@ -178,14 +184,14 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
             if layer.normed is None:
                 layer.normed = canonical_rows(record["x"], chunk)
             if reciprocal:
-                layer.kth = _feature_kth(record, layer.normed, settings)[None]
+                layer.kth = _feature_kth(record, layer.normed, chunk)[None]
         elif masked and source == "affinity" and reciprocal:
             layer.queries = torch.stack(record["qs"])
             layer.kth = torch.stack([
                 _kth_scores(layer.queries[h], layer.keys[h], graphs[0].index[:, :-1], chunk)
                 for h, graphs in enumerate(record["graphs"])])
         if i == 0 and masked and source == "input" and reciprocal:
-            state.input_kth = _feature_kth(record, state.input_normed, settings)[None]
+            state.input_kth = _feature_kth(record, state.input_normed, chunk)[None]
         keep_value_source(layer, record["x"], record["v"], inputs if i == 0 else None, chunk)
         record.pop("v")  # the forward's transients go with its record
         state.layers.append(layer)
@@ -193,7 +199,7 @@ def refine_gallery(blocks: Sequence[nn.Module], inputs: Tensor,
         if after_layer is not None:
             after_layer(i, state, record)
 
-    state.outputs, _ = sparse_set_forward(blocks, inputs, 0, landmarks, settings, keep_layer,
+    state.outputs, _ = sparse_set_forward(model, inputs, 0, landmarks, settings, keep_layer,
                                           pool_rows=state.input_normed)
     return state
 
@@ -244,6 +250,6 @@ def serve_gallery(nformer: nn.Module, head: Optional[nn.Module], inputs: Tensor,
     """Refine the gallery ``inputs`` (items ``ids``) with the eval-mode ``nformer`` and the
     landmark rows pinned by ``landmark_ids`` (:func:`refine_gallery`), then apply ``head``."""
     rows = landmark_positions(ids, landmark_ids)
-    state = refine_gallery(nformer.blocks, inputs, rows, nformer.sparse_settings(len(inputs)))
+    state = refine_gallery(nformer, inputs, rows, nformer.settings)
     return ServedGallery(ids, landmark_ids, state, apply_head(head, state.outputs),
                          dict(labels or {}))

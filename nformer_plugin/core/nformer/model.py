@@ -38,7 +38,6 @@ from .forward import sparse_nformer_forward
 from .masks import (MASK_MODES, build_neighbor_mask, check_choice, check_topk, cosine_affinity,
                     mask_neighbor_counts, neighbor_stats, reciprocal_neighbor_softmax)
 from .settings import InferenceSettings
-from .sparse import SparseSettings
 
 NEIGHBOR_SOURCES = ("affinity", "input", "layer")
 ACTIVATIONS = ("gelu", "relu")
@@ -48,19 +47,18 @@ class LandmarkAgentAttention(nn.Module):
     """Multi-head Landmark Agent Attention (sec. 3.3, Fig. 3) followed by RNS (sec. 3.4).
 
     Per head (width ``d_h = d / num_heads``): ``q~ = q k_l^T``, ``k~ = k q_l^T`` (N x l) with the
-    ``l`` landmark rows ``q_l, k_l``, and ``A~ = q~ k~^T / sqrt(d_h)`` (eq. 4). With
-    ``exact_affinity`` the full ``A = q k^T / sqrt(d_h)`` of eq. (3) is used (Fig. 6b, "without
-    LAA"). Heads are merged and passed through an output projection.
+    ``l`` landmark rows ``q_l, k_l``, and ``A~ = q~ k~^T / sqrt(d_h)`` (eq. 4). Without landmarks
+    (``landmarks=None``: ``NFormer(exact_affinity=True)``) the full ``A = q k^T / sqrt(d_h)`` of
+    eq. (3) is used (Fig. 6b, "without LAA"). Heads are merged and passed through an output
+    projection. The mask rule (``topk``, ``mask``) comes with each call: the model that owns the
+    attention holds it (``NFormer.topk``, ``NFormer.mask``), once.
     """
 
-    def __init__(self, dim: int, num_heads: int = 2, topk: int = 10, mask: str = "reciprocal",
-                 exact_affinity: bool = False):
+    def __init__(self, dim: int, num_heads: int = 2):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        check_choice("mask", mask, MASK_MODES)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.topk, self.mask, self.exact_affinity = topk, mask, exact_affinity
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.last_kept: Optional[Tensor] = None  # neighbors kept per row in the latest forward
@@ -78,42 +76,44 @@ class LandmarkAgentAttention(nn.Module):
         return x.transpose(1, 2).reshape(b, n, self.dim)
 
     def affinity(self, q: Tensor, k: Tensor, landmarks: Optional[Tensor]) -> Tensor:
-        """``A~`` of eq. (4) (or ``A`` of eq. 3 with ``exact_affinity``), (B, h, N, N)."""
+        """``A~`` of eq. (4) (or ``A`` of eq. 3 without ``landmarks``), (B, h, N, N)."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.exact_affinity:
-            return (q @ k.transpose(-1, -2)) * scale
         if landmarks is None:
-            raise ValueError("landmark indices are required unless exact_affinity=True")
+            return (q @ k.transpose(-1, -2)) * scale
         q_agent = q @ k[..., landmarks, :].transpose(-1, -2)  # q~ = q k_l^T, (B, h, N, l)
         k_agent = k @ q[..., landmarks, :].transpose(-1, -2)  # k~ = k q_l^T, (B, h, N, l)
         return (q_agent @ k_agent.transpose(-1, -2)) * scale
 
     def attention_weights(self, x: Tensor, landmarks: Optional[Tensor] = None,
-                          num_query: int = 0, neighbor_mask: Optional[Tensor] = None) -> Tensor:
+                          num_query: int = 0, neighbor_mask: Optional[Tensor] = None,
+                          topk: int = 10, mask: str = "reciprocal") -> Tensor:
         """RNS weights (B, h, N, N) of eq. (8) for input ``x`` (B, N, d).
 
         ``neighbor_mask`` (broadcastable to (B, h, N, N)) replaces the mask built from each head's
-        own ``A~`` (used for ``neighbors="input"``); ``num_query`` isolates the first rows.
+        own ``A~`` under ``topk`` and ``mask`` (eqs. 6-7; used for ``neighbors="input"`` /
+        ``"layer"``); ``num_query`` isolates the first rows.
         """
         q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x))
-        return self._weights(q, k, landmarks, num_query, neighbor_mask)
+        return self._weights(q, k, landmarks, num_query, neighbor_mask, topk, mask)
 
     def _weights(self, q: Tensor, k: Tensor, landmarks: Optional[Tensor], num_query: int,
-                 neighbor_mask: Optional[Tensor]) -> Tensor:
+                 neighbor_mask: Optional[Tensor], topk: int, mask: str) -> Tensor:
+        check_choice("mask", mask, MASK_MODES)
         affinity = self.affinity(q, k, landmarks)
-        mask = neighbor_mask
-        if mask is None:
-            mask = build_neighbor_mask(affinity, self.topk, self.mask, num_query)
-        if mask is not None:  # neighbors kept per row and head, for NFormer.neighbor_stats
-            self.last_kept = mask_neighbor_counts(mask.expand_as(affinity)).detach()
-        return reciprocal_neighbor_softmax(affinity, mask)
+        kept_mask = neighbor_mask
+        if kept_mask is None:
+            kept_mask = build_neighbor_mask(affinity, topk, mask, num_query)
+        if kept_mask is not None:  # neighbors kept per row and head, for NFormer.neighbor_stats
+            self.last_kept = mask_neighbor_counts(kept_mask.expand_as(affinity)).detach()
+        return reciprocal_neighbor_softmax(affinity, kept_mask)
 
     def forward(self, x: Tensor, landmarks: Optional[Tensor] = None, num_query: int = 0,
-                neighbor_mask: Optional[Tensor] = None) -> Tensor:
+                neighbor_mask: Optional[Tensor] = None, topk: int = 10,
+                mask: str = "reciprocal") -> Tensor:
         """Dense attention over each set of ``x`` (B, N, d) -> (B, N, d); eq. (2) with RNS."""
         q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x))
         v = self.split_heads(self.v_proj(x))
-        weights = self._weights(q, k, landmarks, num_query, neighbor_mask)
+        weights = self._weights(q, k, landmarks, num_query, neighbor_mask, topk, mask)
         return self.out_proj(self.merge_heads(weights @ v))
 
 
@@ -121,11 +121,10 @@ class NFormerBlock(nn.Module):
     """One NFormer layer: LAA + RNS, then a feed-forward, each with residual and post-LayerNorm."""
 
     def __init__(self, dim: int, num_heads: int = 2, ffn_dim: int = 1024, dropout: float = 0.1,
-                 topk: int = 10, mask: str = "reciprocal", exact_affinity: bool = False,
                  activation: str = "gelu"):
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
-        self.attn = LandmarkAgentAttention(dim, num_heads, topk, mask, exact_affinity)
+        self.attn = LandmarkAgentAttention(dim, num_heads)
         self.norm1 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU() if activation == "gelu" else nn.ReLU(),
@@ -140,8 +139,10 @@ class NFormerBlock(nn.Module):
         return self.norm2(x + self.dropout(self.ffn(x)))
 
     def forward(self, x: Tensor, landmarks: Optional[Tensor] = None, num_query: int = 0,
-                neighbor_mask: Optional[Tensor] = None) -> Tensor:
-        return self.residual_tail(x, self.attn(x, landmarks, num_query, neighbor_mask))
+                neighbor_mask: Optional[Tensor] = None, topk: int = 10,
+                mask: str = "reciprocal") -> Tensor:
+        """The layer on ``x`` (B, N, d); the arguments as :meth:`LandmarkAgentAttention.forward`."""
+        return self.residual_tail(x, self.attn(x, landmarks, num_query, neighbor_mask, topk, mask))
 
 
 class NFormer(nn.Module):
@@ -174,12 +175,14 @@ class NFormer(nn.Module):
     neighbors kept per row (self loop excluded, averaged over heads) and the share of rows that
     keep only themselves.
 
-    ``NFormer(...)`` takes the architecture; how it runs at evaluation (query mode, landmark
-    seed, sparse / dense, chunks, approximate search, the layer pool) is one
+    ``NFormer(...)`` takes the architecture, kept once as its attributes (``topk``, ``mask``,
+    ``neighbors``, ``exact_affinity``: the blocks receive the mask rule with each call, the sparse
+    kernels read it from the model); how it runs at evaluation (query mode, landmark seed,
+    sparse / dense, chunks, approximate search, the layer pool) is one
     :class:`~.settings.InferenceSettings` (``settings=``, default ``InferenceSettings()``), kept as
     :attr:`settings` and changeable after training.
     Every neighbor choice follows one tie rule (``ties``: exact scores, then row index); with
-    ``settings.layer_pool`` the pool is exact by certificate (``graphs.CandidatePool``).
+    ``settings.layer_pool`` the pool is exact by certificate (``candidate_pool.CandidatePool``).
     """
 
     def __init__(self, dim: int = 256, num_layers: int = 4, num_heads: int = 2,
@@ -208,8 +211,7 @@ class NFormer(nn.Module):
         self.mask, self.neighbors, self.exact_affinity = mask, neighbors, exact_affinity
         self.settings = settings
         self.blocks = nn.ModuleList(
-            NFormerBlock(dim, num_heads, ffn_dim, dropout, topk, mask, exact_affinity, activation)
-            for _ in range(num_layers)
+            NFormerBlock(dim, num_heads, ffn_dim, dropout, activation) for _ in range(num_layers)
         )
         self.train_generator = torch.Generator().manual_seed(settings.landmark_seed)
         self.last_landmarks: List[Optional[Tensor]] = []  # landmarks of the latest forward
@@ -271,11 +273,15 @@ class NFormer(nn.Module):
 
     def _landmarks(self, n: int, num_query: int,
                    landmarks: Optional[Sequence[Optional[Tensor]]]) -> List[Optional[Tensor]]:
-        if landmarks is None:
+        """Per layer, the landmark rows (``None``: eq. 3, ``exact_affinity``; given landmarks are
+        not used there)."""
+        if landmarks is None or self.exact_affinity:
             landmarks = self.sample_landmarks(n, num_query)
         elif len(landmarks) != self.num_layers:
             raise ValueError(f"landmarks: expected {self.num_layers} entries (one per layer), "
                              f"got {len(landmarks)}")
+        elif any(lm is None for lm in landmarks):
+            raise ValueError("landmark indices are required unless exact_affinity=True")
         self.last_landmarks = list(landmarks)
         return self.last_landmarks
 
@@ -309,7 +315,7 @@ class NFormer(nn.Module):
             if self.neighbors == "layer":
                 neighbor_mask = self._feature_mask(x, isolated)
             block.attn.last_kept = None
-            x = block(x, lm, isolated, neighbor_mask)
+            x = block(x, lm, isolated, neighbor_mask, self.topk, self.mask)
             kept = block.attn.last_kept
             stats.append(neighbor_stats(kept.float().mean(dim=1)) if kept is not None else {})
         self.neighbor_stats = stats
@@ -320,29 +326,18 @@ class NFormer(nn.Module):
                        landmarks: Optional[Sequence[Optional[Tensor]]] = None,
                        kernel: Callable = sparse_nformer_forward) -> Tensor:
         """Memory-bounded path for one set (N, d): O(N (k + l + d)) memory, no gradients.
-        ``kernel(blocks, feats, isolated, landmarks, settings) -> (out, neighbor_stats)`` runs the
-        layers: this process's (``sparse_nformer_forward``) or the gallery sharded over workers
+        ``kernel(model, feats, isolated, landmarks, settings) -> (out, neighbor_stats)`` runs the
+        layers of ``model`` (this NFormer) under ``settings`` (:attr:`settings`): this process's
+        (``sparse_nformer_forward``) or the gallery sharded over workers
         (``core.distributed.refine_nformer_sharded``)."""
         if feats.dim() != 2:
             raise ValueError(f"sparse inference takes one set (N, d), got shape "
                              f"{tuple(feats.shape)}")
         self.check_input(feats, num_query)
         layer_landmarks = self._landmarks(feats.shape[0], num_query, landmarks)
-        settings = self.sparse_settings(feats.shape[0] - self._isolated_queries(num_query))
         out, self.neighbor_stats = kernel(
-            self.blocks, feats, self._isolated_queries(num_query), layer_landmarks, settings)
+            self, feats, self._isolated_queries(num_query), layer_landmarks, self.settings)
         return out
-
-    def sparse_settings(self, set_size: int) -> SparseSettings:
-        """The sparse path's settings for a set (the gallery, with isolated queries) of
-        ``set_size`` rows: approximate search from ``settings.ann_threshold`` rows on."""
-        s = self.settings
-        return SparseSettings(
-            topk=self.topk, mask=self.mask, neighbors=self.neighbors,
-            exact_affinity=self.exact_affinity, chunk_size=s.chunk_size,
-            approximate=s.ann_threshold is not None and set_size >= s.ann_threshold,
-            nlist=s.ann_nlist, nprobe=s.ann_nprobe, layer_pool=s.layer_pool,
-        )
 
     def describe_neighbors(self) -> str:
         """One line per layer: neighbors kept per row (mean, 5th percentile, self-only rows)."""

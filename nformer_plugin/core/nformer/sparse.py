@@ -3,15 +3,18 @@
 For every layer and head, the landmark encodings ``q~ = q k_l^T`` and ``k~ = k q_l^T`` (N x l,
 eq. 4) are computed in row chunks. Row ``i``'s top-k under ``A~_i,: = q~_i k~^T / sqrt(d_h)`` is
 a maximum-inner-product search of ``q~_i`` over the rows of ``k~`` (faiss, via
-``graphs`` and ``retrieval.neighbors``; the positive scale does not change the ranking, so it is applied
-afterwards). The reciprocal test of eq. (7) is done on the neighbor lists themselves by looking
-up the encoded reverse pair ``j * N + i`` among the sorted forward pairs ``i * N + j``. The RNS
+``neighbor_search`` and ``retrieval.neighbors``; the positive scale does not change the ranking,
+so it is applied afterwards). The reciprocal test of eq. (7) is done on the neighbor lists
+themselves by looking up the encoded reverse pair ``j * N + i`` among the sorted forward pairs
+``i * N + j`` (``graphs``). The RNS
 softmax (eq. 8, ``exp(+A~)``, see ``masks.reciprocal_neighbor_softmax``) then runs over each
 row's kept neighbors plus itself and aggregates ``v`` over that sparse graph. Working memory is
 O(N (k + l + d)) plus one chunk; nothing here is differentiable.
 
-``exact_affinity`` searches ``q`` over ``k`` (eq. 3) instead; ``neighbors="input"`` builds the
-graph once from the normalized input features and shares it by all layers and heads;
+Everything here takes the model's architecture (``topk``, ``mask``, ``neighbors``,
+``exact_affinity``: read from the NFormer, or passed as arguments) and one ``InferenceSettings``.
+``exact_affinity`` (no landmarks) searches ``q`` over ``k`` (eq. 3) instead; ``neighbors="input"``
+builds the graph once from the normalized input features and shares it by all layers and heads;
 ``neighbors="layer"`` builds it from each layer's normalized input, shared by that layer's heads;
 ``mask="none"`` falls back to a chunked full softmax (O(N) memory per row chunk, O(N^2) time).
 
@@ -19,7 +22,8 @@ Queries (the first ``num_query`` rows, isolated as in ``masks.build_neighbor_mas
 gallery index; gallery item ``j`` is a reciprocal neighbor of query ``i`` iff it is in ``i``'s
 top-k over ``gallery u {i}`` and ``A~_ji`` reaches ``j``'s ``k``-th gallery affinity.
 
-Exact (flat) search by default. ``approximate=True`` uses an IVF index on the standard
+Exact (flat) search by default. ``approximate`` (``InferenceSettings.approximate_search`` of the
+set, resolved once per call by :func:`sparse_set_forward`) uses an IVF index on the standard
 maximum-inner-product -> L2 reduction (each base row gets an extra coordinate
 ``sqrt(max_norm^2 - |b|^2)``, each query a 0), for sets of ~10^6 rows; its neighbor lists are
 approximate. On small sets the exact path matches the dense path of ``NFormer`` up to float
@@ -35,9 +39,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .graphs import (CandidatePool, Graphs, NeighborGraph, SparseSettings, build_neighbor_graphs,
-                     chunks, feature_graphs, gather_rows, graph_counts)
+from .candidate_pool import CandidatePool
+from .chunking import chunks, gather_rows
+from .graphs import Graphs, NeighborGraph, build_neighbor_graphs, feature_graphs, graph_counts
 from .masks import neighbor_stats
+from .settings import InferenceSettings
 from .ties import canonical_rows
 
 
@@ -65,8 +71,9 @@ def rns_aggregate(query_rows: Tensor, key_rows: Tensor, value_rows: Tensor, keep
 
 
 def full_attention(queries: Tensor, keys: Tensor, values: Tensor, num_query: int, scale: float,
-                   settings: SparseSettings, out: Tensor) -> None:
-    """Plain softmax (``mask="none"``) in row chunks; isolated queries see the set and self."""
+                   settings: InferenceSettings, out: Tensor) -> None:
+    """Plain softmax (``mask="none"``) in row chunks of at most ``settings.chunk_size`` rows and
+    ``settings.full_attention_budget`` scores; isolated queries see the set and self."""
     nq, n = num_query, queries.shape[0]
     set_keys, set_values = keys[nq:], values[nq:]
     rows_per_chunk = max(1, min(settings.chunk_size, settings.full_attention_budget // (n - nq)))
@@ -99,13 +106,13 @@ def project_heads(attn: nn.Module, x: Tensor, landmarks: Optional[Tensor], chunk
                   ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """Per-head affinity factors and values, in chunks: ``A = Qs Ks^T / sqrt(d_h)``.
 
-    Returns ``(Qs, Ks, v)``: lists of per-head (N, m) tensors - ``q~, k~`` (m = l, eq. 4) or
-    ``q, k`` (m = d_h, eq. 3, ``attn.exact_affinity``) - and ``v`` (N, d). ``landmark_proj``
-    (from :func:`landmark_projections`) gives landmarks that are not rows of ``x`` (isolated
-    queries against a fixed gallery, ``core.serving``).
+    Returns ``(Qs, Ks, v)``: lists of per-head (N, m) tensors - ``q~, k~`` (m = l, eq. 4) or,
+    without landmarks (``exact_affinity``), ``q, k`` (m = d_h, eq. 3) - and ``v`` (N, d).
+    ``landmark_proj`` (from :func:`landmark_projections`) gives landmarks that are not rows of
+    ``x`` (isolated queries against a fixed gallery, ``core.serving``).
     """
     n, heads = x.shape[0], attn.num_heads
-    exact = attn.exact_affinity
+    exact = landmarks is None and landmark_proj is None
     if not exact and landmark_proj is None:
         landmark_proj = landmark_projections(attn, x[landmarks.to(x.device)])
     width = attn.head_dim if exact else landmark_proj[0].shape[1]
@@ -126,10 +133,12 @@ def project_heads(attn: nn.Module, x: Tensor, landmarks: Optional[Tensor], chunk
 
 
 def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor],
-                         num_query: int, settings: SparseSettings,
-                         input_graphs: Optional[Graphs], record: Optional[dict] = None
-                         ) -> Tuple[Tensor, Dict[str, float]]:
-    """One NFormer block on one set (N, d) without N x N memory.
+                         num_query: int, topk: int, mask: str, settings: InferenceSettings,
+                         approximate: bool, input_graphs: Optional[Graphs],
+                         record: Optional[dict] = None) -> Tuple[Tensor, Dict[str, float]]:
+    """One NFormer block on one set (N, d) without N x N memory: the mask rule ``topk``,
+    ``mask`` over each head's own ``A~`` (``neighbors="affinity"``, searched approximately with
+    ``approximate``) or ``input_graphs`` (the feature sources).
 
     Returns the new (N, d) and the layer's neighbor statistics (``masks.neighbor_stats`` of the
     kept counts averaged over heads; empty for ``mask="none"``). ``record`` (a dict) receives
@@ -145,10 +154,11 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
     for h in range(attn.num_heads):
         cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
         out_h = torch.empty(x.shape[0], attn.head_dim, dtype=x.dtype, device=x.device)
-        if settings.mask == "none":
+        if mask == "none":
             full_attention(qs[h], ks[h], v[:, cols], num_query, scale, settings, out_h)
         else:
-            graphs = input_graphs or build_neighbor_graphs(qs[h], ks[h], num_query, settings)
+            graphs = input_graphs or build_neighbor_graphs(qs[h], ks[h], num_query, topk, mask,
+                                                           settings, approximate)
             if record is not None:
                 record["graphs"].append(graphs)
             counts = graph_counts(graphs).float()
@@ -167,13 +177,16 @@ def sparse_block_forward(block: nn.Module, x: Tensor, landmarks: Optional[Tensor
     return heads_out, stats
 
 
-def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: int,
-                       landmarks: Sequence[Optional[Tensor]], settings: SparseSettings,
+def sparse_set_forward(model: nn.Module, feats: Tensor, num_query: int,
+                       landmarks: Sequence[Optional[Tensor]], settings: InferenceSettings,
                        on_layer: Optional[Callable[[int, dict], None]] = None,
                        pool_rows: Optional[Tensor] = None
                        ) -> Tuple[Tensor, List[Dict[str, float]]]:
-    """Run ``blocks`` over one set ``feats`` (N, d); the first ``num_query`` rows are isolated
-    queries (0: one joint set). ``landmarks`` holds one (l,) index tensor per block.
+    """Run the blocks of ``model`` (an eval-mode ``NFormer``, whose architecture they follow)
+    over one set ``feats`` (N, d) under ``settings``; the first ``num_query`` rows are isolated
+    queries (0: one joint set), and the search is approximate where
+    ``settings.approximate_search(N - num_query)`` says so. ``landmarks`` holds one (l,) index
+    tensor per block.
     ``pool_rows``: ``canonical_rows(feats)`` when the caller holds them already (the layer
     pool searches them and layer 0 builds its graphs on them: no second copy).
 
@@ -187,24 +200,27 @@ def sparse_set_forward(blocks: Sequence[nn.Module], feats: Tensor, num_query: in
     index's kernel (``core.nformer.isolated``). ``core.serving`` calls this for its galleries.
     """
     x = feats.contiguous()
-    masked = settings.mask != "none"
+    topk, mask, source = model.topk, model.mask, model.neighbors
+    approximate = settings.approximate_search(x.shape[0] - num_query)
+    masked = mask != "none"
     graphs, pool = None, None
-    if settings.neighbors == "input" and masked:
-        graphs = feature_graphs(x, num_query, settings)
-    if (settings.neighbors == "layer" and masked and settings.layer_pool > 0
+    if source == "input" and masked:
+        graphs = feature_graphs(x, num_query, topk, mask, settings, approximate)
+    if (source == "layer" and masked and settings.layer_pool > 0
             and settings.layer_pool < x.shape[0] - num_query):
         if pool_rows is None:
             pool_rows = canonical_rows(x, settings.chunk_size)
-        pool = CandidatePool(pool_rows, num_query, max(settings.layer_pool, settings.topk),
-                             settings)
+        pool = CandidatePool(pool_rows, num_query, max(settings.layer_pool, topk), settings,
+                             approximate)
     stats = []
-    for i, (block, lm) in enumerate(zip(blocks, landmarks)):
+    for i, (block, lm) in enumerate(zip(model.blocks, landmarks)):
         record = None if on_layer is None else dict(x=x, pool=pool)
-        if settings.neighbors == "layer" and masked:
-            graphs = feature_graphs(x, num_query, settings, pool, first_layer=i == 0,
-                                    record=record)
+        if source == "layer" and masked:
+            graphs = feature_graphs(x, num_query, topk, mask, settings, approximate, pool,
+                                    first_layer=i == 0, record=record)
         x_in = x
-        x, layer_stats = sparse_block_forward(block, x_in, lm, num_query, settings, graphs, record)
+        x, layer_stats = sparse_block_forward(block, x_in, lm, num_query, topk, mask, settings,
+                                              approximate, graphs, record)
         if on_layer is not None:
             on_layer(i, record)
         del x_in, record

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-SMALL_BATCH = 16  # as query_refine.SMALL_BATCH: fewer queries are a "small call"
+SMALL_BATCH = 16  # as query_search.SMALL_BATCH: fewer queries are a "small call"
 
 _THREADS_LOCK = threading.Lock()
 _THREADS_STATE = {"users": 0, "before": 0}

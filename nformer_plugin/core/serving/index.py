@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nformer.gallery_state import GalleryState, ServedGallery, serve_gallery
-from ..nformer.query_refine import (SMALL_BATCH, faiss_threads, fp16_prefiltered_topk, matmul_topk,
-                                    refine_queries, torch_threads)
+from ..nformer.query_refine import refine_queries
+from ..nformer.query_search import SMALL_BATCH, fp16_prefiltered_topk, matmul_topk
+from ..nformer.threads import faiss_threads, torch_threads
 from ..retrieval.neighbors import build_index
 from .checks import (METRICS, Features, as_features, as_ids, check_gallery_size, check_labels,
                      check_servable, normalize_rows, split_model)
@@ -45,8 +46,8 @@ class GalleryIndex:
     the manifest keeps them).
 
     ``small_call_threads``: torch's intra-op threads while a call refines fewer than
-    ``query_refine.SMALL_BATCH`` queries (``None``: leave torch's setting alone); see
-    ``query_refine.torch_threads``.
+    ``query_search.SMALL_BATCH`` queries (``None``: leave torch's setting alone); see
+    ``threads.torch_threads``.
     """
 
     small_call_threads: Optional[int] = 1
@@ -151,7 +152,7 @@ class GalleryIndex:
     def refine_nformer(self, query_feats: Features) -> Tensor:
         """NFormer output (Q, d) of isolated queries (before any BNNeck head)."""
         x = as_features(query_feats, self.dim, "query features", self.device)
-        return refine_queries(self.nformer.blocks, self.state, x)
+        return refine_queries(self.nformer, self.state, x)
 
     @torch.no_grad()
     def refine(self, query_feats: Features) -> Tensor:

@@ -21,6 +21,7 @@ Pure torch / numpy / faiss; must not import FastReID.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,7 +45,8 @@ from .checks import split_model
 FORMAT = "nformer-gallery-index"
 FORMAT_VERSION = 2  # 2: a layer with a search base keeps no values (``gallery_state``)
 FILES = ("arrays.npz", "model.pth", "search.faiss")
-RUNTIME_OPTIONS = ("chunk_size", "inference")  # do not change what the index holds
+# do not change what the index holds
+RUNTIME_OPTIONS = ("chunk_size", "full_attention_budget", "inference")
 LAYER_FIELDS = ("keys", "values", "queries", "normed", "kth", "inputs", "norms")
 SHARDED_MANIFEST = "sharded.json"  # a sharded index's folder (core.distributed.index)
 SAVE_POINT = "index_save"  # the fault point (core.faults) passed at each of SAVE_MOMENTS
@@ -274,11 +276,12 @@ def load_gallery(directory: str, model: Optional[nn.Module] = None,
             proj = (_tensor(arrays, f"layer{i}_landmark_q", device),
                     _tensor(arrays, f"layer{i}_landmark_k", device))
         layers.append(GalleryLayer(landmark_proj=proj, **fields))
-    settings = nformer.sparse_settings(len(inputs))
+    settings = nformer.settings
     state = GalleryState(inputs=inputs, outputs=_tensor(arrays, "outputs", device), layers=layers,
-                         settings=settings, input_normed=input_normed,
-                         input_kth=_tensor(arrays, "input_kth", device),
-                         pool_size=candidate_pool_size(settings, len(inputs)))
+                         settings=dataclasses.replace(settings),
+                         approximate=settings.approximate_search(len(inputs)),
+                         input_normed=input_normed, input_kth=_tensor(arrays, "input_kth", device),
+                         pool_size=candidate_pool_size(nformer, settings, len(inputs)))
     landmark_ids = [arrays.get(f"layer{i}_landmark_ids") for i in range(manifest["num_layers"])]
     labels = {k[len("label_"):]: v for k, v in arrays.items() if k.startswith("label_")}
     gallery = ServedGallery(arrays["ids"], landmark_ids, state, arrays["refined"], labels)
