@@ -453,3 +453,28 @@ def test_viper_single_shot_reads_both_layouts(layout, tmp_path):
     assert ds.train == []
     with pytest.raises(RuntimeError, match="not found"):
         VIPeRSingleShot(root=str(tmp_path / "nothing"))
+
+
+def test_shortlist_from_another_models_exported_features(tmp_path):
+    from nformer_plugin.core.features import save_feature_file
+    from nformer_plugin.core.retrieval.metrics import cosine_distance
+    from nformer_plugin.fastreid_ext.transmatcher.evaluator import shortlist_distances
+
+    rng = np.random.default_rng(0)
+    q_pids, g_pids = np.array([1, 2, 3]), np.array([1, 2, 3, 4, 4])
+    q_cams, g_cams = np.zeros(3, int), np.ones(5, int)
+    labels = (q_pids, g_pids, q_cams, g_cams)
+    q, g = rng.normal(size=(3, 8)).astype("f4"), rng.normal(size=(5, 8)).astype("f4")
+    for name, feats, pids, cams in (("query", q, q_pids, q_cams), ("gallery", g, g_pids, g_cams),
+                                    ("query_refined", q + 1, q_pids, q_cams),
+                                    ("gallery_refined", g + 1, g_pids, g_cams)):
+        save_feature_file(str(tmp_path / f"{name}.npz"), feats, pids, cams)
+    dist, source = shortlist_distances(str(tmp_path), False, labels)
+    np.testing.assert_allclose(dist, cosine_distance(q, g), atol=1e-5)
+    refined, source_refined = shortlist_distances(str(tmp_path), True, labels)
+    np.testing.assert_allclose(refined, cosine_distance(q + 1, g + 1), atol=1e-5)
+    assert source_refined == source + "_refined"
+    with pytest.raises(ValueError, match="does not list the gallery images"):
+        shortlist_distances(str(tmp_path), False, (q_pids, g_pids[::-1], q_cams, g_cams))
+    with pytest.raises(ValueError, match="TEST_SHORTLIST: .*not found"):
+        shortlist_distances(str(tmp_path / "none"), False, labels)

@@ -40,6 +40,8 @@ def add_transmatcher_config(cfg):
     _C.MODEL.TRANSMATCHER.TEST_STORAGE = "float16"  # evaluation: dtype the maps are stored in (float16 | float32)
     _C.MODEL.TRANSMATCHER.GLOBAL_ROW = True  # evaluation: also rank the global-average-pooled maps (cosine), a reference row
     _C.MODEL.TRANSMATCHER.TEST_TOPK = 100  # evaluation: K, the matcher re-scores each query's K nearest gallery images by that global (GAP cosine) ranking, the rest follow in its order; 0 = score all pairs
+    _C.MODEL.TRANSMATCHER.TEST_SHORTLIST = ""  # evaluation, TEST_TOPK > 0: the ranking that picks the K; "" = this network's pooled maps, or a folder with query.npz / gallery.npz of the same test set (another model's TEST.EXPORT_FEATURES)
+    _C.MODEL.TRANSMATCHER.TEST_SHORTLIST_REFINED = False  # with TEST_SHORTLIST: rank by query_refined.npz / gallery_refined.npz (an NFormer run's +NFormer features)
     _C.MODEL.TRANSMATCHER.TEST_DUMP_MAPS = False  # evaluation: also save the maps, labels, pooled features and matcher to OUTPUT_DIR/transmatcher_maps_<dataset>.npz (benchmarks/bench_transmatcher_topk.py)
     return cfg
 

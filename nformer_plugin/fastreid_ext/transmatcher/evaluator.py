@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.utils import comm
 
+from ...core.features import load_feature_file
 from ...core.io import save_text
 from ...core.retrieval import comparison
 from ...core.retrieval.comparison import distances, format_table, metrics_only
@@ -72,6 +73,30 @@ def storage_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise ValueError(f"MODEL.TRANSMATCHER.TEST_STORAGE must be one of {sorted(STORAGE)}, "
                          f"got {name!r}") from None
+
+
+def shortlist_distances(folder: str, refined: bool, labels) -> Tuple[np.ndarray, str]:
+    """Cosine distances (Nq, Ng) from ``folder``'s ``query[_refined].npz`` / ``gallery[_refined]
+    .npz`` (``MODEL.TRANSMATCHER.TEST_SHORTLIST``), checked row by row against the evaluated
+    test set's ``labels`` = (query pids, gallery pids, query camids, gallery camids): both list
+    each side in the test loader's order (sorted by path), so pids and cameras must agree."""
+    suffix = "_refined" if refined else ""
+    sides = []
+    for side, pids, camids in (("query", labels[0], labels[2]), ("gallery", labels[1], labels[3])):
+        path = os.path.join(folder, f"{side}{suffix}.npz")
+        if not os.path.exists(path):
+            raise ValueError(f"MODEL.TRANSMATCHER.TEST_SHORTLIST: {path} not found (a folder "
+                             f"written by fastreid-train ... TEST.EXPORT_FEATURES for this test "
+                             f"set{'; TEST_SHORTLIST_REFINED needs an NFormer run' if refined else ''})")
+        fs = load_feature_file(path)
+        if (len(fs) != len(pids) or fs.pids is None or not np.array_equal(fs.pids, pids)
+                or fs.camids is None or not np.array_equal(fs.camids, camids)):
+            raise ValueError(f"MODEL.TRANSMATCHER.TEST_SHORTLIST: {path} does not list the "
+                             f"{side} images of this test set in its order ({len(fs)} rows "
+                             f"against {len(pids)}; pids and cameras must match row by row)")
+        sides.append(l2_normalize(fs.feats))
+    source = f"{os.path.basename(os.path.normpath(folder))}{suffix}"
+    return distances(sides[0], sides[1], "cosine"), source
 
 
 class TransMatcherEvaluator(DatasetEvaluator):
@@ -154,13 +179,18 @@ class TransMatcherEvaluator(DatasetEvaluator):
         chunks = dict(query_chunk=t.TEST_QUERY_CHUNK, gallery_chunk=t.TEST_GALLERY_CHUNK)
         if topk:
             start = time.perf_counter()
+            shortlist_dist, source = global_dist, "the global (GAP cosine) ranking"
+            if t.TEST_SHORTLIST:
+                shortlist_dist, source = shortlist_distances(
+                    t.TEST_SHORTLIST, t.TEST_SHORTLIST_REFINED, labels)
+                names["transmatcher"] = f"TransMatcher (top-{topk} of {source} re-scored)"
             result = topk_rescored_distances(matcher, self._query, self._gallery, topk,
-                                             global_dist, **chunks)
+                                             shortlist_dist, **chunks)
             seconds = time.perf_counter() - start
-            logger.info("TransMatcher top-%d re-scoring of the global (GAP cosine) ranking: %d "
-                        "of %d pairs scored (%d gallery encodings), %.1f s matching, %.1f s in "
-                        "all", topk, result.pairs, nq * len(self._gallery),
-                        result.gallery_encodings, result.seconds, seconds)
+            logger.info("TransMatcher top-%d re-scoring of %s: %d of %d pairs scored (%d "
+                        "gallery encodings), %.1f s matching, %.1f s in all", topk, source,
+                        result.pairs, nq * len(self._gallery), result.gallery_encodings,
+                        result.seconds, seconds)
             add("transmatcher", result.distances, seconds, topk=topk, pairs=result.pairs,
                 pairs_per_second=result.pairs / max(result.seconds, 1e-9))
             del result
