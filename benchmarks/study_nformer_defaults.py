@@ -2,16 +2,18 @@
 +NFormer+KR, over several stage-2 seeds, with the cost of each setting.
 
     python benchmarks/study_nformer_defaults.py --train RUN/features/train.npz \\
-        [--config-file configs/NFormer/duke_mobilenet_cpu.yml] [--settings layer:10 input:10 ...] \\
+        [--selection HELD_OUT.npz] [--config-file configs/NFormer/duke_mobilenet_cpu.yml] [--settings layer:10 input:10 ...] \\
         [--seeds 0 1 2] [--kr 20,6,0.3 10,3,0.3 ...] [--results [DIR]] [-- KEY VALUE ...]
 
 Only training identities are used (``train.npz`` of a ``fastreid-train`` run's
-``TEST.EXPORT_FEATURES``); nothing of the test split is read. The identities the run held out
-of both stages (``split_validation_ids(pids, DATASETS.VAL_FRACTION, SEED)``, the same function
-and seed as the run) form the **selection set**: its query / gallery split
-(``validation_query_gallery``) scores every setting. Stage 2 trains on the other identities
-with the config's budget; its own early stopping holds out a further ``VAL_FRACTION`` of them,
-so the selection set decides nothing inside a run.
+``TEST.EXPORT_FEATURES``: the identities both stages trained on); nothing of the test split is
+read. The **selection set** scores every setting through its query / gallery split
+(``validation_query_gallery``): with ``--selection`` the features of the identities the run held
+out of both stages (``nformer extract --weights RUN/model_stage1.pth`` on their images; the run
+logs how many), else ``split_validation_ids(pids, DATASETS.VAL_FRACTION, SEED)`` of
+``train.npz`` (identities stage 1 saw). Stage 2 trains on the rest with the config's budget; its
+own early stopping holds out a further ``VAL_FRACTION`` of them, so the selection set decides
+nothing inside a run.
 
 For each setting (``NEIGHBORS:TOPK``) and seed (``SEED``; the stage-1 features are fixed) it
 prints +NFormer mAP / Rank-1, +NFormer+KR mAP for each KR parameter set (``--kr k1,k2,lambda``),
@@ -77,6 +79,8 @@ def split(train: FeatureSet, fraction: float, seed: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", required=True, help="train.npz of a fastreid-train run")
+    p.add_argument("--selection", default="",
+                   help="features of held-out training identities (the selection set)")
     p.add_argument("--config-file", default=os.path.join(REPO, "configs/NFormer/"
                                                                "duke_mobilenet_cpu.yml"))
     p.add_argument("--settings", nargs="+", default=["layer:10", "input:10", "input:20",
@@ -92,7 +96,15 @@ def main() -> None:
     opts = [o for o in args.opts if o != "--"]
     base = load_feature_config(args.config_file, opts + ["MODEL.DEVICE", "cpu"])
     train = load_feature_file(args.train)
-    stage2_rows, sel_query, sel_gallery = split(train, base.DATASETS.VAL_FRACTION, base.SEED)
+    if args.selection:
+        held_out = load_feature_file(args.selection)
+        # (train.npz holds stage 1's contiguous labels, not dataset ids: no overlap check here)
+        q, g = validation_query_gallery(held_out.pids, held_out.camids)
+        sel_query = FeatureSet(held_out.feats[q], held_out.pids[q], held_out.camids[q])
+        sel_gallery = FeatureSet(held_out.feats[g], held_out.pids[g], held_out.camids[g])
+        stage2_rows = np.arange(len(train))
+    else:
+        stage2_rows, sel_query, sel_gallery = split(train, base.DATASETS.VAL_FRACTION, base.SEED)
     metric = base.TEST.METRIC
     print(f"Selection set: {len(np.unique(sel_query.pids))} held-out training identities, "
           f"{len(sel_query)} queries x {len(sel_gallery)} gallery; stage 2 trains on "
