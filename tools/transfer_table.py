@@ -11,7 +11,8 @@ size. Each is evaluated with ``fastreid-train --eval-only`` (one process per run
 as a user would) into ``--output-root`` (default ``RUN_A/../transfer``). The NFormer run
 exports its test features (``TEST.EXPORT_FEATURES``); TransMatcher then re-scores the top-K
 (``MODEL.TRANSMATCHER.TEST_TOPK``) of three global rankings: its own network's pooled maps,
-the NFormer run's stage-1 features and its +NFormer features (``TEST_SHORTLIST``). Rows: the
+the NFormer run's stage-1 features and its +NFormer features (``TEST_SHORTLIST``); where all
+pairs are affordable (``--all-pairs-max``) it also scores all pairs, the loss of top-K. Rows: the
 NFormer run's global features (baseline), +KR, +NFormer, +NFormer+KR; the TransMatcher
 network's pooled maps (reference) and the three TransMatcher rows. ``KEY VALUE`` overrides go
 to every evaluation. Record it with ``tools/record_result.py --name NAME -- python
@@ -37,6 +38,7 @@ ROWS: List[Tuple[str, str, str]] = [
     ("nformer", "nformer_kr", "+NFormer+KR"),
     ("transmatcher", "global", "TransMatcher network, pooled maps (reference)"),
     ("transmatcher", "transmatcher", "TransMatcher, top-K of its pooled maps"),
+    ("transmatcher_all", "transmatcher", "TransMatcher, all pairs (small test sets)"),
     ("transmatcher_global", "transmatcher", "TransMatcher, top-K of the global features"),
     ("transmatcher_nformer", "transmatcher", "TransMatcher, top-K of +NFormer"),
 ]
@@ -64,6 +66,12 @@ def evaluate(run: str, test: str, out_dir: str, opts: List[str]) -> Dict:
     return load_results(os.path.join(out_dir, "final_results.json"))
 
 
+def pair_count(out_dir: str, test: str) -> int:
+    """Query x gallery pairs of ``test`` (the TransMatcher evaluator's metrics file)."""
+    metrics = load_results(os.path.join(out_dir, f"metrics_{test}.json"))
+    return int(metrics.get("num_query", 0)) * int(metrics.get("num_gallery", 0)) or 1 << 62
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nformer-run", required=True)
@@ -71,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--tests", nargs="+", default=["DukeMTMC", "VIPeRSingleShot"],
                    help="the source's own test set first, then the targets")
     p.add_argument("--output-root", default=None)
+    p.add_argument("--all-pairs-max", type=int, default=2_000_000,
+                   help="also score all pairs where query x gallery is at most this")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = p.parse_args(argv)
     opts = [o for o in args.opts if o != "--"]
@@ -90,6 +100,11 @@ def main(argv=None) -> None:
         for kind, run, extra in runs:
             results.setdefault(kind, {})[test] = evaluate(run, test, os.path.join(out, kind),
                                                           extra + opts)
+            if kind == "transmatcher" and pair_count(os.path.join(out, kind), test) <= \
+                    args.all_pairs_max:  # what top-K loses, where all pairs are affordable
+                results.setdefault("transmatcher_all", {})[test] = evaluate(
+                    run, test, os.path.join(out, "transmatcher_all"),
+                    ["MODEL.TRANSMATCHER.TEST_TOPK", "0"] + opts)
     header = "| Method (trained on the source) | " + " | ".join(
         f"{t} Rank-1 | {t} mAP" for t in args.tests) + " |"
     print(f"\nTrained on the source of {os.path.basename(os.path.normpath(args.nformer_run))} "
