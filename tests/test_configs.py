@@ -38,7 +38,7 @@ def test_paper_settings_in_market_config():
     # S = 1,024 was kept for cost (validation preferred the paper's 2,048); S = 2,048 and A~
     # masks are one key away
     assert n.STAGE2.SET_SIZE == 1024 and n.STAGE2.EPOCHS == 160 and cfg.SOLVER.MAX_EPOCH == 160
-    assert n.NEIGHBORS == "layer" and n.STAGE2.OPT == "Adam" and n.STAGE2.BASE_LR == 3e-4
+    assert n.NEIGHBORS == "input" and n.STAGE2.OPT == "Adam" and n.STAGE2.BASE_LR == 3e-4
 
 
 @pytest.mark.parametrize("name", ["market_r50.yml", "msmt17_r50.yml"])

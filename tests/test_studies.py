@@ -150,7 +150,7 @@ def test_every_study_writes_its_three_files(feature_files, tmp_path):
     assert {r["N"] for r in lm["gflops_vs_n"]} == {100, 1000}
     # the default neighbour source: landmarks only reweight, and the outputs say so
     assert lm["landmark_role"]["landmarks_choose_neighbors"] is False
-    assert {r["neighbor_source"] for r in lm["rows"]} == {"layer"}
+    assert {r["neighbor_source"] for r in lm["rows"]} == {"input"}
     assert "NEIGHBORS affinity" in " ".join(lm["notes"])
     assert "neighbor_source" in (tmp_path / "landmarks.csv").read_text().splitlines()[0]
     affinity = {r["landmarks"]: r["affinity_gflops"] for r in lm["gflops_vs_n"] if r["N"] == 1000}
@@ -161,7 +161,7 @@ def test_every_study_writes_its_three_files(feature_files, tmp_path):
     assert "note" in ipi["n/p=20"] and ipi["n/p=3"]["identities"] == 12
     seeds = results["landmark-seeds"]
     assert len(seeds["rows"]) == 3 and seeds["mAP"]["ci95_half_width"] >= 0
-    assert seeds["landmark_role"]["neighbors"] == "layer"
+    assert seeds["landmark_role"]["neighbors"] == "input"
     tsne = results["tsne"]
     assert len(tsne["identities"]) == 4 and len(tsne["rows"]) == tsne["images"]
     header = (tmp_path / "tsne.csv").read_text().splitlines()[0]
