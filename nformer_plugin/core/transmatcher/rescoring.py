@@ -44,7 +44,7 @@ import torch
 
 from .matcher import TransMatcher
 from .scoring import (PAIR_BLOCK_CELLS, Maps, MapStore, PairProgress, check_maps, map_rows,
-                      scores_to_distances)
+                      scores_to_distances, scoring_mode)
 
 logger = logging.getLogger(__name__)
 
@@ -137,39 +137,32 @@ def listed_pair_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Ma
     by_query = np.argsort(q_index, kind="stable")
     sorted_queries = q_index[by_query]
     meter = PairProgress(len(q_index), desc, progress)
-    was_training = matcher.training
-    matcher.eval()
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                    enabled=autocast_dtype is not None):
-            for q0 in range(0, num_query, query_chunk):
-                lo, hi = np.searchsorted(sorted_queries, [q0, q0 + query_chunk])
-                if lo == hi:
-                    continue
-                pairs = by_query[lo:hi]  # positions of this block's pairs
-                queries = np.unique(q_index[pairs])
-                query_mem = encode_rows(matcher, query_maps, queries, encode_chunk, device)
-                query_local = np.searchsorted(queries, q_index[pairs])
-                by_gallery = np.argsort(g_index[pairs], kind="stable")
-                pairs, query_local = pairs[by_gallery], query_local[by_gallery]
-                block_gallery = g_index[pairs]  # ascending
-                union = np.unique(block_gallery)
-                for c0 in range(0, len(union), gallery_chunk):
-                    chunk = union[c0:c0 + gallery_chunk]
-                    gallery_mem = encode_rows(matcher, gallery_maps, chunk, encode_chunk, device)
-                    p0, p1 = np.searchsorted(block_gallery, [chunk[0], chunk[-1] + 1])
-                    gallery_local = np.searchsorted(chunk, block_gallery[p0:p1])
-                    for s0 in range(p0, p1, pairs_per_step):
-                        s1 = min(s0 + pairs_per_step, p1)
-                        qi = torch.from_numpy(query_local[s0:s1]).to(device)
-                        gi = torch.from_numpy(gallery_local[s0 - p0:s1 - p0]).to(device)
-                        step = matcher.pair_scores([m[qi] for m in query_mem],
-                                                   [m[gi] for m in gallery_mem])
-                        scores[torch.from_numpy(pairs[s0:s1])] = step.float().cpu()
-                    meter.update(int(p1 - p0))
-    finally:
-        matcher.train(was_training)
-        meter.close()
+    with scoring_mode(matcher, device, autocast_dtype, meter):
+        for q0 in range(0, num_query, query_chunk):
+            lo, hi = np.searchsorted(sorted_queries, [q0, q0 + query_chunk])
+            if lo == hi:
+                continue
+            pairs = by_query[lo:hi]  # positions of this block's pairs
+            queries = np.unique(q_index[pairs])
+            query_mem = encode_rows(matcher, query_maps, queries, encode_chunk, device)
+            query_local = np.searchsorted(queries, q_index[pairs])
+            by_gallery = np.argsort(g_index[pairs], kind="stable")
+            pairs, query_local = pairs[by_gallery], query_local[by_gallery]
+            block_gallery = g_index[pairs]  # ascending
+            union = np.unique(block_gallery)
+            for c0 in range(0, len(union), gallery_chunk):
+                chunk = union[c0:c0 + gallery_chunk]
+                gallery_mem = encode_rows(matcher, gallery_maps, chunk, encode_chunk, device)
+                p0, p1 = np.searchsorted(block_gallery, [chunk[0], chunk[-1] + 1])
+                gallery_local = np.searchsorted(chunk, block_gallery[p0:p1])
+                for s0 in range(p0, p1, pairs_per_step):
+                    s1 = min(s0 + pairs_per_step, p1)
+                    qi = torch.from_numpy(query_local[s0:s1]).to(device)
+                    gi = torch.from_numpy(gallery_local[s0 - p0:s1 - p0]).to(device)
+                    step = matcher.pair_scores([m[qi] for m in query_mem],
+                                               [m[gi] for m in gallery_mem])
+                    scores[torch.from_numpy(pairs[s0:s1])] = step.float().cpu()
+                meter.update(int(p1 - p0))
     return scores.view(shape)
 
 

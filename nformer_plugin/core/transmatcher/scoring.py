@@ -29,9 +29,10 @@ Pure torch / numpy: importing this module does not import FastReID.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -132,30 +133,39 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
     pairs_per_block = max(1, pair_block_cells // (matcher.seq_len ** 2))
     total = _pair_count(num_query, num_gallery, query_chunk, same_set)
     meter = PairProgress(total, desc, progress)
+    with scoring_mode(matcher, device, autocast_dtype, meter):
+        for q0 in range(0, num_query, query_chunk):
+            q1 = min(q0 + query_chunk, num_query)
+            query_mem = encode_in_chunks(matcher, query_maps, q0, q1, encode_chunk, device)
+            for g0 in range(q0 if same_set else 0, num_gallery, gallery_chunk):
+                g1 = min(g0 + gallery_chunk, num_gallery)
+                gallery_mem = encode_in_chunks(matcher, gallery_maps, g0, g1, encode_chunk,
+                                               device)
+                rows_per_block = max(1, pairs_per_block // (g1 - g0))
+                for r0 in range(0, q1 - q0, rows_per_block):
+                    r1 = min(r0 + rows_per_block, q1 - q0)
+                    block = matcher.match([m[r0:r1] for m in query_mem], gallery_mem)
+                    scores[q0 + r0:q0 + r1, g0:g1] = block.float().cpu()
+                meter.update((q1 - q0) * (g1 - g0))
+            if same_set:  # rows q0:q1 hold columns q0: on; the later rows' share mirrors
+                scores[q1:, q0:q1] = scores[q0:q1, q1:].t()
+    return scores
+
+
+@contextlib.contextmanager
+def scoring_mode(matcher: TransMatcher, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], meter: "PairProgress") -> Iterator[None]:
+    """How every scoring kernel runs the matcher: eval mode (restored afterwards), no autograd,
+    ``torch.autocast`` when ``autocast_dtype`` is given; ``meter`` is closed at the end."""
     was_training = matcher.training
     matcher.eval()
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
                                                     enabled=autocast_dtype is not None):
-            for q0 in range(0, num_query, query_chunk):
-                q1 = min(q0 + query_chunk, num_query)
-                query_mem = encode_in_chunks(matcher, query_maps, q0, q1, encode_chunk, device)
-                for g0 in range(q0 if same_set else 0, num_gallery, gallery_chunk):
-                    g1 = min(g0 + gallery_chunk, num_gallery)
-                    gallery_mem = encode_in_chunks(matcher, gallery_maps, g0, g1, encode_chunk,
-                                                   device)
-                    rows_per_block = max(1, pairs_per_block // (g1 - g0))
-                    for r0 in range(0, q1 - q0, rows_per_block):
-                        r1 = min(r0 + rows_per_block, q1 - q0)
-                        block = matcher.match([m[r0:r1] for m in query_mem], gallery_mem)
-                        scores[q0 + r0:q0 + r1, g0:g1] = block.float().cpu()
-                    meter.update((q1 - q0) * (g1 - g0))
-                if same_set:  # rows q0:q1 hold columns q0: on; the later rows' share mirrors
-                    scores[q1:, q0:q1] = scores[q0:q1, q1:].t()
+            yield
     finally:
         matcher.train(was_training)
         meter.close()
-    return scores
 
 
 def encode_in_chunks(matcher: TransMatcher, maps: Maps, start: int = 0,
