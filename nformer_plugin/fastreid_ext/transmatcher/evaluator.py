@@ -89,8 +89,8 @@ def shortlist_distances(folder: str, refined: bool, labels) -> Tuple[np.ndarray,
                              f"written by fastreid-train ... TEST.EXPORT_FEATURES for this test "
                              f"set{'; TEST_SHORTLIST_REFINED needs an NFormer run' if refined else ''})")
         fs = load_feature_file(path)
-        if (len(fs) != len(pids) or fs.pids is None or not np.array_equal(fs.pids, pids)
-                or fs.camids is None or not np.array_equal(fs.camids, camids)):
+        if (len(fs) != len(pids) or not np.array_equal(fs.pids, pids)
+                or not np.array_equal(fs.camids, camids)):
             raise ValueError(f"MODEL.TRANSMATCHER.TEST_SHORTLIST: {path} does not list the "
                              f"{side} images of this test set in its order ({len(fs)} rows "
                              f"against {len(pids)}; pids and cameras must match row by row)")
