@@ -44,6 +44,7 @@ def add_plugin_config(cfg: CfgNode) -> CfgNode:
         node(cfg, path)
     cfg.SEED = 0  # global random seed; -1 draws one (logged), so runs are reproducible by default
     cfg.DATASETS.VAL_FRACTION = 0.1  # share of training identities held out of both stages to validate stage 2 (picks model_best)
+    cfg.DATASETS.VAL_SEED = -1  # seed of the draw of those identities; -1 = SEED (a seed study keeps one split with this)
     cfg.SOLVER.LOG_PERIOD = 20  # iterations between training progress lines (losses, ETA); FastReID's own is a fixed 200
     cfg.TEST.REUSE_FEATURES = True  # reuse the last evaluation's test features while backbone and head are unchanged (stage 2)
     add_synthetic_dataset_config(cfg)  # DATASETS.SYNTHETIC.*
@@ -58,6 +59,13 @@ def add_plugin_config(cfg: CfgNode) -> CfgNode:
             parent, leaf = old.rsplit(".", 1)
             _get(cfg, parent)[leaf] = value.clone()
     return cfg
+
+
+def validation_seed(cfg) -> int:
+    """The seed that draws the held-out identities: ``DATASETS.VAL_SEED``, or ``SEED`` when it
+    is negative (the default), so several training seeds can share one validation split."""
+    seed = cfg.DATASETS.get("VAL_SEED", -1)
+    return int(cfg.SEED if seed < 0 else seed)
 
 
 def standalone_config() -> CfgNode:

@@ -110,6 +110,23 @@ def test_too_few_training_identities_for_a_batch_is_a_clear_error(tiny_config, i
         build_train_loader(cfg)
 
 
+def test_val_seed_keeps_one_validation_split_across_training_seeds():
+    """DATASETS.VAL_SEED draws the held-out identities; -1 (the default) follows SEED."""
+    from nformer_plugin.fastreid_ext.loaders import split_training_items
+
+    items = [(f"img{i}.jpg", f"p{i // 4}", i % 2) for i in range(80)]  # 20 identities
+
+    def held_out(*opts):
+        cfg = load(os.path.join(REPO, "configs/NFormer/demo.yml"), "DATASETS.VAL_FRACTION",
+                   "0.25", *opts)
+        return {it[1] for it in split_training_items(cfg, items)[1]}
+
+    fixed = held_out("SEED", "1", "DATASETS.VAL_SEED", "7")
+    assert len(fixed) == 5 and fixed == held_out("SEED", "2", "DATASETS.VAL_SEED", "7")
+    assert held_out("SEED", "7") == fixed  # -1: the split of SEED
+    assert held_out("SEED", "1") != held_out("SEED", "2")
+
+
 def test_renamed_keys_still_load_with_a_deprecation_message(caplog):
     import logging
 

@@ -31,7 +31,8 @@ def maps(n, seed=1):
 
 
 SWITCHES = [{}, {"fc1": False}, {"bn1": False}, {"mlp_head": False}, {"prior_embed": False},
-            {"pos_embed": True}, {"encoder_layers": 3},
+            {"pos_embed": True}, {"encoder_layers": 3}, {"score_norm": False},
+            {"bn1_shared": False},
             {"fc1": False, "bn1": False, "mlp_head": False, "prior_embed": False}]
 
 
@@ -99,6 +100,47 @@ def test_pooling_equals_brute_force_with_prior():
                 sims = (q[i] @ g[j].T) * weights  # [query location, gallery location]
                 torch.testing.assert_close(per_query[i, j], sims.amax(dim=1))
                 torch.testing.assert_close(per_gallery[i, j], sims.amax(dim=0))
+
+
+def test_paper_forms_of_the_three_departures():
+    """Eq. 6's prior as is (not symmetrised), no BatchNorm on the summed score (Eq. 8), BN_1
+    with one statistic per location: each switch does what it names."""
+    paper = small_matcher(prior_symmetric=False, score_norm=False, bn1_shared=False).eval()
+    assert paper.score_norm is None and not paper.symmetric
+    decoder = paper.decoders[0]
+    assert decoder.bn1.num_features == H * W
+    torch.testing.assert_close(decoder.prior_weights(), torch.sigmoid(decoder.prior_embed))
+    assert not torch.allclose(decoder.prior_weights(), decoder.prior_weights().T)
+    a, b = maps(5, 1), maps(7, 2)
+    with torch.no_grad():
+        ab, ba = paper(a, b), paper(b, a)
+        # score(q, g) != score(g, q): the prior of (t, s) and of (s, t) differ
+        assert (ab - ba.t()).abs().max() > 1e-3
+        # without the score BN the score is the plain residual sum of Eq. 8
+        mem_a, mem_b = paper.encode(a), paper.encode(b)
+        summed = sum(d(q, g) for d, q, g in zip(paper.decoders, mem_a, mem_b))
+        torch.testing.assert_close(ab, summed)
+        # per-location BN_1: location t is normalised with its own running statistics
+        with torch.no_grad():
+            decoder.bn1.running_mean.copy_(torch.arange(H * W, dtype=torch.float32))
+        per_q, per_g = decoder.pooled_similarities(mem_a[0], mem_b[0])
+        pooled = torch.stack([per_q.reshape(-1, H * W), per_g.reshape(-1, H * W)])
+        normed = decoder.bn1(pooled.reshape(-1, H * W))
+        expected = ((pooled.reshape(-1, H * W) - torch.arange(H * W))
+                    / torch.sqrt(decoder.bn1.running_var + decoder.bn1.eps)
+                    * decoder.bn1.weight + decoder.bn1.bias)
+        torch.testing.assert_close(normed, expected)
+    # a non-symmetric matcher scores a set against itself in full, not by mirroring
+    with torch.no_grad():
+        dense_self = paper(a)
+    assert (dense_self - dense_self.t()).abs().max() > 1e-3
+    chunked = match_scores(paper, a, query_chunk=2, gallery_chunk=2, progress=False)
+    torch.testing.assert_close(chunked, dense_self, atol=1e-5, rtol=1e-5)
+    # each switch alone changes the state dict as it should
+    assert "score_norm.weight" not in small_matcher(score_norm=False).state_dict()
+    assert small_matcher().decoders[0].bn1.num_features == 1
+    assert small_matcher().symmetric and small_matcher(prior_symmetric=False,
+                                                       prior_embed=False).symmetric
 
 
 def test_prior_embedding_shape_gradient_and_update():

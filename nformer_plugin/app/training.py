@@ -13,6 +13,7 @@ from ..core.nformer.training import Stage2Settings, build_stage2
 from ..core.nformer.training.checkpoints import Stage2Checkpoints, make_checkpoints
 from ..core.nformer.training.events import Stage2Events
 from ..core.nformer.training.validation import make_validator, split_validation_ids
+from ..config import validation_seed
 from ..core.writable import check_writable
 from .config import config_device, load_feature_config
 from .features import load_training_bank
@@ -32,7 +33,7 @@ def train_on_features(cfg, bank: np.ndarray, pids: np.ndarray, camids: np.ndarra
     is in eval mode."""
     device = config_device(cfg)
     torch.manual_seed(cfg.SEED)
-    val_ids = split_validation_ids(pids, cfg.DATASETS.VAL_FRACTION, cfg.SEED)
+    val_ids = split_validation_ids(pids, cfg.DATASETS.VAL_FRACTION, validation_seed(cfg))
     is_val = np.isin(pids, val_ids)
     _, labels = np.unique(pids[~is_val], return_inverse=True)
     num_classes = int(labels.max()) + 1

@@ -25,6 +25,7 @@ from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
 from ..core.reproducible import PositionSeededBatches, PositionSeededDataset
+from ..config import validation_seed
 from ..core.nformer.training.validation import split_validation_ids
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ def _training_items(cfg) -> List[tuple]:
 
 def split_training_items(cfg, items: List[tuple]) -> Tuple[List[tuple], List[tuple]]:
     """(train, validation) items: ``DATASETS.VAL_FRACTION`` of the training identities, drawn
-    with ``SEED``, are held out of both training stages to validate stage 2."""
+    with ``DATASETS.VAL_SEED`` (default: ``SEED``), are held out of both training stages to
+    validate stage 2."""
     val_ids = set(split_validation_ids(np.array([str(it[1]) for it in items]),
-                                       cfg.DATASETS.VAL_FRACTION, cfg.SEED).tolist())
+                                       cfg.DATASETS.VAL_FRACTION, validation_seed(cfg)).tolist())
     train = [it for it in items if str(it[1]) not in val_ids]
     val = [it for it in items if str(it[1]) in val_ids]
     if val:

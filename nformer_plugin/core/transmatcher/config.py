@@ -29,6 +29,9 @@ def add_transmatcher_config(cfg):
     _C.MODEL.TRANSMATCHER.MLP_HEAD = True  # Table 3 "MLPHead_1" (FC_2, BN_2, ReLU: hw -> D)
     _C.MODEL.TRANSMATCHER.PRIOR_EMBED = True  # Table 3 prior score embedding R of Eq. (6)
     _C.MODEL.TRANSMATCHER.POS_EMBED = False  # Table 3 learnable positional embedding (worse in the paper)
+    _C.MODEL.TRANSMATCHER.PRIOR_SYMMETRIC = True  # R of Eq. 6 enters as (R + R^T) / 2, so score(q, g) = score(g, q) (departure; Eq. 6: False)
+    _C.MODEL.TRANSMATCHER.SCORE_NORM = True  # a BatchNorm on the summed score of Eq. 8 (authors' code; the paper has none: False)
+    _C.MODEL.TRANSMATCHER.BN1_SHARED = True  # BN_1 after Eq. 7 with one statistic over all hw values (authors' code); False: one per location
     _C.MODEL.TRANSMATCHER.DROPOUT = 0.0  # encoder dropout (authors' code: 0)
     _C.MODEL.TRANSMATCHER.FREEZE_BN = True  # backbone BN running statistics fixed while training (sec. 6.2)
     _C.MODEL.TRANSMATCHER.NEW_LR = 0.005  # LR of new layers (neck, matcher); SOLVER.BASE_LR (0.0005) is the backbone's (sec. 6.2)
@@ -78,4 +81,5 @@ def matcher_kwargs(cfg, seq_len: int, in_dim: int) -> Dict:
                 num_layers=t.NUM_LAYERS,
                 encoder_layers=None if t.ENCODER_LAYERS < 0 else t.ENCODER_LAYERS,
                 fc1=t.FC1, bn1=t.BN1, mlp_head=t.MLP_HEAD, prior_embed=t.PRIOR_EMBED,
-                pos_embed=t.POS_EMBED, dropout=t.DROPOUT)
+                pos_embed=t.POS_EMBED, dropout=t.DROPOUT, prior_symmetric=t.PRIOR_SYMMETRIC,
+                score_norm=t.SCORE_NORM, bn1_shared=t.BN1_SHARED)

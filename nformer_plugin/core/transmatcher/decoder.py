@@ -8,18 +8,20 @@ One decoder layer ``n`` turns the encodings ``Q_n`` (query) and ``K_n`` (gallery
 2. dot products between every query and every gallery location, ``S_n = Q'_n K'_n^T``
    (Eq. 5, hw x hw);
 3. the prior score embedding ``R`` (hw x hw) weights them: ``S'_n = S_n * sigmoid(R)`` (Eq. 6;
-   a weight, multiplied, not a score added). ``R`` enters symmetrised, ``(R + R^T) / 2``, so
-   the prior of (query location t, gallery location s) equals that of (s, t) -- needed for
-   the score to be symmetric (see below);
+   a weight, multiplied, not a score added). With ``prior_symmetric`` ``R`` enters
+   symmetrised, ``(R + R^T) / 2``, so the prior of (query location t, gallery location s)
+   equals that of (s, t) -- needed for the score to be symmetric (see below); without it,
+   ``R`` as Eq. 6 writes it;
 4. global max pooling (GMP) both ways, the symmetric form of appendix B.1: over gallery
    locations for each query location (Eq. 7) and over query locations for each gallery
    location (Eq. 7');
-5. each of the two hw-vectors goes through ``BN_1`` and the MLP head -- ``MLPHead_1 = (FC_2,
+5. each of the two hw-vectors goes through ``BN_1`` (``bn1_shared``: one statistic over all
+   hw values, as the authors' code; else one per location, hw channels) and the MLP head -- ``MLPHead_1 = (FC_2,
    BN_2, ReLU)`` to ``D`` and ``FC_3`` to one value; the two values are summed, then ``BN_3``
    (``MLPHead_2 = (FC_3, BN_3)``) gives the layer's score ``S'''_n``.
 
-Symmetry: swapping query and gallery transposes ``S_n`` and (with the symmetrised prior)
-``S'_n``, so the two GMP vectors swap places; since both go through the same head and are
+Symmetry (``prior_symmetric``, or no prior): swapping query and gallery transposes ``S_n``
+and ``S'_n``, so the two GMP vectors swap places; since both go through the same head and are
 summed, the score is unchanged. In training mode the batch-norm statistics are taken over the
 set of all pairs of the batch, which is the same set after a swap. So
 ``score(q, g) == score(g, q)`` in both modes, up to float rounding of the dot products.
@@ -40,13 +42,16 @@ class MatchingDecoderLayer(nn.Module):
     """One simplified decoder: similarity, prior weighting, two-way GMP, MLP head."""
 
     def __init__(self, seq_len: int, d_model: int, dim_feedforward: int, fc1: bool = True,
-                 bn1: bool = True, mlp_head: bool = True, prior_embed: bool = True):
+                 bn1: bool = True, mlp_head: bool = True, prior_embed: bool = True,
+                 prior_symmetric: bool = True, bn1_shared: bool = True):
         super().__init__()
         self.seq_len = seq_len
         self.d_model = d_model
+        self.prior_symmetric = bool(prior_symmetric)
+        self.bn1_shared = bool(bn1_shared)
         self.fc1 = nn.Linear(d_model, d_model) if fc1 else None
-        # one statistic over all pooled similarity values, as in the authors' code
-        self.bn1 = nn.BatchNorm1d(1) if bn1 else None
+        # shared: one statistic over all pooled similarity values (the authors' code)
+        self.bn1 = nn.BatchNorm1d(1 if bn1_shared else seq_len) if bn1 else None
         # R starts at 0: a uniform prior weight of sigmoid(0) = 0.5, learned from data (B.2)
         self.prior_embed = nn.Parameter(torch.zeros(seq_len, seq_len)) if prior_embed else None
         if mlp_head:
@@ -65,10 +70,18 @@ class MatchingDecoderLayer(nn.Module):
         """``FC_1`` (Eq. 4), shared by query and gallery; the identity when switched off."""
         return encoding if self.fc1 is None else self.fc1(encoding)
 
+    @property
+    def symmetric(self) -> bool:
+        """Whether ``score(q, g) == score(g, q)``: the prior is symmetrised, or there is none."""
+        return self.prior_embed is None or self.prior_symmetric
+
     def prior_weights(self) -> Optional[torch.Tensor]:
-        """``sigmoid((R + R^T) / 2)``, (hw, hw), indexed [query location, gallery location]."""
+        """``sigmoid(R)`` (Eq. 6), or ``sigmoid((R + R^T) / 2)`` with ``prior_symmetric``; (hw, hw),
+        indexed [query location, gallery location]."""
         if self.prior_embed is None:
             return None
+        if not self.prior_symmetric:
+            return torch.sigmoid(self.prior_embed)
         return torch.sigmoid((self.prior_embed + self.prior_embed.t()) / 2)
 
     def pooled_similarities(self, query: torch.Tensor, gallery: torch.Tensor,
@@ -104,7 +117,8 @@ class MatchingDecoderLayer(nn.Module):
                               per_gallery_location.reshape(-1, self.seq_len)])  # (2, M, hw)
         pooled = pooled.reshape(-1, self.seq_len)
         if self.bn1 is not None:
-            pooled = self.bn1(pooled.unsqueeze(1)).squeeze(1)
+            pooled = (self.bn1(pooled.unsqueeze(1)).squeeze(1) if self.bn1_shared
+                      else self.bn1(pooled))
         if self.mlp_head1 is not None:
             pooled = self.mlp_head1(pooled)
         halves = self.fc3(pooled).view(2, -1)

@@ -5,7 +5,7 @@ The public API (what the FastReID meta-architecture, trainer and evaluator use):
 
 * ``TransMatcher(seq_len, in_dim, d_model=512, dim_feedforward=2048, num_heads=1,
   num_layers=3, encoder_layers=None, fc1=True, bn1=True, mlp_head=True, prior_embed=True,
-  pos_embed=False, dropout=0.0)``; ``seq_len = h * w`` of the maps (24 x 8 = 192 for the
+  pos_embed=False, dropout=0.0, prior_symmetric=True, score_norm=True, bn1_shared=True)``; ``seq_len = h * w`` of the maps (24 x 8 = 192 for the
   paper's 384 x 128 inputs at stride 16), ``in_dim`` their channels;
 * ``encode(maps (B, C, H, W)) -> list of num_layers tensors (B, hw, d_model)``: each image's
   memory for every decoder layer -- the encoder output paired with the layer, already through
@@ -18,8 +18,12 @@ The public API (what the FastReID meta-architecture, trainer and evaluator use):
 
 Scores are logits: larger means more likely the same identity (the pairwise matching loss is
 a binary cross-entropy on them). ``score(q, g) == score(g, q)`` by construction (see
-``decoder``), up to float rounding. The final score is the residual sum over decoder layers
-(Eq. 8) followed by one batch normalisation, as in the authors' code.
+``decoder``), up to float rounding, when the prior ``R`` is symmetrised (``prior_symmetric``,
+``symmetric``); with ``R`` as Eq. 6 writes it the score is not symmetric. The final score is
+the residual sum over decoder layers (Eq. 8), with ``score_norm`` followed by one batch
+normalisation, as in the authors' code. The three departures from the paper's text
+(``prior_symmetric``, ``score_norm``, ``bn1_shared``: one statistic for ``BN_1``) are switches;
+``benchmarks/study_transmatcher_departures.py`` decides them on validation data.
 
 Pure torch: importing this module does not import FastReID.
 """
@@ -51,7 +55,8 @@ class TransMatcher(nn.Module):
                  dim_feedforward: int = 2048, num_heads: int = 1, num_layers: int = 3,
                  encoder_layers: Optional[int] = None, fc1: bool = True, bn1: bool = True,
                  mlp_head: bool = True, prior_embed: bool = True, pos_embed: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, prior_symmetric: bool = True, score_norm: bool = True,
+                 bn1_shared: bool = True):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("in_dim", in_dim), ("d_model", d_model),
                             ("dim_feedforward", dim_feedforward), ("num_heads", num_heads),
@@ -70,9 +75,14 @@ class TransMatcher(nn.Module):
                                   num_encoders, num_layers, pos_embed, dropout)
         self.decoders = nn.ModuleList(
             MatchingDecoderLayer(seq_len, d_model, dim_feedforward, fc1, bn1, mlp_head,
-                                 prior_embed)
+                                 prior_embed, prior_symmetric, bn1_shared)
             for _ in range(num_layers))
-        self.score_norm = nn.BatchNorm1d(1)
+        self.score_norm = nn.BatchNorm1d(1) if score_norm else None
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether ``score(q, g) == score(g, q)`` (every decoder's prior is symmetric)."""
+        return all(decoder.symmetric for decoder in self.decoders)
 
     @property
     def num_encoder_layers(self) -> int:
@@ -111,7 +121,9 @@ class TransMatcher(nn.Module):
         return self.match(mem_a, mem_b)
 
     def _normalise(self, score: torch.Tensor) -> torch.Tensor:
-        """The final batch normalisation of the summed score (the authors' decoder norm)."""
+        """The final batch normalisation of the summed score (the authors' decoder norm), if any."""
+        if self.score_norm is None:
+            return score
         return self.score_norm(score.reshape(-1, 1)).view(score.shape)
 
     def _check_memories(self, memories: Memories, name: str) -> None:

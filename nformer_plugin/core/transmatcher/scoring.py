@@ -112,8 +112,8 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
 
     ``query_maps`` / ``gallery_maps`` are (N, C, H, W) tensors, numpy arrays (memory maps
     too) or :class:`MapStore` s. Without ``gallery_maps`` the queries are scored against
-    themselves and, the score being symmetric, only blocks on or above the diagonal are
-    computed and mirrored. Memories are encoded ``encode_chunk`` images at a time (the
+    themselves and, when the score is symmetric (``matcher.symmetric``), only blocks on or
+    above the diagonal are computed and mirrored. Memories are encoded ``encode_chunk`` images at a time (the
     encoders' feed-forward activations, images x hw x D, are the largest encoding buffer).
     The matcher runs in eval mode (its mode is restored afterwards) on
     ``device`` (default: where its parameters are). ``autocast_dtype`` (e.g. ``torch.float16``
@@ -126,18 +126,19 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     same_set = gallery_maps is None
+    mirror = same_set and matcher.symmetric
     gallery_maps = query_maps if same_set else gallery_maps
     num_query, num_gallery = check_maps(matcher, query_maps, gallery_maps)
     device = next(matcher.parameters()).device if device is None else torch.device(device)
     scores = torch.empty(num_query, num_gallery, dtype=torch.float32)
     pairs_per_block = max(1, pair_block_cells // (matcher.seq_len ** 2))
-    total = _pair_count(num_query, num_gallery, query_chunk, same_set)
+    total = _pair_count(num_query, num_gallery, query_chunk, mirror)
     meter = PairProgress(total, desc, progress)
     with scoring_mode(matcher, device, autocast_dtype, meter):
         for q0 in range(0, num_query, query_chunk):
             q1 = min(q0 + query_chunk, num_query)
             query_mem = encode_in_chunks(matcher, query_maps, q0, q1, encode_chunk, device)
-            for g0 in range(q0 if same_set else 0, num_gallery, gallery_chunk):
+            for g0 in range(q0 if mirror else 0, num_gallery, gallery_chunk):
                 g1 = min(g0 + gallery_chunk, num_gallery)
                 gallery_mem = encode_in_chunks(matcher, gallery_maps, g0, g1, encode_chunk,
                                                device)
@@ -147,7 +148,7 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
                     block = matcher.match([m[r0:r1] for m in query_mem], gallery_mem)
                     scores[q0 + r0:q0 + r1, g0:g1] = block.float().cpu()
                 meter.update((q1 - q0) * (g1 - g0))
-            if same_set:  # rows q0:q1 hold columns q0: on; the later rows' share mirrors
+            if mirror:  # rows q0:q1 hold columns q0: on; the later rows' share mirrors
                 scores[q1:, q0:q1] = scores[q0:q1, q1:].t()
     return scores
 
@@ -197,7 +198,7 @@ def reranked_distances(matcher: TransMatcher, query_maps: Maps, gallery_maps: Ma
     """k-reciprocal re-ranked (Q, G) distances of TransMatcher scores (``TEST.RERANK``).
 
     Scores the query-query and gallery-gallery pairs (only here: they are needed for
-    re-ranking alone; each set once, using the score's symmetry), converts all three blocks with
+    re-ranking alone; each set once, using the score's symmetry where it holds), converts all three blocks with
     :func:`scores_to_distances` and re-ranks them with
     :func:`~nformer_plugin.core.retrieval.rerank_precomputed.k_reciprocal_rerank_distances`.
     ``query_gallery_scores`` reuses an already computed (Q, G) block; ``scoring`` passes
@@ -245,9 +246,9 @@ def map_rows(maps: Maps, start: int, stop: int) -> torch.Tensor:
                            else maps[start:stop]).float()
 
 
-def _pair_count(num_query: int, num_gallery: int, query_chunk: int, same_set: bool) -> int:
-    """Pairs :func:`match_scores` will score (the upper block triangle for one set)."""
-    if not same_set:
+def _pair_count(num_query: int, num_gallery: int, query_chunk: int, mirror: bool) -> int:
+    """Pairs :func:`match_scores` will score (the upper block triangle when mirrored)."""
+    if not mirror:
         return num_query * num_gallery
     return sum((min(q0 + query_chunk, num_query) - q0) * (num_query - q0)
                for q0 in range(0, num_query, query_chunk))

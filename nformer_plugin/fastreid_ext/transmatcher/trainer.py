@@ -14,6 +14,11 @@ FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
   NEW_LR`` (0.005) for neck + matcher; SGD (momentum ``SOLVER.MOMENTUM``, Nesterov
   ``SOLVER.NESTEROV``, weight decay ``SOLVER.WEIGHT_DECAY``) or Adam; the schedule is FastReID's
   (``MultiStepLR``, ``STEPS [10]``, ``GAMMA 0.1``, ``MAX_EPOCH 15``: x0.1 after 10 of 15 epochs);
+* **validation** on the identities held out of training (``DATASETS.VAL_FRACTION`` > 0, drawn
+  with ``SEED`` as for NFormer; the test protocol of ``validation_query_gallery``): after every
+  epoch the matcher scores all held-out query x gallery pairs; mAP / Rank-1 of the matcher and
+  of the pooled maps (cosine) are logged and written to ``OUTPUT_DIR/metrics_val.json``, one
+  entry per epoch (``benchmarks/study_transmatcher_departures.py`` reads it);
 * ``TransMatcherEvaluator`` (the matcher re-scores each query's top-K of the global ranking,
   ``TEST_TOPK``, or scores all query x gallery pairs; bounded memory; the shared table).
 
@@ -24,15 +29,18 @@ epoch's graph depends only on (SEED, epoch) and the restored model).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import torch
 from torch.nn.utils import clip_grad_norm_
 
 from fastreid.data.build import fast_batch_collator
+from fastreid.engine import hooks
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.evaluation.evaluator import inference_context
 from fastreid.utils import comm
@@ -41,7 +49,11 @@ from ...core.transmatcher.config import rescoring_topk
 from ...core.transmatcher.graph_sampler import GraphSampler
 from ...core.reproducible import (PositionSeededDataset, rng_state, sample_seed,
                                           set_rng_state)
-from ...core.transmatcher.scoring import MapStore, match_scores
+from ...core.io import save_text
+from ...core.nformer.training.validation import validation_query_gallery
+from ...core.retrieval.comparison import distances
+from ...core.retrieval.metrics import evaluate_ranking, l2_normalize
+from ...core.transmatcher.scoring import MapStore, match_scores, scores_to_distances
 from .. import loaders as data_build
 from ..trainer import EvaluatingTrainer, setup_plugin_logger
 from .evaluator import TransMatcherEvaluator, storage_dtype
@@ -140,6 +152,12 @@ class TransMatcherTrainer(EvaluatingTrainer):
                     cfg.SOLVER.BASE_LR, t.NEW_LR, t.GRAD_CLIP)
 
     # ------------------------------------------------------------------ data
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.DATASETS.VAL_FRACTION > 0:
+            ret.insert(1, ValidationHook())  # before the checkpointer: the entry is on disk first
+        return ret
+
     def build_transmatcher_loader(self, start_epoch: int):
         """The training loader from ``start_epoch`` on (GS or FastReID's identity sampler)."""
         cfg = self.cfg
@@ -154,6 +172,50 @@ class TransMatcherTrainer(EvaluatingTrainer):
             PositionSeededDataset(self.train_set),
             batch_sampler=_OffsetBatches(batches, cfg.SEED, start_epoch * self.iters_per_epoch),
             num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=fast_batch_collator)
+
+    @torch.no_grad()
+    def validate(self) -> Dict:
+        """mAP / Rank-1 of the matcher (all pairs) and of the pooled maps on the held-out
+        identities (test protocol of ``validation_query_gallery``), current model."""
+        cfg, model = self.cfg, self._model_ref
+        t = cfg.MODEL.TRANSMATCHER
+        if getattr(self, "_val_set", None) is None:
+            self._val_set = data_build.build_train_set(cfg, is_train=False, split="val")
+        loader = torch.utils.data.DataLoader(self._val_set, batch_size=cfg.TEST.IMS_PER_BATCH,
+                                             shuffle=False, num_workers=0,
+                                             collate_fn=fast_batch_collator)
+        store, pids, camids, pooled = MapStore(storage_dtype(t.TEST_STORAGE)), [], [], []
+        start = time.perf_counter()
+        with inference_context(model):
+            for batch in loader:
+                maps = model(batch)
+                store.append(maps)
+                pooled.append(maps.float().mean(dim=(2, 3)).cpu())
+                pids.append(batch["targets"].cpu())
+                camids.append(batch["camids"].cpu())
+        pids, camids = torch.cat(pids).numpy(), torch.cat(camids).numpy()
+        query, gallery = validation_query_gallery(pids, camids)
+        maps = store.rows(0, len(pids))
+        scores = match_scores(model.matcher, maps[torch.from_numpy(query)],
+                              maps[torch.from_numpy(gallery)],
+                              query_chunk=t.TEST_QUERY_CHUNK, gallery_chunk=t.TEST_GALLERY_CHUNK,
+                              progress=False)
+        labels = (pids[query], pids[gallery], camids[query], camids[gallery])
+        matched = evaluate_ranking(scores_to_distances(scores).numpy(), *labels)
+        feats = l2_normalize(torch.cat(pooled).numpy())
+        pooled_rank = evaluate_ranking(distances(feats[query], feats[gallery], "cosine"), *labels)
+        result = {"epoch": int(self.epoch), "queries": int(len(query)),
+                  "gallery": int(len(gallery)), "identities": int(len(np.unique(pids))),
+                  "seconds": round(time.perf_counter() - start, 1)}
+        for name, res in (("transmatcher", matched), ("global", pooled_rank)):
+            result[name] = {"mAP": float(res["mAP"]), "Rank-1": float(res["Rank-1"])}
+        logger.info("TransMatcher validation after epoch %d (%d held-out identities, %d queries "
+                    "x %d gallery, %.1f s): TransMatcher mAP %.2f Rank-1 %.2f; pooled maps mAP "
+                    "%.2f Rank-1 %.2f", self.epoch + 1, result["identities"], len(query),
+                    len(gallery), result["seconds"], result["transmatcher"]["mAP"],
+                    result["transmatcher"]["Rank-1"], result["global"]["mAP"],
+                    result["global"]["Rank-1"])
+        return result
 
     @torch.no_grad()
     def graph_scores(self, indices: np.ndarray) -> torch.Tensor:
@@ -221,6 +283,24 @@ class TransMatcherTrainer(EvaluatingTrainer):
         if results is None or not results:
             results = self.test(self.cfg, self._model_ref)
         return results
+
+
+class ValidationHook(hooks.HookBase):
+    """After every epoch: :meth:`TransMatcherTrainer.validate`, appended to
+    ``OUTPUT_DIR/metrics_val.json`` (an entry per epoch; a resumed run replaces the entries of
+    the epochs it repeats). Nothing is chosen on the test set."""
+
+    def after_epoch(self):
+        trainer = self.trainer
+        result = trainer.validate()
+        if not comm.is_main_process() or not trainer.cfg.OUTPUT_DIR:
+            return
+        path = os.path.join(trainer.cfg.OUTPUT_DIR, "metrics_val.json")
+        entries = []
+        if os.path.exists(path):
+            with open(path) as f:
+                entries = [e for e in json.load(f)["epochs"] if e["epoch"] < result["epoch"]]
+        save_text(json.dumps({"epochs": entries + [result]}, indent=1), path)
 
 
 class _OffsetBatches:
