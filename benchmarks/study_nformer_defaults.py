@@ -15,7 +15,9 @@ logs how many), else ``split_validation_ids(pids, DATASETS.VAL_FRACTION, SEED)``
 own early stopping holds out a further ``VAL_FRACTION`` of them, so the selection set decides
 nothing inside a run.
 
-For each setting (``NEIGHBORS:TOPK``) and seed (``SEED``; the stage-1 features are fixed) it
+A setting is ``NEIGHBORS:TOPK``, optionally followed by ``:KEY=VALUE,KEY=VALUE`` overrides of
+keys under ``MODEL.NFORMER`` (e.g. ``input:10:STAGE2.FEAT_NOISE=0.5,STAGE2.PATIENCE=0``).
+For each setting and seed (``SEED``; the stage-1 features are fixed) it
 prints +NFormer mAP / Rank-1, +NFormer+KR mAP for each KR parameter set (``--kr k1,k2,lambda``),
 and the time of one refinement of the selection set; then per setting the mean and standard
 deviation over seeds, and for reference baseline and +KR (no training, no seed). A JSON line
@@ -65,6 +67,18 @@ def score(query: FeatureSet, gallery: FeatureSet, metric: str, kr_sets: List[Rer
     return out
 
 
+def parse_setting(setting: str) -> Tuple[str, str, List[str]]:
+    """``NEIGHBORS:TOPK[:KEY=VALUE,...]`` -> (neighbors, topk, ["MODEL.NFORMER.KEY", VALUE, ...])."""
+    parts = setting.split(":", 2)
+    if len(parts) < 2:
+        raise SystemExit(f"setting {setting!r}: expected NEIGHBORS:TOPK[:KEY=VALUE,...]")
+    overrides: List[str] = []
+    for pair in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+        key, _, value = pair.partition("=")
+        overrides += [f"MODEL.NFORMER.{key}", value]
+    return parts[0], parts[1], overrides
+
+
 def split(train: FeatureSet, fraction: float, seed: int
           ) -> Tuple[np.ndarray, FeatureSet, FeatureSet]:
     """(rows stage 2 may train on, selection query, selection gallery)."""
@@ -84,7 +98,8 @@ def main() -> None:
     p.add_argument("--config-file", default=os.path.join(REPO, "configs/NFormer/"
                                                                "duke_mobilenet_cpu.yml"))
     p.add_argument("--settings", nargs="+", default=["layer:10", "input:10", "input:20",
-                                                     "layer:20"], help="NEIGHBORS:TOPK")
+                                                     "layer:20"],
+                   help="NEIGHBORS:TOPK[:KEY=VALUE,...] (keys under MODEL.NFORMER)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--kr", type=parse_kr, nargs="+",
                    default=[parse_kr("20,6,0.3"), parse_kr("10,3,0.3"), parse_kr("10,6,0.3")],
@@ -117,16 +132,18 @@ def main() -> None:
     print(f"\nbaseline: mAP {reference['mAP']:.2f} Rank-1 {reference['Rank-1']:.2f}; +KR: "
           + ", ".join(f"{k} {reference[k]:.2f}" for k in kr_names), flush=True)
 
-    print("\n| NEIGHBORS | TOPK | seed | epochs | +NFormer mAP | +NFormer Rank-1 | "
+    print("\n| NEIGHBORS | TOPK | overrides | seed | epochs | +NFormer mAP | +NFormer Rank-1 | "
           + " | ".join(f"+NFormer+{k} mAP" for k in kr_names) + " | refine (s) |")
-    print("|---" * (6 + len(kr_names) + 1) + "|", flush=True)
+    print("|---" * (7 + len(kr_names) + 1) + "|", flush=True)
     per_setting: Dict[str, List[Dict[str, float]]] = {}
     for setting in args.settings:
-        neighbors, topk = setting.split(":")
+        neighbors, topk, overrides = parse_setting(setting)
         for seed in args.seeds:
             cfg = base.clone()
             cfg.defrost()
             cfg.MODEL.NFORMER.NEIGHBORS, cfg.MODEL.NFORMER.TOPK = neighbors, int(topk)
+            if overrides:
+                cfg.merge_from_list(overrides)
             cfg.SEED = seed
             cfg.freeze()
             bank = train.feats[stage2_rows][None]
@@ -141,7 +158,8 @@ def main() -> None:
                            metric, args.kr)
             result["seconds"] = seconds
             per_setting.setdefault(setting, []).append(result)
-            print(f"| {neighbors} | {topk} | {seed} | {len(trainer.history)} | "
+            extra = setting.split(":", 2)[2] if setting.count(":") > 1 else "-"
+            print(f"| {neighbors} | {topk} | {extra} | {seed} | {len(trainer.history)} | "
                   f"{result['mAP']:.2f} | {result['Rank-1']:.2f} | "
                   + " | ".join(f"{result[k]:.2f}" for k in kr_names)
                   + f" | {seconds:.2f} |", flush=True)
