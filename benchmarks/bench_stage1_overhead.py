@@ -1,7 +1,8 @@
 """Stage 1 of ``fastreid-train`` against stock FastReID on the same config, side by side.
 
     python benchmarks/bench_stage1_overhead.py [--config configs/NFormer/demo.yml] [--iters 30]
-        [--warmup 5] [--threads 2] [--workers -1] [--results [DIR]] [KEY VALUE ...]
+        [--warmup 5] [--threads 2] [--workers -1] [--compare KEY VALUE ...]
+        [--results [DIR]] [KEY VALUE ...]
 
 In one process, one after the other, with the same torch thread count, data-loader workers,
 backbone, input size, batch, identity sampler settings, augmentation and dataset (the config's
@@ -18,6 +19,9 @@ backbone, input size, batch, identity sampler settings, augmentation and dataset
 Each runs ``--warmup`` iterations, then ``--iters`` timed iterations through the trainer's hooks
 (``before_step`` / ``run_step`` / ``after_step``, as FastReID's loop calls them; no evaluation).
 Prints a table and, last, one JSON line ``{"plugin_s_per_it", "stock_s_per_it", "ratio"}``.
+``--compare KEY VALUE ...`` times, in the same rounds, the plugin's trainer with those overrides
+too (e.g. ``MODEL.BACKBONE.CHANNELS_LAST True``: the recipe's pace before and after a change);
+the JSON line then adds ``compare_s_per_it`` and ``compare_speedup`` (plugin / compare).
 """
 from __future__ import annotations
 
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=-1,
                         help="data-loader workers (default: the config's)")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="KEY VALUE",
+                        help="also time the plugin with these overrides")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     add_results_argument(parser)
     args = parser.parse_args()
@@ -121,10 +127,13 @@ def main() -> None:
         opts += ["DATALOADER.NUM_WORKERS", str(args.workers)]
     cfg = load_config(args.config, opts)
     cfg.freeze()
+    compare_cfg = load_config(args.config, opts + args.compare) if args.compare else None
+    if compare_cfg is not None:
+        compare_cfg.freeze()
 
     from nformer_plugin.fastreid_ext.backbone_registry import backbone_output_dim
 
-    times = {"plugin": [], "stock": []}
+    times = {"plugin": [], "stock": [], "compare": []}
     for _ in range(args.rounds):  # alternating, so that neither side always runs first
         plugin = plugin_trainer(cfg)
         model = getattr(plugin.model, "module", plugin.model)
@@ -134,18 +143,29 @@ def main() -> None:
         stock = stock_trainer(stock_config(cfg, feat_dim))
         times["stock"].append(timed_steps(stock, args.warmup, args.iters))
         del stock
+        if compare_cfg is not None:
+            times["compare"].append(timed_steps(plugin_trainer(compare_cfg), args.warmup,
+                                                args.iters))
     plugin_s, stock_s = (sum(times[k]) / len(times[k]) for k in ("plugin", "stock"))
     print(f"Stage-1 iterations: {os.path.relpath(args.config, REPO)}, batch "
           f"{cfg.SOLVER.IMS_PER_BATCH}, {args.threads} torch threads, "
           f"{cfg.DATALOADER.NUM_WORKERS} loader workers, {args.iters} timed after {args.warmup}, "
           f"{args.rounds} round(s)")
     print("\n| trainer | s / iteration (mean) | per round |\n|---|---|---|")
-    for key, name in (("plugin", "plugin (NFormerReID, fastreid-train's trainer)"),
-                      ("stock", "stock FastReID (Baseline, DefaultTrainer)")):
+    rows = [("plugin", "plugin (NFormerReID, fastreid-train's trainer)"),
+            ("stock", "stock FastReID (Baseline, DefaultTrainer)")]
+    if compare_cfg is not None:
+        rows.append(("compare", f"plugin with {' '.join(args.compare)}"))
+    for key, name in rows:
         per_round = ", ".join(f"{t:.3f}" for t in times[key])
         print(f"| {name} | {sum(times[key]) / len(times[key]):.3f} | {per_round} |")
-    print(json.dumps({"plugin_s_per_it": round(plugin_s, 4), "stock_s_per_it": round(stock_s, 4),
-                      "ratio": round(plugin_s / stock_s, 3)}))
+    summary = {"plugin_s_per_it": round(plugin_s, 4), "stock_s_per_it": round(stock_s, 4),
+               "ratio": round(plugin_s / stock_s, 3)}
+    if compare_cfg is not None:
+        compare_s = sum(times["compare"]) / len(times["compare"])
+        summary.update(compare_s_per_it=round(compare_s, 4),
+                       compare_speedup=round(plugin_s / compare_s, 3))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

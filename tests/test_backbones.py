@@ -336,3 +336,32 @@ def test_model_backbones_do_not_import_fastreid():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "fastreid" for n in names), path.name
+
+
+@pytest.mark.parametrize("name", ["build_nformer_resnet_backbone", "build_abd_backbone",
+                                  "build_apnet_backbone", "build_mobilenet_v2_backbone",
+                                  "build_resnet_backbone"])
+def test_channels_last_gives_the_same_outputs_and_trains(name):
+    """MODEL.BACKBONE.CHANNELS_LAST: weights and input in NHWC memory format; every backbone
+    computes the same outputs (float rounding) and trains (no view of a non-contiguous map)."""
+    import copy
+
+    cfg = make_cfg(name, abd_dim=64)
+    torch.manual_seed(0)
+    plain = build_backbone(cfg).eval()
+    nhwc = glue.to_channels_last(copy.deepcopy(plain), True).eval()
+    conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = images()
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    x_nhwc = glue.normalized_images(x, mean, std, channels_last=True)
+    assert x_nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(x_nhwc, x)
+    with torch.no_grad():
+        expected, got = plain(x), nhwc(x_nhwc)
+    expected = expected if isinstance(expected, torch.Tensor) else expected[0]
+    got = got if isinstance(got, torch.Tensor) else got[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    nhwc.train()
+    out = nhwc(x_nhwc)
+    (out if isinstance(out, torch.Tensor) else out[0]).square().mean().backward()
+    assert all(p.grad is not None for p in nhwc.parameters() if p.requires_grad)

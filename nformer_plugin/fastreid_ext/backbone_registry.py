@@ -162,12 +162,20 @@ def build_mobilenet_v2_backbone(cfg) -> MobileNetV2Backbone:
     return _maybe_load_pretrained(model, cfg)
 
 
+def to_channels_last(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``module`` with its 4-d weights in channels-last (NHWC) memory format when ``enabled``
+    (``MODEL.BACKBONE.CHANNELS_LAST``); shapes, values and state-dict keys are unchanged."""
+    return module.to(memory_format=torch.channels_last) if enabled else module
+
+
 def normalized_images(batched_inputs, pixel_mean: torch.Tensor,
-                      pixel_std: torch.Tensor) -> torch.Tensor:
-    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized; out of
-    place, so a flipped second pass sees the raw images."""
+                      pixel_std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``batched_inputs["images"]`` (or a tensor) on the mean's device, normalized (in
+    channels-last memory format with ``channels_last``); out of place, so a flipped second
+    pass sees the raw images."""
     images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"expected a dict with 'images' or a tensor, got {type(images)}")
     images = images.to(pixel_mean.device, non_blocking=True).float()
-    return (images - pixel_mean) / pixel_std
+    images = (images - pixel_mean) / pixel_std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -15,6 +15,8 @@ def add_backbone_config(cfg):
     CN = type(cfg)
     _C = cfg
     node(_C, "MODEL.BACKBONE")
+    # every backbone: memory format of its weights and input images (PyTorch's channels_last)
+    _C.MODEL.BACKBONE.CHANNELS_LAST = False  # NHWC: faster oneDNN convolutions on CPU for some backbones (MobileNetV2 at 128x64, benchmarks/bench_stage1_overhead.py --compare)
     # build_nformer_resnet_backbone: paper sec. 4.1, ResNet-50 with a dilated last stage
     _C.MODEL.BACKBONE.DILATE_LAST_STAGE = True  # layer4 stride -> dilation 2 (stride 16)
     # build_abd_backbone: ABD-Net (Chen et al., ICCV 2019), official-code defaults

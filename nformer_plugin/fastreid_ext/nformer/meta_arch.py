@@ -23,7 +23,7 @@ from ...core.nformer.heads import EmbeddingReductionHead
 from ...core.nformer.losses import CenterLoss, batch_hard_triplet
 from ...core.nformer import NFormer, NFormerStage
 from ..backbone_registry import (backbone_output_dim, check_pretrain_available,
-                                normalized_images)
+                                normalized_images, to_channels_last)
 
 
 @REID_HEADS_REGISTRY.register()
@@ -62,9 +62,10 @@ class NFormerReID(nn.Module):
     @configurable
     def __init__(self, *, backbone: nn.Module, heads: nn.Module,
                  nformer_stage: Optional[NFormerStage], pixel_mean, pixel_std,
-                 loss_kwargs: dict):
+                 loss_kwargs: dict, channels_last: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self.channels_last = bool(channels_last)
+        self.backbone = to_channels_last(backbone, self.channels_last)
         self.heads = heads
         self.nformer_stage = nformer_stage
         self.loss_kwargs = loss_kwargs
@@ -108,6 +109,7 @@ class NFormerReID(nn.Module):
             "nformer_stage": nformer_stage,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "channels_last": cfg.MODEL.BACKBONE.CHANNELS_LAST,
             "loss_kwargs": {
                 "names": tuple(losses.NAME),
                 "ce": {"eps": losses.CE.EPSILON, "alpha": losses.CE.ALPHA,
@@ -123,7 +125,8 @@ class NFormerReID(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs) -> torch.Tensor:
-        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std)
+        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std,
+                                 self.channels_last)
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)

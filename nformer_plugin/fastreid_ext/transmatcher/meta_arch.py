@@ -25,7 +25,7 @@ from ...core.backbones import freeze_bn_stats
 from ...core.transmatcher import TransMatcher
 from ...core.transmatcher.config import matcher_kwargs
 from ...core.transmatcher.loss import pairwise_matching_loss
-from ..backbone_registry import check_pretrain_available, normalized_images
+from ..backbone_registry import check_pretrain_available, normalized_images, to_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,11 @@ class TransMatcherReID(nn.Module):
 
     @configurable
     def __init__(self, *, backbone: nn.Module, neck: nn.Module, matcher: TransMatcher,
-                 pixel_mean, pixel_std, freeze_bn: bool = True):
+                 pixel_mean, pixel_std, freeze_bn: bool = True, channels_last: bool = False):
         super().__init__()
-        self.backbone = backbone
-        self.neck = neck
+        self.channels_last = bool(channels_last)
+        self.backbone = to_channels_last(backbone, self.channels_last)
+        self.neck = to_channels_last(neck, self.channels_last)
         self.matcher = matcher
         self.freeze_bn = bool(freeze_bn)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
@@ -141,7 +142,7 @@ class TransMatcherReID(nn.Module):
                     t.NUM_HEADS)
         return {"backbone": trunk, "neck": neck, "matcher": matcher,
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-                "freeze_bn": t.FREEZE_BN}
+                "freeze_bn": t.FREEZE_BN, "channels_last": cfg.MODEL.BACKBONE.CHANNELS_LAST}
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +155,8 @@ class TransMatcherReID(nn.Module):
         return self
 
     def preprocess_image(self, batched_inputs) -> torch.Tensor:
-        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std)
+        return normalized_images(batched_inputs, self.pixel_mean, self.pixel_std,
+                                 self.channels_last)
 
     def feature_maps(self, batched_inputs) -> torch.Tensor:
         """The neck's maps (B, C, h, w): what the matcher compares."""
