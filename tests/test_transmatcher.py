@@ -32,7 +32,7 @@ def maps(n, seed=1):
 
 SWITCHES = [{}, {"fc1": False}, {"bn1": False}, {"mlp_head": False}, {"prior_embed": False},
             {"pos_embed": True}, {"encoder_layers": 3}, {"score_norm": False},
-            {"bn1_shared": False},
+            {"bn1_shared": True},
             {"fc1": False, "bn1": False, "mlp_head": False, "prior_embed": False}]
 
 
@@ -138,7 +138,8 @@ def test_paper_forms_of_the_three_departures():
     torch.testing.assert_close(chunked, dense_self, atol=1e-5, rtol=1e-5)
     # each switch alone changes the state dict as it should
     assert "score_norm.weight" not in small_matcher(score_norm=False).state_dict()
-    assert small_matcher().decoders[0].bn1.num_features == 1
+    assert small_matcher().decoders[0].bn1.num_features == H * W  # the default: per location
+    assert small_matcher(bn1_shared=True).decoders[0].bn1.num_features == 1
     assert small_matcher().symmetric and small_matcher(prior_symmetric=False,
                                                        prior_embed=False).symmetric
 

@@ -43,7 +43,7 @@ class MatchingDecoderLayer(nn.Module):
 
     def __init__(self, seq_len: int, d_model: int, dim_feedforward: int, fc1: bool = True,
                  bn1: bool = True, mlp_head: bool = True, prior_embed: bool = True,
-                 prior_symmetric: bool = True, bn1_shared: bool = True):
+                 prior_symmetric: bool = True, bn1_shared: bool = False):
         super().__init__()
         self.seq_len = seq_len
         self.d_model = d_model
