@@ -196,7 +196,7 @@ def test_short_training_lowers_loss_and_beats_untrained_matcher_across_domains(
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
 
 
-def test_validation_on_held_out_identities_each_epoch(monkeypatch, tmp_path, capfd):
+def test_validation_on_held_out_identities_each_epoch(monkeypatch, tmp_path):
     """DATASETS.VAL_FRACTION holds identities out of training; after every epoch the matcher
     (here in the paper's forms of the three departures) ranks them, logged and written per
     epoch to metrics_val.json; the held-out identities never reach a training batch."""
@@ -216,14 +216,25 @@ def test_validation_on_held_out_identities_each_epoch(monkeypatch, tmp_path, cap
     assert matcher.score_norm is None and not matcher.symmetric
     assert matcher.decoders[0].bn1.num_features == matcher.seq_len
     assert trainer.train_set.num_classes == 12 and trainer.iters_per_epoch == 12
-    trainer.train()
+    import io
+    import logging
+
+    from nformer_plugin.fastreid_ext.transmatcher import trainer as trainer_module
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    trainer_module.logger.addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        trainer_module.logger.removeHandler(handler)
     entries = json.loads(open(out / "metrics_val.json").read())["epochs"]
     assert [e["epoch"] for e in entries] == [0, 1]
     assert entries[-1]["identities"] == 4 and entries[-1]["queries"] >= 4
     for entry in entries:
         for row in ("transmatcher", "global"):
             assert 0 < entry[row]["mAP"] <= 100 and 0 <= entry[row]["Rank-1"] <= 100
-    assert "TransMatcher validation after epoch 2 (4 held-out identities" in capfd.readouterr().out
+    assert "TransMatcher validation after epoch 2 (4 held-out identities" in stream.getvalue()
     held_out, trained = set(trainer._val_set.pids), set(trainer.train_set.pids)
     assert len(held_out) == 4 and not held_out & trained
 
