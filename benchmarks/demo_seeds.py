@@ -25,9 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from nformer_plugin.core.results import add_results_argument, run_main  # noqa: E402
+from nformer_plugin.core.retrieval.comparison import ROW_NAMES  # noqa: E402
 
-PIPELINES = (("baseline", "baseline"), ("kr", "+KR"), ("nformer", "+NFormer"),
-             ("nformer_kr", "+NFormer+KR"))
+PIPELINES = tuple((key, ROW_NAMES[key]) for key in ("baseline", "kr", "nformer", "nformer_kr"))
 
 
 def run_seed(seed: int, args, extra: List[str]) -> Dict[str, float]:

@@ -64,7 +64,7 @@ def add_plugin_config(cfg: CfgNode) -> CfgNode:
 def validation_seed(cfg) -> int:
     """The seed that draws the held-out identities: ``DATASETS.VAL_SEED``, or ``SEED`` when it
     is negative (the default), so several training seeds can share one validation split."""
-    seed = cfg.DATASETS.get("VAL_SEED", -1)
+    seed = cfg.DATASETS.VAL_SEED
     return int(cfg.SEED if seed < 0 else seed)
 
 

@@ -16,8 +16,8 @@ One decoder layer ``n`` turns the encodings ``Q_n`` (query) and ``K_n`` (gallery
    locations for each query location (Eq. 7) and over query locations for each gallery
    location (Eq. 7');
 5. each of the two hw-vectors goes through ``BN_1`` (``bn1_shared``: one statistic over all
-   hw values, as the authors' code; else one per location, hw channels) and the MLP head -- ``MLPHead_1 = (FC_2,
-   BN_2, ReLU)`` to ``D`` and ``FC_3`` to one value; the two values are summed, then ``BN_3``
+   hw values, as the authors' code; else one per location, hw channels) and the MLP head --
+   ``MLPHead_1 = (FC_2, BN_2, ReLU)`` to ``D`` and ``FC_3`` to one value; the two values are summed, then ``BN_3``
    (``MLPHead_2 = (FC_3, BN_3)``) gives the layer's score ``S'''_n``.
 
 Symmetry (``prior_symmetric``, or no prior): swapping query and gallery transposes ``S_n``
@@ -76,8 +76,8 @@ class MatchingDecoderLayer(nn.Module):
         return self.prior_embed is None or self.prior_symmetric
 
     def prior_weights(self) -> Optional[torch.Tensor]:
-        """``sigmoid(R)`` (Eq. 6), or ``sigmoid((R + R^T) / 2)`` with ``prior_symmetric``; (hw, hw),
-        indexed [query location, gallery location]."""
+        """``sigmoid(R)`` (Eq. 6), or ``sigmoid((R + R^T) / 2)`` with ``prior_symmetric``;
+        (hw, hw), indexed [query location, gallery location]."""
         if self.prior_embed is None:
             return None
         if not self.prior_symmetric:

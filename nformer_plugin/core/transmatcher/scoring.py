@@ -113,8 +113,9 @@ def match_scores(matcher: TransMatcher, query_maps: Maps, gallery_maps: Optional
     ``query_maps`` / ``gallery_maps`` are (N, C, H, W) tensors, numpy arrays (memory maps
     too) or :class:`MapStore` s. Without ``gallery_maps`` the queries are scored against
     themselves and, when the score is symmetric (``matcher.symmetric``), only blocks on or
-    above the diagonal are computed and mirrored. Memories are encoded ``encode_chunk`` images at a time (the
-    encoders' feed-forward activations, images x hw x D, are the largest encoding buffer).
+    above the diagonal are computed and mirrored. Memories are encoded ``encode_chunk``
+    images at a time (the encoders' feed-forward activations, images x hw x D, are the
+    largest encoding buffer).
     The matcher runs in eval mode (its mode is restored afterwards) on
     ``device`` (default: where its parameters are). ``autocast_dtype`` (e.g. ``torch.float16``
     on a GPU, as the authors evaluate) runs the matcher under ``torch.autocast``; the default
@@ -198,8 +199,8 @@ def reranked_distances(matcher: TransMatcher, query_maps: Maps, gallery_maps: Ma
     """k-reciprocal re-ranked (Q, G) distances of TransMatcher scores (``TEST.RERANK``).
 
     Scores the query-query and gallery-gallery pairs (only here: they are needed for
-    re-ranking alone; each set once, using the score's symmetry where it holds), converts all three blocks with
-    :func:`scores_to_distances` and re-ranks them with
+    re-ranking alone; each set once, using the score's symmetry where it holds), converts all
+    three blocks with :func:`scores_to_distances` and re-ranks them with
     :func:`~nformer_plugin.core.retrieval.rerank_precomputed.k_reciprocal_rerank_distances`.
     ``query_gallery_scores`` reuses an already computed (Q, G) block; ``scoring`` passes
     keyword arguments on to :func:`match_scores`.

@@ -15,7 +15,7 @@ FastReID's loop (hooks, LR schedule, EvalHook, checkpoints) with:
   ``SOLVER.NESTEROV``, weight decay ``SOLVER.WEIGHT_DECAY``) or Adam; the schedule is FastReID's
   (``MultiStepLR``, ``STEPS [10]``, ``GAMMA 0.1``, ``MAX_EPOCH 15``: x0.1 after 10 of 15 epochs);
 * **validation** on the identities held out of training (``DATASETS.VAL_FRACTION`` > 0, drawn
-  with ``SEED`` as for NFormer; the test protocol of ``validation_query_gallery``): after every
+  with ``DATASETS.VAL_SEED``, default ``SEED``, as for NFormer; the test protocol of ``validation_query_gallery``): after every
   epoch the matcher scores all held-out query x gallery pairs; mAP / Rank-1 of the matcher and
   of the pooled maps (cosine) are logged and written to ``OUTPUT_DIR/metrics_val.json``, one
   entry per epoch (``benchmarks/study_transmatcher_departures.py`` reads it);
@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -173,6 +173,16 @@ class TransMatcherTrainer(EvaluatingTrainer):
             batch_sampler=_OffsetBatches(batches, cfg.SEED, start_epoch * self.iters_per_epoch),
             num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=fast_batch_collator)
 
+    def _map_batches(self, dataset, batch_size: int) -> Iterator[Tuple[Dict, torch.Tensor]]:
+        """``(batch, maps)`` of ``dataset`` in order, the current model in eval mode (its
+        training mode restored afterwards), no gradients; what validation and the graph
+        sampler score."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                             num_workers=0, collate_fn=fast_batch_collator)
+        with torch.no_grad(), inference_context(self._model_ref):
+            for batch in loader:
+                yield batch, self._model_ref(batch)
+
     @torch.no_grad()
     def validate(self) -> Dict:
         """mAP / Rank-1 of the matcher (all pairs) and of the pooled maps on the held-out
@@ -181,18 +191,13 @@ class TransMatcherTrainer(EvaluatingTrainer):
         t = cfg.MODEL.TRANSMATCHER
         if getattr(self, "_val_set", None) is None:
             self._val_set = data_build.build_train_set(cfg, is_train=False, split="val")
-        loader = torch.utils.data.DataLoader(self._val_set, batch_size=cfg.TEST.IMS_PER_BATCH,
-                                             shuffle=False, num_workers=0,
-                                             collate_fn=fast_batch_collator)
         store, pids, camids, pooled = MapStore(storage_dtype(t.TEST_STORAGE)), [], [], []
         start = time.perf_counter()
-        with inference_context(model):
-            for batch in loader:
-                maps = model(batch)
-                store.append(maps)
-                pooled.append(maps.float().mean(dim=(2, 3)).cpu())
-                pids.append(batch["targets"].cpu())
-                camids.append(batch["camids"].cpu())
+        for batch, maps in self._map_batches(self._val_set, cfg.TEST.IMS_PER_BATCH):
+            store.append(maps)
+            pooled.append(maps.float().mean(dim=(2, 3)).cpu())
+            pids.append(batch["targets"].cpu())
+            camids.append(batch["camids"].cpu())
         pids, camids = torch.cat(pids).numpy(), torch.cat(camids).numpy()
         query, gallery = validation_query_gallery(pids, camids)
         maps = store.rows(0, len(pids))
@@ -225,14 +230,10 @@ class TransMatcherTrainer(EvaluatingTrainer):
         t = cfg.MODEL.TRANSMATCHER
         if getattr(self, "_plain_train_set", None) is None:  # same items and order, test transforms
             self._plain_train_set = data_build.build_train_set(cfg, is_train=False)
-        dataset = self._plain_train_set
-        subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
-        loader = torch.utils.data.DataLoader(subset, batch_size=t.GS_CHUNK, shuffle=False,
-                                             num_workers=0, collate_fn=fast_batch_collator)
+        subset = torch.utils.data.Subset(self._plain_train_set, [int(i) for i in indices])
         store = MapStore(storage_dtype(t.TEST_STORAGE))
-        with inference_context(model):
-            for batch in loader:
-                store.append(model(batch))
+        for _, maps in self._map_batches(subset, t.GS_CHUNK):
+            store.append(maps)
         return match_scores(model.matcher, store, query_chunk=t.TEST_QUERY_CHUNK,
                             gallery_chunk=t.TEST_GALLERY_CHUNK, progress=False)
 
